@@ -1,0 +1,29 @@
+"""slimkit: make PyTorch / Hugging Face models smaller and faster, and prove it.
+
+    import slimkit
+    lm = slimkit.load("smollm2-135m")
+    slimkit.evaluate(lm).perplexity
+    slimkit.benchmark(lm).decode_tokens_per_s
+"""
+
+__version__ = "0.1.0"
+
+from slimkit.artifacts import save
+from slimkit.benchmark import BenchConfig, BenchResult, benchmark
+from slimkit.errors import SlimkitError
+from slimkit.evaluate import EvalConfig, EvalResult, evaluate
+from slimkit.models import EMBEDDED, LoadedModel, load
+
+__all__ = [
+    "EMBEDDED",
+    "BenchConfig",
+    "BenchResult",
+    "EvalConfig",
+    "EvalResult",
+    "LoadedModel",
+    "SlimkitError",
+    "benchmark",
+    "evaluate",
+    "load",
+    "save",
+]

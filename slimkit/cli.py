@@ -1,0 +1,181 @@
+"""The `slimkit` command line: a thin shell over the library.
+
+Errors a user can cause print one line and exit 2; `slimkit --debug ...`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from slimkit.errors import SlimkitError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Make PyTorch / Hugging Face models smaller and faster, and measure it honestly.",
+)
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+ModelArg = Annotated[str, typer.Argument(help="embedded name, HF directory, slimkit artifact, .gguf file or hub id")]
+Json = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+Threads = Annotated[int | None, typer.Option(help="CPU threads (default: all cores)")]
+Dtype = Annotated[str, typer.Option(help="load as fp32, bf16 or fp16 (auto: as saved; fp32 for non-artifacts)")]
+TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="run custom model code from the model's repository")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False):
+    _state["debug"] = debug
+
+
+def command(name: str):
+    """Register a command whose SlimkitErrors become one line and exit code 2."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except SlimkitError as exc:
+                if _state["debug"]:
+                    raise
+                err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(exc.exit_code) from None
+
+        return app.command(name)(run)
+
+    return wrap
+
+
+def _load(source: str, dtype: str, threads: int | None, trust_remote_code: bool = False):
+    import torch
+
+    from slimkit.models import load
+
+    dtypes = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in dtypes:
+        raise SlimkitError(f"unknown dtype '{dtype}': use one of {', '.join(dtypes)}")
+    if threads is not None:
+        if threads < 1:
+            raise SlimkitError(f"threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    return load(source, dtype=dtypes[dtype], trust_remote_code=trust_remote_code)
+
+
+def _emit(as_json: bool, payload: dict, tables: list) -> None:
+    if as_json:
+        out.print_json(json.dumps(payload))
+    else:
+        for t in tables:
+            out.print(t)
+
+
+@command("models")
+def models_cmd(as_json: Json = False):
+    """List the embedded models (they work offline)."""
+    from slimkit.display import table
+    from slimkit.models import EMBEDDED
+
+    rows = [{"name": m.name, "package": m.pip_name, "description": m.description} for m in EMBEDDED.values()]
+    _emit(as_json, {"models": rows}, [table("Embedded models", [(r["name"], r["description"]) for r in rows], ("name", "what it is"))])
+
+
+@command("eval")
+def eval_cmd(
+    model: ModelArg,
+    reference: Annotated[str | None, typer.Option("--reference", "-r", help="the original model to compare against")] = None,
+    data: Annotated[str | None, typer.Option(help="pydoc (default), a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT]]")] = None,
+    split: Annotated[str | None, typer.Option(help="calibration, evaluation, heldout or all")] = None,
+    window: Annotated[int, typer.Option(help="perplexity window (tokens)")] = 512,
+    stride: Annotated[int, typer.Option(help="perplexity stride (tokens)")] = 256,
+    max_tokens: Annotated[int | None, typer.Option(help="score at most this many tokens")] = None,
+    batch_size: int = 1,
+    text_key: Annotated[str, typer.Option(help="text field of .jsonl records")] = "text",
+    threads: Threads = None,
+    dtype: Dtype = "auto",
+    trust_remote_code: TrustRemote = False,
+    as_json: Json = False,
+):
+    """Measure quality: perplexity, KL and top-1 vs a reference, embedding cosine, accuracy."""
+    from slimkit.data import TextSource
+    from slimkit.display import eval_rows, table
+    from slimkit.evaluate import EvalConfig, evaluate
+
+    config = EvalConfig(window=window, stride=stride, max_tokens=max_tokens, batch_size=batch_size)
+    source = TextSource.parse(data, split, text_key)
+    lm = _load(model, dtype, threads, trust_remote_code)
+    ref = _load(reference, "auto", None, trust_remote_code) if reference else None
+    result = evaluate(lm, ref, source, config)
+    _emit(as_json, result.to_dict(), [table(f"Quality of {model}", eval_rows(result))])
+
+
+@command("bench")
+def bench_cmd(
+    model: ModelArg,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence (prompt length for causal LMs)")] = 128,
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes for throughput")] = "1,4,8",
+    new_tokens: Annotated[int, typer.Option(help="decode exactly this many tokens")] = 64,
+    threads: Threads = None,
+    dtype: Dtype = "auto",
+    trust_remote_code: TrustRemote = False,
+    as_json: Json = False,
+):
+    """Measure speed, memory and size: latency percentiles, throughput, prefill/decode tokens/s."""
+    from slimkit.benchmark import benchmark
+    from slimkit.display import bench_rows, table
+
+    config = _bench_config(seq_len, batch_sizes, new_tokens, threads)
+    lm = _load(model, dtype, threads, trust_remote_code)
+    result = benchmark(lm, config)
+    _emit(as_json, result.to_dict(), [table(f"Speed of {model}", bench_rows(result))])
+
+
+@command("profile")
+def profile_cmd(
+    model: Annotated[str, typer.Argument(help="model to profile (default: the embedded smollm2-135m)")] = "smollm2-135m",
+    max_tokens: Annotated[int | None, typer.Option(help="score at most this many tokens")] = None,
+    threads: Threads = None,
+    dtype: Dtype = "auto",
+    as_json: Json = False,
+):
+    """Evaluate and benchmark a model, and print one table."""
+    from slimkit.benchmark import benchmark
+    from slimkit.display import bench_rows, eval_rows, table
+    from slimkit.evaluate import EvalConfig, evaluate
+
+    lm = _load(model, dtype, threads)
+    quality = evaluate(lm, config=EvalConfig(max_tokens=max_tokens))
+    speed = benchmark(lm, _bench_config(128, "1,4,8", 64, threads))
+    _emit(
+        as_json,
+        {"eval": quality.to_dict(), "bench": speed.to_dict()},
+        [table(f"{model}: quality and speed", eval_rows(quality) + bench_rows(speed))],
+    )
+
+
+def _bench_config(seq_len: int, batch_sizes: str, new_tokens: int, threads: int | None):
+    from slimkit.benchmark import BenchConfig
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise SlimkitError(f"--batch-sizes must be comma-separated integers, got '{batch_sizes}'") from None
+    return BenchConfig(seq_len=seq_len, batch_sizes=sizes, new_tokens=new_tokens, threads=threads)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

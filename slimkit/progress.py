@@ -1,0 +1,43 @@
+"""Progress display on stderr, so that `--json` output on stdout stays clean.
+
+Bars and spinners hide themselves when stderr is not a terminal, or when
+SLIMKIT_QUIET is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def _quiet() -> bool:
+    return bool(os.environ.get("SLIMKIT_QUIET")) or not console.is_terminal
+
+
+@contextlib.contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner with a message for work of unknown length."""
+    if _quiet():
+        yield
+        return
+    with console.status(message):
+        yield
+
+
+def track(items: Iterable, description: str, total: int | None = None) -> Iterator:
+    """Iterate with a progress bar (count, elapsed and remaining time)."""
+    if _quiet():
+        yield from items
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        for item in items:
+            yield item
+            progress.advance(task)

