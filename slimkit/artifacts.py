@@ -25,9 +25,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from slimkit.errors import SlimkitError, short_reason
-from slimkit.models import MANIFEST, LoadedModel, file_sha256, read_config, read_tokenizer, read_weights
+from slimkit.models import MANIFEST, LoadedModel, file_sha256, quiet_transformers, read_config, read_tokenizer, read_weights
 
 FORMAT = "slimkit-artifact"
 FORMAT_VERSION = 1
@@ -42,6 +43,7 @@ def save(
     overwrite: bool = False,
 ) -> Path:
     """Write `model` as an artifact directory at `out`, atomically; return its path."""
+    quiet_transformers()
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise SlimkitError(f"{out} exists and is a file: choose a directory path for the artifact")
@@ -66,7 +68,7 @@ def save(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _replace_dir(tmp, out)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         raise SlimkitError(f"cannot write the artifact to {out} ({short_reason(exc)}): free disk space or choose another --out") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -290,8 +290,15 @@ def calibration_batches(tokenizer, source: TextSource | None = None, seq_len: in
     source = source or TextSource.parse(None, "calibration")
     windows = lm_windows(tokenizer, source.texts(), seq_len, seq_len, max_tokens=seq_len * n_samples)
     full = (w for w in windows if len(w[0]) == seq_len)
+    count = 0
     for ids, _ in lm_batches(full, batch_size):
+        count += 1
         yield ids
+    if count == 0:
+        raise SlimkitError(
+            f"calibration data {source.name} is shorter than one sequence of {seq_len} tokens: "
+            "give more text or a smaller sequence length"
+        )
 
 
 def require_nonempty(count: int, source: TextSource, what: str = "text") -> None:

@@ -88,7 +88,7 @@ def evaluate(
     reference = load(reference) if reference is not None else None
     source = data if isinstance(data, D.TextSource) else D.TextSource.parse(data)
     if reference is not None and reference.kind != model.kind:
-        raise SlimkitError(f"the reference is a {reference.kind}, the model a {model.kind}: compare models of one kind")
+        raise SlimkitError(f"the reference is of kind {reference.kind} and the model of kind {model.kind}: compare models of one kind")
     result = EvalResult(model=model.name, kind=model.kind, data=source.name, reference=reference.name if reference else None)
     result.settings = asdict(config)
     start = time.perf_counter()

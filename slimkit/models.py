@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from slimkit.errors import SlimkitError, short_reason
-from slimkit.progress import console, status
+from slimkit.progress import note, status
 
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
@@ -181,7 +181,7 @@ def load(
     """
     if isinstance(source, LoadedModel):
         return source
-    _quiet_transformers()
+    quiet_transformers()
     text = os.fspath(source)
     if text in EMBEDDED:
         path = embedded_path(text)
@@ -265,8 +265,16 @@ def read_weights(path: Path, kind: str, config, dtype, trust_remote_code: bool =
             f"cannot load the weights in {path} ({short_reason(exc)}): the files may be "
             "corrupt or belong to another architecture; re-save or re-download the model"
         ) from exc
+    check_finite(model, path)
     model.eval()
     return model
+
+
+def check_finite(model: nn.Module, where) -> None:
+    """Refuse weights with NaN or Inf: every later measurement would be meaningless."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise SlimkitError(f"weights in {where} contain NaN or Inf ({name}): the checkpoint is corrupt; re-save or re-download it")
 
 
 def read_tokenizer(path: Path, *, trust_remote_code: bool = False):
@@ -347,8 +355,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        console.print(f"Dequantizing {gguf.name} to fp32, once (cached in {target.parent})", highlight=False)
-        model, tokenizer = _read_gguf(gguf)  # shows its own progress bar
+        model, tokenizer = _read_gguf(gguf, target.parent)  # shows its own progress bar
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         try:
@@ -360,7 +367,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     return target
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """slimkit shows its own progress; transformers' bars and notices would
     interleave with it (and with --json output)."""
     from transformers.utils import logging as hf_logging
@@ -369,7 +376,8 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _read_gguf(gguf: Path):
+def _read_gguf(gguf: Path, cache: Path):
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     fix = "the file may be truncated or corrupt; re-download it"
@@ -377,6 +385,8 @@ def _read_gguf(gguf: Path):
         with open(gguf, "rb") as fh:
             if fh.read(4) != b"GGUF":
                 raise SlimkitError(f"{gguf} is not a GGUF file (bad magic bytes): {fix}")
+        GGUFReader(gguf)  # reads every header and tensor record: fails fast on a damaged file
+        note(f"Dequantizing {gguf.name} to fp32, once (cached in {cache})")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except SlimkitError:

@@ -20,6 +20,12 @@ def _quiet() -> bool:
     return bool(os.environ.get("SLIMKIT_QUIET")) or not console.is_terminal
 
 
+def note(message: str) -> None:
+    """A one-line notice about slow work that is starting (hidden when quiet)."""
+    if not _quiet():
+        console.print(message, highlight=False)
+
+
 @contextlib.contextmanager
 def status(message: str) -> Iterator[None]:
     """A spinner with a message for work of unknown length."""

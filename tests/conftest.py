@@ -97,6 +97,26 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     )
 
 
+def invoke_cli(*args: str) -> subprocess.CompletedProcess:
+    """Run the real CLI code in this process (fast: no interpreter start-up).
+
+    Returns the same shape as run_cli. Environment variables read at import
+    time (the hub endpoint, say) must be patched on the module instead.
+    """
+    from typer.testing import CliRunner
+
+    from slimkit.cli import app, _state
+
+    _state["debug"] = False
+    result = CliRunner().invoke(app, list(args))
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        stderr += "Traceback\n" + "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)
+
+
 def cli_json(*args: str, **kw) -> dict:
     proc = run_cli(*args, "--json", **kw)
     assert proc.returncode == 0, proc.stderr
