@@ -44,11 +44,7 @@ def save(
 ) -> Path:
     """Write `model` as an artifact directory at `out`, atomically; return its path."""
     quiet_transformers()
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise SlimkitError(f"{out} exists and is a file: choose a directory path for the artifact")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SlimkitError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
+    out = check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -72,6 +68,16 @@ def save(
         raise SlimkitError(f"cannot write the artifact to {out} ({short_reason(exc)}): free disk space or choose another --out") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def check_destination(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse a destination that would lose data; call before long work, not after."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SlimkitError(f"{out} exists and is a file: choose a directory path for the artifact")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SlimkitError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
     return out
 
 

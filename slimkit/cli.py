@@ -163,6 +163,35 @@ def profile_cmd(
     )
 
 
+@command("run")
+def run_cmd(
+    recipe: Annotated[str, typer.Argument(help="recipe file (.yaml or .json)")],
+    out: Annotated[str, typer.Option("--out", help="directory for the resulting artifact")],
+    model: Annotated[str | None, typer.Option(help="model to compress (default: the recipe's, else smollm2-135m)")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="score at most this many tokens")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out")] = False,
+    threads: Threads = None,
+    as_json: Json = False,
+):
+    """Apply a recipe, measure the result against the original, and save the artifact."""
+    from slimkit.artifacts import check_destination, save
+    from slimkit.benchmark import benchmark
+    from slimkit.display import bench_rows, eval_rows, table
+    from slimkit.evaluate import EvalConfig, evaluate
+    from slimkit.models import DEFAULT_MODEL
+    from slimkit.recipe import Recipe
+
+    plan = Recipe.load(recipe)
+    check_destination(out, overwrite)
+    original = _load(model or plan.model or DEFAULT_MODEL, "auto", threads)
+    compressed = plan.apply(original)
+    quality = evaluate(compressed, original, config=EvalConfig(max_tokens=max_tokens))
+    speed = benchmark(compressed, _bench_config(128, "1,4,8", 64, threads))
+    metrics = {"eval": quality.to_dict(), "bench": speed.to_dict()}
+    path = save(compressed, out, recipe=plan.to_dict(), metrics=metrics, overwrite=overwrite)
+    _emit(as_json, {"artifact": str(path), **metrics}, [table(f"{plan.label} -> {path}", eval_rows(quality) + bench_rows(speed))])
+
+
 def _bench_config(seq_len: int, batch_sizes: str, new_tokens: int, threads: int | None):
     from slimkit.benchmark import BenchConfig
 

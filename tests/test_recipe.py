@@ -88,3 +88,26 @@ def test_apply_runs_steps_in_order_without_touching_the_input(scale_technique, t
     out = Recipe.of(("test-scale", {"factor": 2}), ("test-scale", {"factor": 3})).apply(lm)
     assert torch.allclose(out.model.model.layers[0].mlp.up_proj.weight, before * 6)
     assert torch.equal(lm.model.model.layers[0].mlp.up_proj.weight, before)
+
+
+def test_run_command_applies_measures_and_saves(scale_technique, tiny, tmp_path):
+    import json
+
+    import torch
+
+    import slimkit
+    from conftest import assert_user_error, invoke_cli
+
+    recipe = Recipe.of(("test-scale", {"factor": 1.5})).save(tmp_path / "r.yaml")
+    out = tmp_path / "out"
+    proc = invoke_cli("run", str(recipe), "--model", str(tiny("llama")), "--out", str(out), "--max-tokens", "100",
+                      "--threads", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["eval"]["kl_divergence"] > 0 and report["bench"]["decode_tokens_per_s"] > 0
+    saved = slimkit.load(str(out))
+    assert Recipe.from_dict(saved.manifest["recipe"]) == Recipe.load(recipe)
+    base = slimkit.load(tiny("llama")).model.model.layers[0].mlp.up_proj.weight
+    assert torch.allclose(saved.model.model.layers[0].mlp.up_proj.weight, base * 1.5)
+    # a second run into the same directory is refused before any work
+    assert_user_error(invoke_cli("run", str(recipe), "--model", str(tiny("llama")), "--out", str(out)), "--overwrite")
