@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Make PyTorch / Hugging Face models smaller and faster, and measure it honestly.",
 )
-out = Console()
+stdout = Console()
 err = Console(stderr=True)
 _state = {"debug": False}
 
@@ -74,10 +74,10 @@ def _load(source: str, dtype: str, threads: int | None, trust_remote_code: bool 
 
 def _emit(as_json: bool, payload: dict, tables: list) -> None:
     if as_json:
-        out.print_json(json.dumps(payload))
+        stdout.print_json(json.dumps(payload))
     else:
         for t in tables:
-            out.print(t)
+            stdout.print(t)
 
 
 @command("models")
@@ -190,6 +190,37 @@ def run_cmd(
     metrics = {"eval": quality.to_dict(), "bench": speed.to_dict()}
     path = save(compressed, out, recipe=plan.to_dict(), metrics=metrics, overwrite=overwrite)
     _emit(as_json, {"artifact": str(path), **metrics}, [table(f"{plan.label} -> {path}", eval_rows(quality) + bench_rows(speed))])
+
+
+@command("optimize")
+def optimize_cmd(
+    model: Annotated[str, typer.Argument(help="model to optimize (default: the embedded smollm2-135m)")] = "smollm2-135m",
+    target: Annotated[str, typer.Option(help="latency, throughput, memory or size")] = "latency",
+    max_quality_drop: Annotated[str, typer.Option(help="quality budget, e.g. 1% (perplexity ratio, 1 - cosine)")] = "1%",
+    preset: Annotated[str | None, typer.Option(help="latency, throughput, memory, size or edge (default: the target's)")] = None,
+    runtime: Annotated[str, typer.Option(help="runtime that will serve the model")] = "torch",
+    time_budget: Annotated[str, typer.Option(help="wall-clock budget for the search, e.g. 10m")] = "10m",
+    out: Annotated[str, typer.Option(help="output directory: model/, report.html, report.md, results.json")] = "slimkit-out",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out")] = False,
+    threads: Threads = None,
+    as_json: Json = False,
+):
+    """Search for the fastest / smallest model within a quality budget, and report."""
+    from slimkit.optimize import OptimizeConfig, optimize, parse_duration, parse_fraction
+    from slimkit.progress import search_progress
+
+    config = OptimizeConfig(target=target, max_quality_drop=parse_fraction(max_quality_drop), preset=preset,
+                            runtime=runtime, time_budget_s=parse_duration(time_budget), threads=threads)
+    lm = _load(model, "auto", threads)
+    with search_progress() as progress:
+        results = optimize(lm, config, out, overwrite=overwrite, on_progress=progress)
+    from slimkit.report import recommendation
+
+    if as_json:
+        _emit(True, results, [])
+    else:
+        stdout.print(recommendation(results), highlight=False)
+        stdout.print(f"model: {out}/model   report: {out}/report.html", highlight=False)
 
 
 def _bench_config(seq_len: int, batch_sizes: str, new_tokens: int, threads: int | None):

@@ -47,3 +47,21 @@ def track(items: Iterable, description: str, total: int | None = None) -> Iterat
         for item in items:
             yield item
             progress.advance(task)
+
+
+@contextlib.contextmanager
+def search_progress():
+    """A live line for `slimkit optimize`: candidate n/N, time left, current best."""
+    if _quiet():
+        yield lambda **event: None
+        return
+    with console.status("starting the search") as live:
+
+        def update(event: str, name: str, **info) -> None:
+            if event == "candidate":
+                best = info.get("best") or "none yet"
+                live.update(f"candidate {info['index'] + 1}/{info['total']}: {name}  |  {info['left']:.0f} s left  |  best: {best}")
+            else:
+                live.update(f"confirming {name} on the full evaluation split")
+
+        yield update
