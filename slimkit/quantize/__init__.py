@@ -38,3 +38,41 @@ def quantize(model: LoadedModel | str, method: str, **options) -> LoadedModel:
         )
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     return technique.apply(load(model), technique.config_cls(**options))
+
+
+def parse_options(method: str, pairs: list[str]) -> dict:
+    """CLI `-o KEY=VALUE` pairs -> typed options of `method`'s Config.
+
+    Values are read by the type of the field's default: true/false for
+    booleans, integers (or `none`), comma-separated lists for name patterns.
+    """
+    from slimkit import registry
+
+    defaults = {f.name: f.default for f in fields(registry.get(method, "quantize").config_cls)}
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise SlimkitError(f"option '{pair}' is not KEY=VALUE: write e.g. -o group_size=64")
+        if key not in defaults:
+            raise SlimkitError(f"unknown option '{key}' for quantize method '{method}': its options are {', '.join(sorted(defaults)) or 'none'}")
+        options[key] = _parse_value(key, value.strip(), defaults[key])
+    return options
+
+
+def _parse_value(key: str, value: str, default):
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise SlimkitError(f"option {key} takes true or false, got '{value}'")
+        return value.lower() in ("true", "1", "yes")
+    if isinstance(default, tuple):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    if isinstance(default, int) or default is None:
+        if default is None and value.lower() == "none":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise SlimkitError(f"option {key} takes an integer{' or none' if default is None else ''}, got '{value}'") from None
+    return value
