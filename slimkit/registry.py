@@ -72,5 +72,6 @@ _BUILTIN: list[str] = [
     "slimkit.quantize.cast",
     "slimkit.quantize.dynamic_int8",
     "slimkit.quantize.weight_only",
+    "slimkit.quantize.gptq",
     "slimkit.quantize.aliases",
 ]

@@ -135,7 +135,10 @@ class WeightOnlyLinear(QuantLinear):
         return {**super().spec(), "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
 
     def set_weight(self, w: torch.Tensor) -> None:
-        qt = Q.quantize_int(w, self.bits, self.group_size, self.symmetric)
+        self.set_quantized(Q.quantize_int(w, self.bits, self.group_size, self.symmetric))
+
+    def set_quantized(self, qt: Q.QuantizedInt) -> None:
+        """Store an already quantized weight (round-to-nearest, GPTQ, ...)."""
         q = qt.q if self.bits == 8 else Q.pack_int4((qt.q + 8).to(torch.uint8))  # int4 stored offset to [0, 15]
         self.qweight.copy_(q)
         self.scale.copy_(qt.scale)
