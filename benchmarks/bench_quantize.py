@@ -26,7 +26,7 @@ import slimkit
 from slimkit.benchmark import BenchConfig, benchmark
 from slimkit.evaluate import EvalConfig, evaluate
 
-LM_METHODS = [("bf16", {}), ("int8-dynamic", {}), ("int8-wo", {}), ("int4-wo", {}), ("int4-wo", {"group_size": 64}), ("nf4", {}), ("nf4", {"double_quant": True})]
+LM_METHODS = [("bf16", {}), ("int8-dynamic", {}), ("int8", {}), ("int4", {}), ("gptq", {"group_size": 64}), ("nf4", {"double_quant": True})]
 ENCODER_METHODS = [("bf16", {}), ("int8-dynamic", {}), ("int8-wo", {})]
 
 
@@ -54,10 +54,13 @@ def measure(lm, ref, eval_config, bench_config, label):
 def run_model(name, methods, eval_config, bench_config):
     ref = slimkit.load(name)
     rows = [measure(ref, None, eval_config, bench_config, "fp32")]
-    rows.append(measure(textbook(ref), ref, eval_config, bench_config, "textbook quantize_dynamic"))
+    todo = [("textbook quantize_dynamic", lambda: textbook(ref))]
     for method, options in methods:
         label = method + "".join(f" {k}={v}" for k, v in options.items())
-        rows.append(measure(slimkit.quantize(ref, method, **options), ref, eval_config, bench_config, label))
+        todo.append((label, lambda method=method, options=options: slimkit.quantize(ref, method, **options)))
+    for label, make in todo:
+        rows.append(measure(make(), ref, eval_config, bench_config, label))
+        print(render(name, rows).splitlines()[-1], file=sys.stderr, flush=True)  # each row as it lands
     return rows
 
 
@@ -99,21 +102,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default="smollm2-135m,minilm-l6")
     ap.add_argument("--json", default=None, help="also write every measurement to this file")
+    ap.add_argument("--new-tokens", type=int, default=32, help="decode tokens per run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     eval_config = EvalConfig(max_tokens=args.max_tokens)
-    bench_config = BenchConfig(batch_sizes=(1,), new_tokens=32, min_iters=5, min_seconds=1.0, decode_repeats=3, threads=args.threads)
+    bench_config = BenchConfig(batch_sizes=(1,), new_tokens=args.new_tokens, min_iters=5, min_seconds=1.0, decode_repeats=3, threads=args.threads)
     started = time.time()
     tables, results = [], {}
     for name in args.models.split(","):
         rows = run_model(name, LM_METHODS if name == "smollm2-135m" else ENCODER_METHODS, eval_config, bench_config)
         results[name] = rows
         tables.append(render(name, rows))
+        print(tables[-1] + "\n", flush=True)
     env = results[next(iter(results))][0]["bench"]["environment"]
     env["load_average_at_end"] = os.getloadavg()
-    print("\n\n".join(tables))
     print(f"\nEnvironment: {json.dumps(env)}\nEval: max_tokens={args.max_tokens}, window 512, stride 256. "
-          f"Bench: seq 128, batch 1, 32 decode tokens, median of 3. Wall time {time.time() - started:.0f} s.")
+          f"Bench: seq 128, batch 1, {args.new_tokens} decode tokens, median of 3. Wall time {time.time() - started:.0f} s.")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"results": results, "environment": env}, fh, indent=1)

@@ -41,3 +41,5 @@ def test_parse_options_types():
     assert parse_options("int8-wo", ["group_size=none", "symmetric=false", "ignore=lm_head,q_proj"]) == {
         "group_size": None, "symmetric": False, "ignore": ("lm_head", "q_proj")}
     assert parse_options("nf4", ["double-quant=yes"]) == {"double_quant": True}
+    assert parse_options("int8-dynamic", ["smooth_alpha=0.5", "n_samples=8"]) == {"smooth_alpha": 0.5, "n_samples": 8}
+    assert parse_options("int8-dynamic", ["smooth_alpha=none"]) == {"smooth_alpha": None}

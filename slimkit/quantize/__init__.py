@@ -48,7 +48,9 @@ def parse_options(method: str, pairs: list[str]) -> dict:
     """
     from slimkit import registry
 
-    defaults = {f.name: f.default for f in fields(registry.get(method, "quantize").config_cls)}
+    config_fields = fields(registry.get(method, "quantize").config_cls)
+    defaults = {f.name: f.default for f in config_fields}
+    types = {f.name: str(f.type) for f in config_fields}
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -57,17 +59,24 @@ def parse_options(method: str, pairs: list[str]) -> dict:
             raise SlimkitError(f"option '{pair}' is not KEY=VALUE: write e.g. -o group_size=64")
         if key not in defaults:
             raise SlimkitError(f"unknown option '{key}' for quantize method '{method}': its options are {', '.join(sorted(defaults)) or 'none'}")
-        options[key] = _parse_value(key, value.strip(), defaults[key])
+        options[key] = _parse_value(key, value.strip(), defaults[key], types[key])
     return options
 
 
-def _parse_value(key: str, value: str, default):
+def _parse_value(key: str, value: str, default, type_name: str):
     if isinstance(default, bool):
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise SlimkitError(f"option {key} takes true or false, got '{value}'")
         return value.lower() in ("true", "1", "yes")
     if isinstance(default, tuple):
         return tuple(p.strip() for p in value.split(",") if p.strip())
+    if "float" in type_name:
+        if "None" in type_name and value.lower() == "none":
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            raise SlimkitError(f"option {key} takes a number, got '{value}'") from None
     if isinstance(default, int) or default is None:
         if default is None and value.lower() == "none":
             return None

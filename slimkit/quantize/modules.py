@@ -83,23 +83,36 @@ class Int8DynamicLinear(QuantLinear):
 
     Each token's activation row gets its own scale (absmax / 127), so one
     outlier token cannot crush the resolution of the others, and the full
-    8-bit range is used (no 7-bit `reduce_range`).
+    8-bit range is used (no 7-bit `reduce_range`). With `smooth`, input
+    channel j is divided by s_j before quantization and the weight's column j
+    multiplied by it (SmoothQuant), moving outlier channels' range into the
+    weights, which quantize per output channel and absorb it better.
     """
 
     fmt = "int8-dynamic"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool):
+    def __init__(self, in_features: int, out_features: int, bias: bool, smooth: bool = False):
         super().__init__(in_features, out_features, bias)
         _weight_buffer(self, "weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("inv_smooth", torch.ones(in_features) if smooth else None)
 
-    def set_weight(self, w: torch.Tensor) -> None:
+    def spec(self) -> dict:
+        return {**super().spec(), "smooth": self.inv_smooth is not None}
+
+    def set_weight(self, w: torch.Tensor, smooth: torch.Tensor | None = None) -> None:
+        """w (N, K); smooth (K,) per-input-channel factors, or None."""
+        if smooth is not None:
+            w = w * smooth[None, :]
+            self.inv_smooth.copy_(1 / smooth)
         qt = Q.quantize_int(w, 8, None, symmetric=True)
         self.weight_q.copy_(qt.q)
         self.weight_scale.copy_(qt.scale[:, 0])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth
         x_scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)  # (M, 1)
         xq = torch.round(x / x_scale).clamp(-127, 127).to(torch.int8)  # (M, K)
         acc = torch._int_mm(xq, self.weight_q.t())  # (M, N) int32
