@@ -169,6 +169,7 @@ def quantize_cmd(
     method: Annotated[str | None, typer.Option("--method", "-m", help="quantization method (see --list)")] = None,
     out_dir: Annotated[str | None, typer.Option("--out", help="artifact directory to write")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="method option KEY=VALUE, repeatable: -o group_size=64 -o ignore=lm_head,q_proj")] = None,
+    data: Annotated[str | None, typer.Option(help="calibration text: pydoc (default), a .txt/.jsonl file, or hf:NAME (its calibration split)")] = None,
     list_methods: Annotated[bool, typer.Option("--list", help="list every quantization method and exit")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out directory")] = False,
     threads: Threads = None,
@@ -190,7 +191,7 @@ def quantize_cmd(
     if missing:
         raise SlimkitError(f"quantize needs {', '.join(missing)}: e.g. slimkit quantize smollm2-135m --method int8 --out ./smollm2-int8")
     options = parse_options(method, option or [])
-    q = quantize(_load(model, "fp32", threads, trust_remote_code), method, **options)
+    q = quantize(_load(model, "fp32", threads, trust_remote_code), method, data=data, **options)
     path = save(q, out_dir, overwrite=overwrite)
     info = {"model": model, "method": method, "options": options, "out": str(path), "quantized_modules": len(quantized_modules(q.model)),
             "parameters": q.num_parameters(), "size_on_disk_mb": round(dir_size_mb(path), 3)}

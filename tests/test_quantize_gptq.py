@@ -66,3 +66,14 @@ def test_gptq_on_gpt2_conv1d(tiny):
 def test_bad_gptq_options(tiny, options, fragment):
     with pytest.raises(SlimkitError, match=fragment):
         slimkit.quantize(tiny("llama"), "gptq", n_samples=1, seq_len=16, **options)
+
+
+def test_calibrates_on_the_users_file(tiny, tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: " + "the quick brown fox jumps over the lazy dog " * 30 for i in range(40)))
+    q = slimkit.quantize(tiny("llama"), "gptq", data=str(text), group_size=32, n_samples=2, seq_len=32)
+    assert isinstance(q.model.model.layers[1].self_attn.o_proj, WeightOnlyLinear)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(SlimkitError, match="no window of seq_len tokens: pass more text"):
+        slimkit.quantize(tiny("llama"), "gptq", data=str(empty), group_size=32, n_samples=2, seq_len=32)

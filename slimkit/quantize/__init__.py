@@ -21,12 +21,17 @@ from slimkit.errors import SlimkitError
 from slimkit.models import LoadedModel, load
 
 
-def quantize(model: LoadedModel | str, method: str, **options) -> LoadedModel:
+def quantize(model: LoadedModel | str, method: str, *, data=None, **options) -> LoadedModel:
     """Quantize `model` with the registered `method`; options are its Config's fields.
 
         q = slimkit.quantize("smollm2-135m", "int4-wo", group_size=64)
+        q = slimkit.quantize("smollm2-135m", "gptq", data="my_corpus.txt", n_samples=32)
+
+    `data` (a TextSource or a string as `slimkit eval --data` takes) feeds the
+    methods that calibrate; its calibration split is used, never evaluation.
     """
     from slimkit import registry
+    from slimkit.data import TextSource
 
     technique = registry.get(method, "quantize")
     known = {f.name for f in fields(technique.config_cls)}
@@ -37,7 +42,9 @@ def quantize(model: LoadedModel | str, method: str, **options) -> LoadedModel:
             f"its options are {', '.join(sorted(known)) or 'none'}"
         )
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-    return technique.apply(load(model), technique.config_cls(**options))
+    config = technique.config_cls(**options)
+    source = data if isinstance(data, TextSource) or data is None else TextSource.parse(data, "calibration")
+    return technique.apply(load(model), config, data=source)
 
 
 def parse_options(method: str, pairs: list[str]) -> dict:

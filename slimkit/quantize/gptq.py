@@ -28,6 +28,7 @@ from slimkit.quantize.embedding import quantize_embeddings
 from slimkit.quantize.formats import GROUP_SIZES, INT_BITS, check_group
 from slimkit.quantize.gptq_math import gptq_quantize
 from slimkit.quantize.modules import WeightOnlyLinear, linear_weight
+from slimkit.quantize.smoothing import require_batches
 from slimkit.registry import register
 
 
@@ -80,7 +81,7 @@ def collect_hessians(model: torch.nn.Module, names: list[str], batches, causal: 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
         with torch.inference_mode():
-            for ids in track(list(batches), "Calibrating (GPTQ)"):
+            for ids in track(require_batches(batches), "Calibrating (GPTQ)"):
                 seen.clear()
                 model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
     finally:

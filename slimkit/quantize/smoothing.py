@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import torch
 
+from slimkit.errors import SlimkitError
 from slimkit.progress import track
+
+
+def require_batches(batches) -> list:
+    """The calibration batches as a list; none is an error that names the fix."""
+    out = list(batches)
+    if not out:
+        raise SlimkitError("the calibration data has no window of seq_len tokens: pass more text with --data or lower seq_len (-o seq_len=128)")
+    return out
 
 
 def input_absmax(model: torch.nn.Module, names: list[str], batches, causal: bool) -> dict[str, torch.Tensor]:
@@ -31,7 +40,7 @@ def input_absmax(model: torch.nn.Module, names: list[str], batches, causal: bool
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
         with torch.inference_mode():
-            for ids in track(list(batches), "Calibrating activation ranges"):
+            for ids in track(require_batches(batches), "Calibrating activation ranges"):
                 model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
     finally:
         for h in handles:
