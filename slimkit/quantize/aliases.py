@@ -5,7 +5,7 @@ that came closest to the issue's numbers on SmolLM2-135M (2,048 evaluation
 tokens; benchmarks/RESULTS-quantize.md):
   int8 -> int8-wo: int8 per channel through `_weight_int8pack_mm`, embeddings
           and the tied head as int8 rows: +0.66% perplexity, KL 0.0065,
-          about 0.25x fp32 on disk. (`embeddings=False`: +0.12% but 0.41x.)
+          about 0.26x fp32 on disk. (`embeddings=False`: +0.12% but 0.41x.)
   int4 -> int4-wo, asymmetric groups of 32: +0.37% perplexity, KL 0.0033.
           Caveat: the embedded SmolLM2 was shipped as Q4_1 (asymmetric
           groups of 32), and this grid re-finds those levels; on a model
