@@ -6,8 +6,16 @@ Layout of an artifact directory:
   tokenizer files
   slimkit.json                    the manifest, written last: format version, slimkit
                                   and library versions, model kind, source, dtypes,
-                                  the resolved recipe, measured metrics, and the
-                                  SHA-256 of every other file
+                                  the resolved recipe, measured metrics, the format
+                                  of every quantized module, and the SHA-256 of
+                                  every other file
+
+A quantized model's weights are the small tensors themselves (int8, packed
+int4, scales), saved from its state dict. The manifest's `modules` maps each
+quantized module's name to its format and shape (`{"format": "weight-only",
+"bits": 4, "group_size": 64, ...}`); loading builds the plain architecture
+from config.json, swaps those modules in, then loads the safetensors state
+dict into them strictly, so no pickle and no fp32 copy is ever involved.
 
 Saving is atomic: everything is written to a temporary sibling directory,
 the manifest last, then renamed into place, so an interrupted save never
@@ -28,7 +36,17 @@ import torch
 from safetensors import SafetensorError
 
 from slimkit.errors import SlimkitError, short_reason
-from slimkit.models import MANIFEST, LoadedModel, file_sha256, quiet_transformers, read_config, read_tokenizer, read_weights
+from slimkit.models import (
+    MANIFEST,
+    LoadedModel,
+    check_safetensors,
+    file_sha256,
+    quiet_transformers,
+    read_config,
+    read_tokenizer,
+    read_weights,
+)
+from slimkit.quantize.common import quantized_modules
 
 FORMAT = "slimkit-artifact"
 FORMAT_VERSION = 1
@@ -48,7 +66,11 @@ def save(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.model.save_pretrained(tmp, safe_serialization=True)
+        modules = quantized_modules(model.model)
+        if modules:
+            _save_quantized(model.model, tmp)
+        else:
+            model.model.save_pretrained(tmp, safe_serialization=True)
         model.tokenizer.save_pretrained(tmp)
         manifest = {
             "format": FORMAT,
@@ -59,6 +81,7 @@ def save(
             "dtypes": sorted({str(p.dtype).replace("torch.", "") for p in model.model.parameters()}),
             "parameters": model.num_parameters(),
             "recipe": recipe if recipe is not None else model.manifest.get("recipe", []),
+            "modules": modules,
             "metrics": metrics or {},
             "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},
         }
@@ -86,9 +109,41 @@ def load_artifact(path: Path, *, source: str | None = None, dtype: torch.dtype |
     verify_files(path, manifest)
     config = read_config(path)
     kind = manifest["kind"]
-    model = read_weights(path, kind, config, dtype or "auto")
+    if manifest.get("modules"):
+        model = _load_quantized(path, kind, config, manifest["modules"], dtype)
+    else:
+        model = read_weights(path, kind, config, dtype or "auto")
     tokenizer = read_tokenizer(path)
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, source=source or str(path), path=path, manifest=manifest)
+
+
+def _save_quantized(model: torch.nn.Module, out: Path) -> None:
+    """Config, generation config and the state dict of a model with quantized modules."""
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})  # tied tensors stored once
+
+
+def _load_quantized(path: Path, kind: str, config, modules: dict, dtype: torch.dtype | None) -> torch.nn.Module:
+    from safetensors.torch import load_model
+
+    from slimkit.models import auto_class
+    from slimkit.quantize.common import rebuild_modules
+
+    weights = path / "model.safetensors"
+    check_safetensors(weights)
+    saved = getattr(config, "dtype", None)
+    saved = getattr(torch, saved) if isinstance(saved, str) else saved
+    model = auto_class(kind).from_config(config, dtype=dtype or saved or torch.float32)
+    rebuild_modules(model, modules)
+    try:
+        load_model(model, str(weights), strict=True)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise SlimkitError(f"cannot load the quantized weights in {path} ({short_reason(exc)}): save the artifact again") from exc
+    return model.eval()
 
 
 def read_manifest(path: Path) -> dict:

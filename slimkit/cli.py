@@ -221,6 +221,39 @@ def optimize_cmd(
     else:
         stdout.print(recommendation(results), highlight=False)
         stdout.print(f"model: {out}/model   report: {out}/report.html", highlight=False)
+@command("quantize")
+def quantize_cmd(
+    model: Annotated[str | None, typer.Argument(help="model to quantize (embedded name, HF directory, artifact, .gguf, hub id)")] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="quantization method (see --list)")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out", help="artifact directory to write")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="method option KEY=VALUE, repeatable: -o group_size=64 -o ignore=lm_head,q_proj")] = None,
+    data: Annotated[str | None, typer.Option(help="calibration text: pydoc (default), a .txt/.jsonl file, or hf:NAME (its calibration split)")] = None,
+    list_methods: Annotated[bool, typer.Option("--list", help="list every quantization method and exit")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out directory")] = False,
+    threads: Threads = None,
+    trust_remote_code: TrustRemote = False,
+    as_json: Json = False,
+):
+    """Quantize a model and save it as an artifact that `eval` and `bench` accept."""
+    from slimkit import registry
+    from slimkit.artifacts import save
+    from slimkit.benchmark import dir_size_mb
+    from slimkit.display import table
+    from slimkit.quantize import parse_options, quantize
+    from slimkit.quantize.common import quantized_modules
+
+    if list_methods:
+        rows = [{"name": t.name, "summary": t.summary} for t in registry.techniques("quantize")]
+        return _emit(as_json, {"methods": rows}, [table("Quantization methods", [(r["name"], r["summary"]) for r in rows], ("method", "what it does"))])
+    missing = [flag for flag, value in (("MODEL", model), ("--method", method), ("--out", out_dir)) if not value]
+    if missing:
+        raise SlimkitError(f"quantize needs {', '.join(missing)}: e.g. slimkit quantize smollm2-135m --method int8 --out ./smollm2-int8")
+    options = parse_options(method, option or [])
+    q = quantize(_load(model, "fp32", threads, trust_remote_code), method, data=data, **options)
+    path = save(q, out_dir, overwrite=overwrite)
+    info = {"model": model, "method": method, "options": options, "out": str(path), "quantized_modules": len(quantized_modules(q.model)),
+            "parameters": q.num_parameters(), "size_on_disk_mb": round(dir_size_mb(path), 3)}
+    _emit(as_json, info, [table(f"Quantized {model} with {method}", [(k, str(v)) for k, v in info.items()])])
 
 
 def _bench_config(seq_len: int, batch_sizes: str, new_tokens: int, threads: int | None):

@@ -105,9 +105,9 @@ class LoadedModel:
             if p.data_ptr() not in seen:
                 seen.add(p.data_ptr())
                 total += p.numel()
-        for b in self.model.buffers():  # packed quantized weights live in buffers
-            if getattr(b, "_slimkit_weight", False):
-                total += b.numel()
+        for b in self.model.buffers():  # packed quantized weights live in buffers;
+            # `_slimkit_weight` is True or the number of weights per element (2 for packed int4)
+            total += b.numel() * int(getattr(b, "_slimkit_weight", 0))
         return total
 
 

@@ -66,15 +66,15 @@ TARGETS = ("latency", "throughput", "memory", "size")
 PRESETS: dict[str, list[list[tuple[str, dict]]]] = {
     "latency": [
         [("bf16", {})],
-        [("int8-dynamic", {})],
+        [("int8-dynamic", {"smooth_alpha": 0.5})],
         [("int8-wo", {})],
+        [("int8-wo", {"embeddings": False})],
         [("int4-wo", {"group_size": 32})],
-        [("int4-wo", {"group_size": 128})],
     ],
-    "throughput": [[("bf16", {})], [("int8-dynamic", {})], [("int8-wo", {})]],
-    "memory": [[("int4-wo", {"group_size": 64})], [("nf4", {})], [("int8-wo", {})], [("bf16", {})]],
-    "size": [[("int4-wo", {"group_size": 128})], [("nf4", {})], [("int4-wo", {"group_size": 32})], [("int8-wo", {})], [("bf16", {})]],
-    "edge": [[("int4-wo", {"group_size": 32})], [("int8-dynamic", {})], [("nf4", {})]],
+    "throughput": [[("bf16", {})], [("int8-dynamic", {"smooth_alpha": 0.5})], [("int8-wo", {})]],
+    "memory": [[("int4-wo", {"group_size": 32})], [("int8-wo", {})], [("nf4", {"double_quant": True})], [("bf16", {})]],
+    "size": [[("int4-wo", {"group_size": 32})], [("nf4", {"double_quant": True})], [("int8-wo", {})], [("bf16", {})]],
+    "edge": [[("int4-wo", {"group_size": 32})], [("int8-wo", {})], [("int8-dynamic", {"smooth_alpha": 0.5})]],
 }
 
 

@@ -68,4 +68,10 @@ def _import_builtin() -> None:
 
 
 # Each technique package appends its module here as it lands.
-_BUILTIN: list[str] = []
+_BUILTIN: list[str] = [
+    "slimkit.quantize.cast",
+    "slimkit.quantize.dynamic_int8",
+    "slimkit.quantize.weight_only",
+    "slimkit.quantize.gptq",
+    "slimkit.quantize.aliases",
+]

@@ -13,6 +13,7 @@ class _Cfg:
 
 def test_register_and_get(monkeypatch):
     monkeypatch.setattr(registry, "_TECHNIQUES", {})
+    monkeypatch.setattr(registry, "_BUILTIN", [])  # only the demo method in this table
     registry.register("demo-method", "quantize", _Cfg, "a demo")(lambda model, config: model)
     t = registry.get("demo-method", "quantize")
     assert t.config_cls is _Cfg and t.apply("m", _Cfg()) == "m"

@@ -1,0 +1,118 @@
+"""What every quantization method shares: choosing modules, copying, replacing.
+
+Modules are chosen by name patterns, the same way everywhere: a pattern
+matches a module's qualified name (`model.layers.0.mlp.up_proj`) as a glob,
+or any trailing part of it (`up_proj`, `mlp.*`). A layer is quantized when it
+is linear (`nn.Linear`, or transformers' `Conv1D` as in GPT-2), matches one of
+`targets` and none of `ignore`. Nothing matching is an error that names the
+patterns, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Callable
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from slimkit.errors import SlimkitError
+from slimkit.models import LoadedModel
+
+DEFAULT_IGNORE = ("lm_head",)
+
+
+def is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
+
+
+def check_patterns(targets, ignore) -> None:
+    """Config-time validation of `targets` / `ignore`."""
+    for field, value in (("targets", targets), ("ignore", ignore)):
+        if isinstance(value, str) or not all(isinstance(p, str) and p for p in value):
+            raise SlimkitError(f"{field} must be a list of non-empty name patterns, got {value!r}: write e.g. {field}=('q_proj', 'mlp.*')")
+    if not targets:
+        raise SlimkitError("targets is empty: give at least one name pattern, e.g. targets=('*',)")
+
+
+def select_linears(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...]) -> list[str]:
+    """Names of the linear layers to quantize; raises when none match."""
+    chosen = [n for n, m in model.named_modules() if n and is_linear(m) and matches(n, targets) and not matches(n, ignore)]
+    if not chosen:
+        raise SlimkitError(
+            f"no linear layers to quantize: none matches targets {list(targets)} without matching ignore "
+            f"{list(ignore)}; check the patterns against the model's module names"
+        )
+    return chosen
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def copy_model(model: LoadedModel, suffix: str) -> LoadedModel:
+    """A deep copy to quantize; the caller's model is never touched."""
+    return LoadedModel(
+        model=copy.deepcopy(model.model),
+        tokenizer=model.tokenizer,
+        kind=model.kind,
+        source=f"{model.source}+{suffix}",
+        path=None,
+        manifest=copy.deepcopy(model.manifest),
+    )
+
+
+def record(lm: LoadedModel, method: str, config) -> LoadedModel:
+    """Append this step to the model's recipe (saved with the artifact)."""
+    step = {"stage": "quantize", "method": method, **_plain(asdict(config))}
+    lm.manifest["recipe"] = list(lm.manifest.get("recipe", [])) + [step]
+    return lm
+
+
+def _plain(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def replace_linears(lm: LoadedModel, config, make: Callable[[nn.Module], nn.Module]) -> list[str]:
+    """Replace every selected linear layer of `lm` (in place: call on a copy)."""
+    names = select_linears(lm.model, tuple(config.targets), tuple(config.ignore))
+    with torch.no_grad():
+        for name in names:
+            set_module(lm.model, name, make(lm.model.get_submodule(name)))
+    return names
+
+
+def quantized_modules(model: nn.Module) -> dict[str, dict]:
+    """name -> spec of every slimkit quantized module (what the manifest records)."""
+    return {n: m.spec() for n, m in model.named_modules() if n and hasattr(m, "spec") and hasattr(m, "fmt")}
+
+
+def rebuild_modules(model: nn.Module, specs: dict[str, dict]) -> None:
+    """Swap empty quantized modules in where the manifest says, ready for a state dict."""
+    from slimkit.quantize.modules import LINEAR_FORMATS, Int8Embedding, TiedInt8Head
+
+    tied = {n: s for n, s in specs.items() if s.get("format") == TiedInt8Head.fmt}
+    for name, spec in specs.items():
+        fmt = spec.get("format")
+        if name in tied:
+            continue
+        if fmt == Int8Embedding.fmt:
+            module = Int8Embedding.from_spec(spec)
+        elif fmt in LINEAR_FORMATS:
+            module = LINEAR_FORMATS[fmt].from_spec(spec)
+        else:
+            raise SlimkitError(f"module {name} has unknown quantized format '{fmt}': upgrade slimkit to load this artifact")
+        set_module(model, name, module)
+    for name, spec in tied.items():
+        set_module(model, name, TiedInt8Head(model.get_submodule(spec["tied_to"]), spec["tied_to"]))

@@ -1,0 +1,228 @@
+"""Number formats for quantized weights: pure tensor math, no modules, no models.
+
+Integer formats (int8, int4) map a real weight `w` to an integer `q` with a
+scale `s` (and, asymmetric, an offset `m`, the group's minimum):
+
+    symmetric   q = clamp(round(w / s), lo, hi),        s = absmax / hi,           w ~ q * s
+    asymmetric  q = round((w - m) / s) + lo,            s = (max - min) / (hi - lo), w ~ (q - lo) * s + m
+
+with lo, hi = -2^(b-1), 2^(b-1) - 1: both grids are stored as signed int8. The
+asymmetric grid spans exactly [min, max] of its group (the offset is a float,
+as in GGUF's Q4_1 and the CPU int4 kernel, not an integer zero point), so no
+level is wasted on a range the group does not use.
+
+The scale is shared by a *group* of consecutive input channels of one output
+row: `group_size=None` means one scale per output channel (the whole row),
+`group_size=g` means K / g scales per row. Smaller groups follow the weights'
+local range more closely (less error) at the cost of more scales to store:
+an fp16 scale per 32 weights adds 0.5 bit per weight, per 128 only 0.125.
+Symmetric grids waste one level and fit skewed rows worse; asymmetric grids
+cost an offset per group but fit rows whose range is not centred on 0.
+
+NF4 (QLoRA's "normal float") is a fixed 16-entry code book whose levels are
+quantiles of a standard normal distribution, scaled per block by the block's
+absmax: trained weights are roughly normal, so equal-probability levels give
+lower error than the evenly spaced int4 grid at the same 4 bits. Double
+quantization stores those per-block fp32 absmax scales themselves as int8
+(blocks of 256 scales, each with one fp32 scale, around their mean), which
+saves about 0.37 bit per weight at block size 64.
+
+Two 4-bit values are packed per byte (`pack_int4`), low nibble first, so the
+stored tensor is really half the size of int8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slimkit.errors import SlimkitError
+
+GROUP_SIZES = (32, 64, 128, 256)
+INT_BITS = (4, 8)
+DQ_BLOCK = 256  # scales per second-level block in double quantization
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Smallest and largest integer of a signed `bits`-wide grid."""
+    if bits not in INT_BITS:
+        raise SlimkitError(f"bits={bits} is not supported: use one of {', '.join(map(str, INT_BITS))}")
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def check_group(in_features: int, group_size: int | None) -> int:
+    """The effective group size (the whole row when None); errors name the fix."""
+    if group_size is None:
+        return in_features
+    if group_size not in GROUP_SIZES:
+        raise SlimkitError(f"group_size={group_size} is not supported: use one of {', '.join(map(str, GROUP_SIZES))} or None (per channel)")
+    if in_features % group_size:
+        raise SlimkitError(f"group_size={group_size} does not divide the input dimension {in_features}: choose a group size that divides it or ignore this layer")
+    return group_size
+
+
+@dataclass
+class QuantizedInt:
+    """An integer-quantized 2-D weight.
+
+    q: (N, K) int8 holding values of the grid (unpacked); scale, offset: (N, K // group)
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor | None
+    bits: int
+    group_size: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int(self.q, self.scale, self.offset, self.group_size, self.bits, dtype)
+
+
+def quantize_int(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True) -> QuantizedInt:
+    """Round-to-nearest integer quantization of `w` (N, K) with per-group scales."""
+    if w.dim() != 2:
+        raise SlimkitError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    g = check_group(k, group_size)
+    lo, hi = qrange(bits)
+    wg = w.detach().float().reshape(n, k // g, g)  # (N, G, g)
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        scale = (wg.abs().amax(-1) / hi).clamp(min=tiny)  # (N, G)
+        q = torch.round(wg / scale[..., None]).clamp(lo, hi)
+        offset = None
+    else:
+        offset = wg.amin(-1)  # (N, G)
+        scale = ((wg.amax(-1) - offset) / (hi - lo)).clamp(min=tiny)  # (N, G)
+        q = (torch.round((wg - offset[..., None]) / scale[..., None]) + lo).clamp(lo, hi)
+    return QuantizedInt(q.reshape(n, k).to(torch.int8), scale, offset, bits, g)
+
+
+def dequantize_int(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group_size: int, bits: int, dtype=torch.float32) -> torch.Tensor:
+    """q * scale (symmetric) or (q - lo) * scale + offset, group-wise:
+    q (N, K), scale/offset (N, K // group) -> (N, K)."""
+    n, k = q.shape
+    qg = q.float().reshape(n, k // group_size, group_size)
+    if offset is None:
+        w = qg * scale.float()[..., None]
+    else:
+        w = (qg - qrange(bits)[0]) * scale.float()[..., None] + offset.float()[..., None]
+    return w.reshape(n, k).to(dtype)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) integers in [0, 15] -> (N, K // 2) uint8, element 2i in the low nibble."""
+    if q.shape[-1] % 2:
+        raise SlimkitError(f"int4 packing needs an even number of columns, got {q.shape[-1]}")
+    u = q.to(torch.uint8)
+    if u.numel() and int(u.max()) > 15:
+        raise ValueError("pack_int4 takes values in [0, 15]; offset signed values by 8 first")
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K // 2) uint8 -> (N, K) uint8 in [0, 15]; the inverse of pack_int4."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+# --------------------------------------------------------------------------- NF4
+
+
+def nf4_code() -> torch.Tensor:
+    """The 16 NF4 levels in [-1, 1], ascending, with 0 exact.
+
+    Quantiles of N(0, 1) at evenly spaced probabilities: 8 levels on the
+    positive side and 7 on the negative (plus 0), so that the grid is
+    asymmetric by one level like int4 but holds both -1 and 1; the outermost
+    probability is the mean of 1 - 1/32 and 1 - 1/30, as QLoRA describes.
+    """
+    edge = 0.5 * (1 - 1 / 32 + 1 - 1 / 30)
+    pos = torch.special.ndtri(torch.linspace(0.5, edge, 9, dtype=torch.float64)[1:])  # 8 levels > 0
+    neg = -torch.special.ndtri(torch.linspace(0.5, edge, 8, dtype=torch.float64)[1:])  # 7 levels < 0
+    code = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos])
+    return (code / code.abs().max()).sort().values.float()
+
+
+@dataclass
+class QuantizedNF4:
+    """NF4 weight: codes (N, K // 2) uint8 packed indices into nf4_code(); per-block absmax.
+
+    absmax is (N, K // block) fp32, or, double quantized, `absmax_q` int8 with
+    `absmax_scale` (ceil(n_blocks / 256),) fp32 and `absmax_mean` () fp32.
+    """
+
+    codes: torch.Tensor
+    shape: tuple[int, int]
+    block_size: int
+    absmax: torch.Tensor | None = None
+    absmax_q: torch.Tensor | None = None
+    absmax_scale: torch.Tensor | None = None
+    absmax_mean: torch.Tensor | None = None
+
+    def scales(self) -> torch.Tensor:
+        if self.absmax is not None:
+            return self.absmax
+        return dequantize_scales(self.absmax_q, self.absmax_scale, self.absmax_mean)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_nf4(self.codes, self.scales(), self.block_size, dtype)
+
+
+def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = False) -> QuantizedNF4:
+    """Nearest NF4 level of w / block absmax, per block of `block_size` input channels."""
+    if w.dim() != 2:
+        raise SlimkitError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    b = check_group(k, block_size)
+    code = nf4_code()  # (16,)
+    wb = w.detach().float().reshape(n, k // b, b)  # (N, B, b)
+    absmax = wb.abs().amax(-1).clamp(min=torch.finfo(torch.float32).tiny)  # (N, B)
+    normed = wb / absmax[..., None]  # in [-1, 1]
+    mids = (code[1:] + code[:-1]) / 2  # (15,) decision boundaries between levels
+    idx = torch.bucketize(normed.contiguous(), mids)  # (N, B, b) in [0, 15]
+    out = QuantizedNF4(pack_int4(idx.reshape(n, k)), (n, k), b)
+    if double_quant:
+        out.absmax_q, out.absmax_scale, out.absmax_mean = quantize_scales(absmax)
+    else:
+        out.absmax = absmax
+    return out
+
+
+def dequantize_nf4(codes: torch.Tensor, absmax: torch.Tensor, block_size: int, dtype=torch.float32) -> torch.Tensor:
+    """codes (N, K // 2) uint8, absmax (N, K // block) -> (N, K)."""
+    idx = unpack_int4(codes).long()  # (N, K)
+    n, k = idx.shape
+    w = nf4_code()[idx].reshape(n, k // block_size, block_size) * absmax.float()[..., None]
+    return w.reshape(n, k).to(dtype)
+
+
+def quantize_scales(scales: torch.Tensor, block: int = DQ_BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Double quantization: fp32 scales (any shape) -> (int8 same shape, fp32 per 256, fp32 mean)."""
+    flat = scales.float().reshape(-1)
+    mean = flat.mean()
+    centred = flat - mean
+    pad = (-flat.numel()) % block
+    blocks = torch.nn.functional.pad(centred, (0, pad)).reshape(-1, block)  # (nb, 256)
+    s2 = (blocks.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (nb,)
+    q = torch.round(blocks / s2[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(-1)[: flat.numel()].reshape(scales.shape), s2, mean
+
+
+def dequantize_scales(q: torch.Tensor, s2: torch.Tensor, mean: torch.Tensor, block: int = DQ_BLOCK) -> torch.Tensor:
+    flat = q.reshape(-1).float()
+    per = s2.repeat_interleave(block)[: flat.numel()]
+    return (flat * per + mean).reshape(q.shape)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|x|^2 / |x - x~|^2)."""
+    ref = reference.detach().float()
+    noise = (ref - approx.detach().float()).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))

@@ -1,0 +1,102 @@
+"""Weight-only quantization: int8, int4 (group-wise, symmetric or asymmetric) and NF4.
+
+Only the weights are quantized; activations stay in floating point, so the
+loss is the weights' rounding error alone. On a CPU running one token at a
+time, decoding is limited by reading the weights from memory, so smaller
+weights are faster when a kernel reads them directly: int8 per channel
+(`_weight_int8pack_mm`) and int4 with groups of 32..256
+(`_weight_int4pack_mm_for_cpu`). NF4, grouped int8 and per-channel int4 have
+no CPU kernel and dequantize on each call: smaller, not faster.
+
+Trade-offs: int8 per channel is close to lossless. int4 needs groups (32 or
+64 for small models) and gains from an asymmetric grid; NF4 fits normally
+distributed weights better than the even int4 grid at the same size, and
+double quantization trims its scales from 0.5 to about 0.13 bit per weight.
+With `embeddings=True` the input embedding (and a head tied to it) is stored
+as int8 rows too (see `embedding.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slimkit.errors import SlimkitError
+from slimkit.quantize.common import DEFAULT_IGNORE, check_patterns, copy_model, record, replace_linears
+from slimkit.quantize.embedding import quantize_embeddings
+from slimkit.quantize.formats import GROUP_SIZES
+from slimkit.quantize.modules import NF4Linear, WeightOnlyLinear
+from slimkit.registry import register
+
+
+def _check_group(group_size, allow_none: bool) -> None:
+    if group_size is None and allow_none:
+        return
+    if group_size not in GROUP_SIZES:
+        choices = ", ".join(map(str, GROUP_SIZES)) + (" or None (per channel)" if allow_none else "")
+        raise SlimkitError(f"group_size={group_size} is not supported: use one of {choices}")
+
+
+@dataclass(frozen=True)
+class Int8WeightOnlyConfig:
+    group_size: int | None = None
+    symmetric: bool = True
+    embeddings: bool = True
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        _check_group(self.group_size, allow_none=True)
+        check_patterns(self.targets, self.ignore)
+
+
+@dataclass(frozen=True)
+class Int4WeightOnlyConfig:
+    group_size: int = 32
+    symmetric: bool = False
+    embeddings: bool = True
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        _check_group(self.group_size, allow_none=False)
+        check_patterns(self.targets, self.ignore)
+
+
+@dataclass(frozen=True)
+class NF4Config:
+    block_size: int = 64
+    double_quant: bool = False
+    embeddings: bool = True
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        if self.block_size not in GROUP_SIZES:
+            raise SlimkitError(f"block_size={self.block_size} is not supported: use one of {', '.join(map(str, GROUP_SIZES))}")
+        check_patterns(self.targets, self.ignore)
+
+
+def _apply(model, config, name: str, make):
+    lm = copy_model(model, name)
+    replace_linears(lm, config, make)
+    if config.embeddings:
+        quantize_embeddings(lm.model)
+    return record(lm, name, config)
+
+
+@register("int8-wo", "quantize", Int8WeightOnlyConfig, "int8 weights per channel (or group), float activations (_weight_int8pack_mm)")
+def apply_int8(model, config: Int8WeightOnlyConfig = Int8WeightOnlyConfig(), **context):
+    make = lambda layer: WeightOnlyLinear.from_float(layer, bits=8, group_size=config.group_size, symmetric=config.symmetric)
+    return _apply(model, config, "int8-wo", make)
+
+
+@register("int4-wo", "quantize", Int4WeightOnlyConfig, "int4 weights in groups of 32-256, sym/asym, packed 2 per byte (_weight_int4pack_mm)")
+def apply_int4(model, config: Int4WeightOnlyConfig = Int4WeightOnlyConfig(), **context):
+    make = lambda layer: WeightOnlyLinear.from_float(layer, bits=4, group_size=config.group_size, symmetric=config.symmetric)
+    return _apply(model, config, "int4-wo", make)
+
+
+@register("nf4", "quantize", NF4Config, "4-bit NormalFloat code book per block, optional double-quantized scales (dequantized per call)")
+def apply_nf4(model, config: NF4Config = NF4Config(), **context):
+    make = lambda layer: NF4Linear.from_float(layer, block_size=config.block_size, double_quant=config.double_quant)
+    return _apply(model, config, "nf4", make)

@@ -1,0 +1,119 @@
+"""Tensor-level tests of the number formats: error bounds, SQNR, packing, edges."""
+
+import pytest
+import torch
+
+from slimkit.errors import SlimkitError
+from slimkit.quantize import formats as F
+
+
+def _w(n=96, k=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * 0.05
+
+
+@pytest.mark.parametrize(
+    "bits,group,sym,min_db",
+    [(8, None, True, 38), (8, 64, False, 40), (4, None, True, 13), (4, 128, True, 16), (4, 32, True, 18), (4, 32, False, 19)],
+)
+def test_int_sqnr(bits, group, sym, min_db):
+    w = _w()
+    qt = F.quantize_int(w, bits, group, sym)
+    lo, hi = F.qrange(bits)
+    assert qt.q.dtype == torch.int8 and qt.q.shape == w.shape
+    assert int(qt.q.min()) >= lo and int(qt.q.max()) <= hi
+    assert qt.scale.shape == (96, 256 // (group or 256))
+    assert F.sqnr_db(w, qt.dequantize()) > min_db
+
+
+def test_smaller_groups_are_more_accurate():
+    w = _w()
+    dbs = [F.sqnr_db(w, F.quantize_int(w, 4, g).dequantize()) for g in (None, 128, 64, 32)]
+    assert dbs == sorted(dbs)
+
+
+def test_int_error_bounded_by_half_a_step():
+    w = _w()
+    qt = F.quantize_int(w, 8, 64, symmetric=False)
+    step = qt.scale.repeat_interleave(64, dim=1)
+    assert ((w - qt.dequantize()).abs() <= step / 2 + 1e-7).all()
+
+
+def test_zeros_and_huge_values():
+    w = torch.zeros(4, 64)
+    w[1] = 1e30
+    w[2, 3] = -3e38
+    for sym in (True, False):
+        qt = F.quantize_int(w, 8, 32, sym)
+        d = qt.dequantize()
+        assert torch.isfinite(d).all()
+        assert torch.equal(d[0], torch.zeros(64))  # an all-zero row stays exactly zero
+        assert d[1, 0] == pytest.approx(1e30, rel=1e-2)
+        assert d[2, 3] == pytest.approx(-3e38, rel=1e-2)
+    nf = F.quantize_nf4(w, 32).dequantize()
+    assert torch.isfinite(nf).all() and torch.equal(nf[0], torch.zeros(64))
+
+
+def test_pack_unpack_round_trip_is_exact():
+    q = torch.randint(0, 16, (7, 40), dtype=torch.uint8)
+    packed = F.pack_int4(q)
+    assert packed.shape == (7, 20) and packed.dtype == torch.uint8
+    assert torch.equal(F.unpack_int4(packed), q)
+    assert packed[0, 0] == q[0, 0] | (q[0, 1] << 4)  # low nibble first
+
+
+def test_pack_refuses_out_of_range():
+    with pytest.raises(SlimkitError, match="even number"):
+        F.pack_int4(torch.zeros(2, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        F.pack_int4(torch.full((2, 2), 16, dtype=torch.uint8))
+
+
+def test_nf4_code_book():
+    code = F.nf4_code()
+    assert code.shape == (16,) and code[0] == -1 and code[-1] == 1 and (code == 0).sum() == 1
+    assert (code.diff() > 0).all()
+    assert code[7] == 0  # 7 negative levels, then 0, then 8 positive
+
+
+def test_nf4_beats_int4_on_normal_weights():
+    w = _w(k=512)
+    nf4 = F.sqnr_db(w, F.quantize_nf4(w, 64).dequantize())
+    int4 = F.sqnr_db(w, F.quantize_int(w, 4, 64, True).dequantize())
+    assert nf4 > 19 and nf4 > int4
+
+
+def test_nf4_double_quant_is_close_and_smaller():
+    w = _w(n=256, k=512)
+    plain = F.quantize_nf4(w, 64)
+    dq = F.quantize_nf4(w, 64, double_quant=True)
+    assert dq.absmax is None and dq.absmax_q.dtype == torch.int8
+    assert torch.equal(plain.codes, dq.codes)
+    rel = ((dq.scales() - plain.scales()).abs() / plain.scales()).max()
+    assert rel < 0.02
+    assert F.sqnr_db(w, dq.dequantize()) > F.sqnr_db(w, plain.dequantize()) - 0.3
+    bytes_plain = plain.absmax.numel() * 4
+    bytes_dq = dq.absmax_q.numel() + dq.absmax_scale.numel() * 4 + 4
+    assert bytes_dq < bytes_plain / 3
+
+
+def test_scales_double_quant_round_trip():
+    s = torch.rand(1000) + 0.5
+    q, s2, m = F.quantize_scales(s)
+    assert q.shape == s.shape and s2.shape == (4,)
+    assert (F.dequantize_scales(q, s2, m) - s).abs().max() < 0.01
+
+
+@pytest.mark.parametrize(
+    "call,fragment",
+    [
+        (lambda: F.quantize_int(_w(), 3), "bits=3 is not supported"),
+        (lambda: F.quantize_int(_w(), 4, 48), "group_size=48 is not supported"),
+        (lambda: F.quantize_int(_w(k=96), 4, 64), "does not divide the input dimension 96"),
+        (lambda: F.quantize_int(torch.zeros(3), 8), "2-D weight"),
+        (lambda: F.quantize_nf4(_w(k=96), 64), "does not divide"),
+    ],
+)
+def test_bad_arguments_name_the_fix(call, fragment):
+    with pytest.raises(SlimkitError, match=fragment):
+        call()

@@ -1,0 +1,96 @@
+"""Quantized modules on their own: outputs close to the float layer, kernels equal to dequantize."""
+
+import pytest
+import torch
+from torch import nn
+
+from slimkit.quantize import formats as F
+from slimkit.quantize.modules import Int8DynamicLinear, Int8Embedding, NF4Linear, TiedInt8Head, WeightOnlyLinear
+
+
+def _linear(n=96, k=128, bias=True, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.Linear(k, n, bias=bias)
+    return layer
+
+
+def _x(k=128, m=5):
+    return torch.randn(2, m, k, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(
+    "make,min_db",
+    [
+        (lambda l: Int8DynamicLinear.from_float(l), 30),
+        (lambda l: WeightOnlyLinear.from_float(l, bits=8), 30),
+        (lambda l: WeightOnlyLinear.from_float(l, bits=8, group_size=64, symmetric=False), 30),
+        (lambda l: WeightOnlyLinear.from_float(l, bits=4, group_size=32), 15),
+        (lambda l: WeightOnlyLinear.from_float(l, bits=4, group_size=64, symmetric=False), 15),
+        (lambda l: WeightOnlyLinear.from_float(l, bits=4), 11),
+        (lambda l: NF4Linear.from_float(l, block_size=64), 15),
+        (lambda l: NF4Linear.from_float(l, block_size=32, double_quant=True), 15),
+    ],
+)
+def test_outputs_close_to_float(make, min_db):
+    layer = _linear()
+    q = make(layer)
+    x = _x()
+    with torch.no_grad():
+        ref, out = layer(x), q(x)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert F.sqnr_db(ref, out) > min_db
+
+
+@pytest.mark.parametrize("bits,group,sym", [(8, None, True), (4, 32, True), (4, 64, False), (4, 128, True)])
+def test_kernel_matches_dequantized_reference(bits, group, sym):
+    """The fast kernel computes what the stored format means (up to bf16 rounding)."""
+    q = WeightOnlyLinear.from_float(_linear(n=64, k=256, bias=False), bits=bits, group_size=group, symmetric=sym)
+    assert q.kernel() == ("int8pack" if bits == 8 else "int4pack")
+    x = _x(k=256)[0]
+    expected = x.bfloat16().float() @ q.dequantize().T
+    assert F.sqnr_db(expected, q(x)) > 35
+
+
+def test_buffers_are_small_and_counted():
+    q = WeightOnlyLinear.from_float(_linear(n=64, k=256), bits=4, group_size=64, symmetric=False)
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (64, 128)
+    assert q.qweight._slimkit_weight and not hasattr(q, "weight")
+    assert set(q.state_dict()) == {"bias", "qweight", "scale", "offset"}
+    nf = NF4Linear.from_float(_linear(n=64, k=256), double_quant=True)
+    assert nf.codes.shape == (64, 128) and nf.absmax_q.dtype == torch.int8
+
+
+def test_state_dict_round_trip_is_exact():
+    layer = _linear()
+    for make in (
+        lambda: WeightOnlyLinear.from_float(layer, bits=4, group_size=32, symmetric=False),
+        lambda: Int8DynamicLinear.from_float(layer),
+        lambda: NF4Linear.from_float(layer, double_quant=True),
+    ):
+        q = make()
+        x = _x()
+        q(x)  # builds any kernel cache before the reload
+        fresh = type(q).from_spec(q.spec())
+        fresh.load_state_dict(q.state_dict(), strict=True)
+        assert torch.equal(fresh(x), q(x))
+
+
+def test_dynamic_per_token_scales_isolate_an_outlier_token():
+    layer = _linear(bias=False)
+    q = Int8DynamicLinear.from_float(layer)
+    x = _x()[0]
+    x[0] *= 1000  # one huge token must not ruin the others
+    with torch.no_grad():
+        ref, out = layer(x), q(x)
+    assert F.sqnr_db(ref[1:], out[1:]) > 30
+
+
+def test_int8_embedding_and_tied_head():
+    emb = nn.Embedding(100, 64)
+    q = Int8Embedding.from_float(emb)
+    ids = torch.tensor([[1, 5, 99]])
+    assert F.sqnr_db(emb(ids), q(ids)) > 35
+    head = TiedInt8Head(q, "embed")
+    x = torch.randn(3, 64)
+    assert F.sqnr_db(x @ emb.weight.T, head(x)) > 30
+    assert list(head.state_dict()) == []  # the tie stores nothing twice
