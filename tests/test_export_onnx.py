@@ -150,8 +150,8 @@ def test_export_leaves_the_callers_model_alone(tiny, tmp_path):
     assert not lm.model.training
 
 
-def test_dynamo_exporter(tiny, tmp_path):
-    out = export(tiny("bert"), tmp_path / "o", ExportConfig("onnx", dynamo=True))
+def test_dynamo_exporter_for_an_encoder(tiny, tmp_path):
+    out = export(tiny("bert"), tmp_path / "o", ExportConfig("onnx", exporter="dynamo"))
     manifest = json.loads((out / "slimkit.json").read_text())
     assert manifest["export"]["exporter"] == "dynamo"
     assert manifest["export"]["parity"]["fp32"]["max_abs_diff"] < 1e-4

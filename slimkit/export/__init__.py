@@ -44,13 +44,15 @@ QUANTIZE = {
     "tensorrt": (None, "fp16", "int8"),
 }
 
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
 
 @dataclass(frozen=True)
 class ExportConfig:
     format: str = "onnx"
     quantize: str | None = None
     opset: int = 18
-    dynamo: bool = False  # torch.export-based exporter instead of the TorchScript tracer
+    exporter: str = "auto"  # dynamo (torch.export) | torchscript | auto: dynamo for causal LMs
     tolerance: float | None = None  # parity tolerance (None: the format's default)
     optimize: bool = True  # onnxruntime: offline transformer fusions
     block_size: int = 32  # int4: weights per quantization block
@@ -65,6 +67,8 @@ class ExportConfig:
             names = ", ".join(q for q in allowed if q) or "none"
             raise SlimkitError(f"--quantize {self.quantize} is not available for --format {self.format}: use {names}"
                                + (" or --format onnxruntime" if self.format == "onnx" else ""))
+        if self.exporter not in EXPORTERS:
+            raise SlimkitError(f"unknown exporter '{self.exporter}': use one of {', '.join(EXPORTERS)}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise SlimkitError(f"block size {self.block_size} is not supported: use 16, 32, 64, 128 or 256")
         if self.tolerance is not None and not self.tolerance > 0:
@@ -91,6 +95,18 @@ def export(model: LoadedModel | str, out: str | os.PathLike, config: ExportConfi
         lm.model.config.save_pretrained(tmp)
         write_manifest(tmp, lm, config, info)
     return Path(out).expanduser()
+
+
+def summary(path: Path) -> dict:
+    """What an export directory holds, for the CLI: runtime, precision, parity, size."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    export_info = manifest.get("export", {})
+    parity = {k: v.get("max_abs_diff") if v.get("metric") == "max_abs" else v.get("rel_l2")
+              for k, v in export_info.get("parity", {}).items()}
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
+    return {"out": str(path), "runtime": manifest["runtime"], "kind": manifest["kind"],
+            "precision": export_info.get("precision"), "fusions": export_info.get("fusions", {}),
+            "parity": parity, "size_on_disk_mb": round(size, 2)}
 
 
 def write_manifest(tmp: Path, lm: LoadedModel, config: ExportConfig, info: dict) -> None:
