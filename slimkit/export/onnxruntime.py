@@ -67,6 +67,7 @@ def build(lm: LoadedModel, out: Path, config) -> dict:
         parity = {"fp32": dict(_reuse[key][1])}
     else:
         export_graph(lm, graph, spec, opset=config.opset, dynamo=dynamo)
+        _save_single_file(graph, graph)  # weights inline: the graph is one file to copy and quantize
         parity = {"fp32": check_parity(lm, graph, spec, tol).to_dict()}
         if _reuse is not None:
             _reuse[key] = (Path(shutil.copy(graph, _reuse["dir"] / f"{len(_reuse)}.onnx")), parity["fp32"])
@@ -114,14 +115,28 @@ def reuse_graphs():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def seed_graph(lm: LoadedModel, exported: Path) -> None:
+    """Inside `reuse_graphs()`, take an fp32 export of `lm` (already parity-checked) as its graph."""
+    import json
+
+    manifest = json.loads((exported / "slimkit.json").read_text())
+    info = manifest["export"]
+    if _reuse is None or info.get("precision") != "float32" or info.get("optimized"):
+        raise SlimkitError(f"{exported} is not an unoptimized fp32 export inside reuse_graphs(): export it again")
+    key = (id(lm.model), info["exporter"] == "dynamo", info["opset"], info["parity"]["fp32"]["tolerance"])
+    _reuse[key] = (exported / info["graph"], info["parity"]["fp32"])
+
+
 def _save_single_file(src: Path, dst: Path) -> None:
-    """Copy a graph into one self-contained file (weights inline; graphs under 2 GB)."""
+    """Write a graph as one self-contained file (weights inline; graphs under 2 GB)."""
     import onnx
 
     model = onnx.load(str(src), load_external_data=True)
     if model.ByteSize() >= 2**31 - 1:
         raise SlimkitError(f"the graph is {model.ByteSize() / 2**30:.1f} GB, over ONNX's 2 GB single-file limit: "
                            "quantize it (--quantize int4) or use --format ort-genai")
+    for f in src.parent.glob(src.name + "*.data"):  # external data written by the exporter
+        f.unlink()
     onnx.save_model(model, str(dst))
 
 
