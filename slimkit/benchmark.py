@@ -13,7 +13,8 @@
     (its high-water mark is reset first where Linux allows), and CUDA's peak
     allocation on a GPU.
   * size on disk: the model saved as a slimkit artifact, bytes counted on disk
-    (weights, config and tokenizer), not numel x element size.
+    (weights, config and tokenizer), not numel x element size; an exported
+    directory (slimkit.export) is measured as it lies, file by file.
 
 Threads are fixed (`threads`, default: all cores) and recorded with the CPU
 model and library versions.
@@ -108,7 +109,7 @@ def benchmark(model: LoadedModel | str, config: BenchConfig = BenchConfig()) -> 
     result = BenchResult(
         model=lm.name,
         kind=lm.kind,
-        dtype=str(next((p.dtype for p in lm.model.parameters()), torch.float32)).replace("torch.", ""),
+        dtype=getattr(lm.model, "slimkit_dtype", None) or str(next((p.dtype for p in lm.model.parameters()), torch.float32)).replace("torch.", ""),
         device=str(device),
         threads=threads,
         seq_len=config.seq_len,
@@ -268,6 +269,9 @@ def size_on_disk(lm: LoadedModel) -> tuple[float, float]:
     """(whole artifact, weight files) in MiB, from a real save."""
     from slimkit.artifacts import save
 
+    if lm.manifest.get("runtime", "torch") != "torch" and lm.path is not None:  # exported: its own files
+        weights = lm.manifest.get("weights", [])
+        return dir_size_mb(lm.path), sum((lm.path / w).stat().st_size for w in weights) / 2**20
     with tempfile.TemporaryDirectory(prefix="slimkit-size-") as tmp:
         with status("Saving to measure size on disk"):
             out = save(lm, Path(tmp) / "model")

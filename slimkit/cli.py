@@ -221,6 +221,8 @@ def optimize_cmd(
     else:
         stdout.print(recommendation(results), highlight=False)
         stdout.print(f"model: {out}/model   report: {out}/report.html", highlight=False)
+
+
 @command("quantize")
 def quantize_cmd(
     model: Annotated[str | None, typer.Argument(help="model to quantize (embedded name, HF directory, artifact, .gguf, hub id)")] = None,
@@ -254,6 +256,52 @@ def quantize_cmd(
     info = {"model": model, "method": method, "options": options, "out": str(path), "quantized_modules": len(quantized_modules(q.model)),
             "parameters": q.num_parameters(), "size_on_disk_mb": round(dir_size_mb(path), 3)}
     _emit(as_json, info, [table(f"Quantized {model} with {method}", [(k, str(v)) for k, v in info.items()])])
+
+
+@command("export")
+def export_cmd(
+    model: ModelArg,
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="directory to write (new or empty)")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx, onnxruntime, ort-genai or tensorrt")] = "onnx",
+    quantize: Annotated[str | None, typer.Option(help="onnxruntime: int8, int8-static, int4; ort-genai: int4")] = None,
+    block_size: Annotated[int, typer.Option(help="int4: weights per quantization block")] = 32,
+    optimize: Annotated[bool, typer.Option(help="onnxruntime: apply transformer fusions")] = True,
+    exporter: Annotated[str, typer.Option(help="auto, dynamo (torch.export) or torchscript")] = "auto",
+    tolerance: Annotated[float | None, typer.Option(help="parity tolerance (default: the format's)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
+    threads: Threads = None,
+    trust_remote_code: TrustRemote = False,
+    as_json: Json = False,
+):
+    """Export to a deployment runtime (ONNX, ONNX Runtime, onnxruntime-genai, TensorRT), parity-checked."""
+    from slimkit.display import table
+    from slimkit.export import ExportConfig, export, summary
+
+    config = ExportConfig(fmt, quantize, exporter=exporter, tolerance=tolerance, optimize=optimize, block_size=block_size)
+    lm = _load(model, "auto", threads, trust_remote_code)
+    info = summary(export(lm, out_dir, config, overwrite=overwrite))
+    _emit(as_json, info, [table(f"Exported {model}", [(k, str(v)) for k, v in info.items()])])
+
+
+@command("generate")
+def generate_cmd(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="text to continue")],
+    max_new_tokens: Annotated[int, typer.Option(help="stop after this many tokens")] = 32,
+    chat: Annotated[bool, typer.Option(help="wrap the prompt in the tokenizer's chat template")] = False,
+    threads: Threads = None,
+    as_json: Json = False,
+):
+    """Generate text greedily with a KV cache (a PyTorch model or an exported directory)."""
+    from slimkit.generate import generate
+
+    result = generate(_load(model, "auto", threads), prompt, max_new_tokens, chat=chat)
+    if as_json:
+        stdout.print_json(json.dumps(result.to_dict()))
+    else:
+        stdout.print(result.text, highlight=False, markup=False)
+        speed = f", {result.decode_tokens_per_s:.1f} tokens/s" if result.decode_tokens_per_s else ""
+        err.print(f"[dim]{result.new_tokens} new tokens{speed}[/]", highlight=False)
 
 
 def _bench_config(seq_len: int, batch_sizes: str, new_tokens: int, threads: int | None):

@@ -100,6 +100,8 @@ class LoadedModel:
         return self.source
 
     def num_parameters(self) -> int:
+        if getattr(self.model, "slimkit_parameters", None) is not None:  # an exported model holds none in torch
+            return self.model.slimkit_parameters
         seen, total = set(), 0
         for p in self.model.parameters():
             if p.data_ptr() not in seen:
@@ -208,8 +210,14 @@ def load_dir(
     path: Path, *, source: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False
 ) -> LoadedModel:
     if (path / MANIFEST).exists():
-        from slimkit.artifacts import load_artifact
+        from slimkit.artifacts import load_artifact, read_manifest, verify_files
 
+        manifest = read_manifest(path)
+        if manifest.get("runtime", "torch") != "torch":  # exported: served by its runtime (slimkit.export)
+            from slimkit.export.runtime import load_exported
+
+            verify_files(path, manifest)
+            return load_exported(path, manifest, source=source, dtype=dtype)
         return load_artifact(path, source=source, dtype=dtype)
     if not (path / "config.json").is_file():
         raise SlimkitError(
