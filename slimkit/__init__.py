@@ -13,6 +13,7 @@ from slimkit.benchmark import BenchConfig, BenchResult, benchmark
 from slimkit.errors import SlimkitError
 from slimkit.evaluate import EvalConfig, EvalResult, evaluate
 from slimkit.models import EMBEDDED, LoadedModel, load
+from slimkit.prune import prune
 
 __all__ = [
     "EMBEDDED",
@@ -25,5 +26,6 @@ __all__ = [
     "benchmark",
     "evaluate",
     "load",
+    "prune",
     "save",
 ]

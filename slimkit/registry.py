@@ -68,4 +68,9 @@ def _import_builtin() -> None:
 
 
 # Each technique package appends its module here as it lands.
-_BUILTIN: list[str] = []
+_BUILTIN: list[str] = [
+    "slimkit.prune.unstructured",
+    "slimkit.prune.semi_structured",
+    "slimkit.prune.structured",
+    "slimkit.prune.schedule",
+]
