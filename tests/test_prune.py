@@ -165,7 +165,8 @@ def test_structured_bert_heads_and_mlp_and_exact_output_when_zero(tiny):
 
 def test_structured_sparsity_is_the_fraction_of_parameters_removed(tiny):
     lm = slimkit.load(tiny("llama"))
-    pruned = slimkit.prune(lm, "structured", sparsity=0.25)
+    pruned = slimkit.prune(lm, "structured", sparsity=0.25, units=["heads", "mlp"])
+    assert pruned.manifest["prune_report"]["amounts"]["heads"] == 1
     assert pruned.manifest["prune_report"]["removed_fraction"] == pytest.approx(0.25, abs=0.02)
     mlp_only = slimkit.prune(slimkit.load(tiny("gpt2")), "structured", sparsity=0.2, units=["mlp"])
     assert mlp_only.manifest["prune_report"]["removed_fraction"] == pytest.approx(0.2, abs=0.02)
@@ -201,7 +202,8 @@ def test_nonuniform_structured_records_shapes_and_round_trips(tiny, tmp_path):
 def test_uniform_structured_loads_with_plain_transformers(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    pruned = slimkit.prune(slimkit.load(tiny("llama")), "structured", sparsity=0.25)
+    pruned = slimkit.prune(slimkit.load(tiny("llama")), "structured", sparsity=0.25, units=["heads", "mlp"])
+    assert pruned.model.config.num_key_value_heads == 1
     out = slimkit.save(pruned, tmp_path / "a")
     assert "pruned_shapes" not in json.loads((out / "slimkit.json").read_text())
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -275,7 +277,7 @@ def test_bad_input_gives_one_line_errors(tiny, method, options, fragment):
 
 def test_architecture_limits_are_explained(tiny):
     with pytest.raises(SlimkitError, match="GPT-2's fused c_attn heads"):
-        slimkit.prune(slimkit.load(tiny("gpt2")), "structured", sparsity=0.2)
+        slimkit.prune(slimkit.load(tiny("gpt2")), "structured", sparsity=0.2, units=["heads", "mlp"])
     with pytest.raises(SlimkitError, match="gradient criteria .* need a loss"):
         slimkit.prune(slimkit.load(tiny("bert")), "magnitude", importance="taylor")
     with pytest.raises(SlimkitError, match="cannot remove 4 of the 4 heads"):

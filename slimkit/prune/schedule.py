@@ -20,7 +20,10 @@ calibration split, never the evaluation split:
                         model's, plus the MSE of token hidden states.
 On this CPU a 135M model trains at roughly 100-150 tokens/s, so 20 minutes
 is about 150k tokens: enough to heal structured pruning a good deal, not to
-retrain. Dropout stays off (the model is kept in eval mode) so runs repeat.
+retrain. To get more steps from it, embeddings (tied to the LM head in
+SmolLM2) stay frozen and matmuls run under bf16 autocast where the CPU has
+bf16 instructions (fp32 master weights and optimizer). Dropout stays off (the
+model is kept in eval mode) so runs repeat.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class RecoveryConfig:
     seq_len: int = 256
     batch_size: int = 4
     seed: int = 0
+    train_embeddings: bool = False  # the (often tied) embedding matrix stays frozen: cheaper, less drift
+    bf16: bool = True  # bf16 autocast for matmuls (fp32 master weights), on CPUs with bf16 support and CUDA
 
     def __post_init__(self):
         check_minutes(self.minutes)
@@ -78,7 +83,14 @@ def recover(lm: LoadedModel, reference: LoadedModel, config: RecoveryConfig, mas
     model = lm.model
     batches = _training_batches(lm, config)
     rng = random.Random(config.seed)
+    frozen = [] if config.train_embeddings else [
+        p for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters() if p.requires_grad
+    ]
+    for p in frozen:  # no gradient at all: also skips the (tied) lm_head weight-gradient matmul
+        p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16 and _bf16_ok(device))
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     modules = {n: model.get_submodule(n) for n in (masks or {})}
     was_training = model.training
@@ -94,7 +106,8 @@ def recover(lm: LoadedModel, reference: LoadedModel, config: RecoveryConfig, mas
                     break
                 for group in opt.param_groups:
                     group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
-                loss = _loss(lm, reference, batches[i], config.mode)
+                with autocast:
+                    loss = _loss(lm, reference, batches[i], config.mode)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -109,8 +122,21 @@ def recover(lm: LoadedModel, reference: LoadedModel, config: RecoveryConfig, mas
     opt.zero_grad(set_to_none=True)
     del opt
     model.train(was_training)
+    for p in frozen:
+        p.requires_grad_(True)
     return {"steps": step, "tokens": tokens, "seconds": round(time.monotonic() - start, 1),
             "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
+
+
+def _bf16_ok(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 def _training_batches(lm: LoadedModel, config: RecoveryConfig) -> list[dict]:

@@ -22,7 +22,10 @@ output hidden states; Men et al. 2024): blocks that barely change the stream go 
 
 `sparsity` is the fraction of the model's parameters removed (embeddings
 included), split across the chosen units in proportion to their size;
-`uniform=True` prunes every layer alike, so the smaller model is described
+The default prunes MLP channels only: on SmolLM2, removing 25% of parameters
+one-shot as one of three kv groups per layer plus MLP channels gave perplexity
+828 (fp32: 17.8, 1,024 evaluation tokens), as MLP channels alone 41; a GQA
+group is a coarse, costly unit in a small model. `uniform=True` prunes every layer alike, so the smaller model is described
 by its config alone and loads with plain `from_pretrained`; `uniform=False`
 ranks units across layers (at least one head group and one channel stay per
 layer) and the artifact records the per-layer shapes. Quality drops at once;
@@ -196,7 +199,7 @@ def remove_layers(model, arch: Arch, drop: set[int]) -> None:
 @dataclass(frozen=True)
 class StructuredConfig:
     sparsity: float | None = None  # fraction of all parameters removed (default 0.25 when no amount below is given)
-    units: tuple[str, ...] = ("heads", "mlp")  # any of heads, mlp; or layers alone
+    units: tuple[str, ...] = ("mlp",)  # any of heads, mlp; or layers alone
     head_groups: int | None = None  # kv groups to remove per layer (explicit amount)
     mlp_channels: int | None = None  # MLP channels to remove per layer (explicit amount)
     layers: int | None = None  # whole blocks to remove (explicit amount)
