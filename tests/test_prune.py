@@ -232,7 +232,11 @@ def test_taylor_importance_drives_structured_pruning(tiny):
 def test_recovery_lowers_the_loss_and_repairs_a_pruned_model(tiny):
     lm = slimkit.load(tiny("llama"))
     pruned = slimkit.prune(lm, "structured", sparsity=0.3)
-    stats = recover(pruned, lm, RecoveryConfig(minutes=1, max_steps=30, lr=3e-3, seq_len=64))
+    emb = pruned.model.model.embed_tokens.weight.clone()
+    stats = recover(pruned, lm, RecoveryConfig(minutes=1, max_steps=4, lr=3e-3, seq_len=64))
+    assert stats["steps"] == 4 and torch.equal(pruned.model.model.embed_tokens.weight, emb)  # frozen by default
+    assert all(p.requires_grad for p in pruned.model.parameters())  # and trainable again afterwards
+    stats = recover(pruned, lm, RecoveryConfig(minutes=1, max_steps=30, lr=3e-3, seq_len=64, train_embeddings=True))
     assert stats["steps"] == 30 and stats["loss_last"] < stats["loss_first"] - 0.2
 
 
