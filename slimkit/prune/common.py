@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from collections.abc import Iterator
 from dataclasses import asdict
 
 import torch
@@ -206,8 +205,3 @@ def sparsity_report(model: nn.Module, names) -> dict:
         zeros += z
         total += w.numel()
     return {"overall": round(zeros / max(total, 1), 6), "layers": layers}
-
-
-def iter_chunks(seq, size: int) -> Iterator:
-    for i in range(0, len(seq), size):
-        yield seq[i : i + size]
