@@ -14,6 +14,7 @@ from slimkit.errors import SlimkitError
 from slimkit.evaluate import EvalConfig, EvalResult, evaluate
 from slimkit.models import EMBEDDED, LoadedModel, load
 from slimkit.quantize import quantize
+from slimkit.prune import prune
 
 __all__ = [
     "EMBEDDED",
@@ -27,5 +28,6 @@ __all__ = [
     "evaluate",
     "load",
     "quantize",
+    "prune",
     "save",
 ]

@@ -85,6 +85,7 @@ def save(
             "metrics": metrics or {},
             "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},
         }
+        manifest.update(_pruned_entry(model))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _replace_dir(tmp, out)
     except (OSError, SafetensorError) as exc:
@@ -111,6 +112,10 @@ def load_artifact(path: Path, *, source: str | None = None, dtype: torch.dtype |
     kind = manifest["kind"]
     if manifest.get("modules"):
         model = _load_quantized(path, kind, config, manifest["modules"], dtype)
+    elif manifest.get("pruned_shapes"):  # non-uniformly pruned: rebuild the smaller modules first
+        from slimkit.prune.shapes import build_pruned
+
+        model = build_pruned(path, kind, config, manifest["pruned_shapes"], dtype or "auto")
     else:
         model = read_weights(path, kind, config, dtype or "auto")
     tokenizer = read_tokenizer(path)
@@ -167,6 +172,14 @@ def verify_files(path: Path, manifest: dict) -> None:
             raise SlimkitError(f"{path} is missing {name}: the artifact is incomplete; save it again")
         if file_sha256(f) != digest:
             raise SlimkitError(f"{f} does not match its hash in {MANIFEST} (truncated or modified): save the artifact again")
+
+
+def _pruned_entry(model: LoadedModel) -> dict:
+    """slimkit.prune: linear layers smaller than the config says (non-uniform pruning)."""
+    from slimkit.prune.shapes import pruned_shapes
+
+    shapes = pruned_shapes(model.model)
+    return {"pruned_shapes": shapes} if shapes else {}
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

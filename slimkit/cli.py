@@ -304,6 +304,32 @@ def generate_cmd(
         err.print(f"[dim]{result.new_tokens} new tokens{speed}[/]", highlight=False)
 
 
+@command("prune")
+def prune_cmd(
+    model: ModelArg,
+    method: Annotated[str, typer.Option(help="magnitude, wanda, 2:4 (or any N:M), structured, gradual")],
+    out_dir: Annotated[str, typer.Option("--out", help="artifact directory to write")],
+    sparsity: Annotated[float | None, typer.Option(help="fraction of weights zeroed; for structured, of parameters removed")] = None,
+    recover_minutes: Annotated[float, typer.Option(help="recovery training budget on the calibration split (minutes)")] = 0.0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out")] = False,
+    threads: Threads = None,
+    trust_remote_code: TrustRemote = False,
+    as_json: Json = False,
+):
+    """Prune a model (unstructured, N:M or structured) and save it as an artifact."""
+    from slimkit.artifacts import save
+    from slimkit.display import fmt, table
+    from slimkit.prune import cli_options, prune, summary
+
+    name, options = cli_options(method, sparsity, recover_minutes)
+    lm = _load(model, "auto", threads, trust_remote_code)
+    pruned = prune(lm, name, **options)
+    path = save(pruned, out_dir, overwrite=overwrite)
+    info = {**summary(pruned, lm.num_parameters()), "out": str(path)}
+    rows = [(k.replace("_", " "), fmt(v)) for k, v in info.items() if k != "layers" and v is not None]
+    _emit(as_json, info, [table(f"Pruned {model} with {method}", rows)])
+
+
 def _bench_config(seq_len: int, batch_sizes: str, new_tokens: int, threads: int | None):
     from slimkit.benchmark import BenchConfig
 

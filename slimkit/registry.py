@@ -74,4 +74,8 @@ _BUILTIN: list[str] = [
     "slimkit.quantize.weight_only",
     "slimkit.quantize.gptq",
     "slimkit.quantize.aliases",
+    "slimkit.prune.unstructured",
+    "slimkit.prune.semi_structured",
+    "slimkit.prune.structured",
+    "slimkit.prune.schedule",
 ]

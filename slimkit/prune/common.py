@@ -1,0 +1,207 @@
+"""What every pruning method shares: choosing modules, copying the model,
+calibration inputs, statistics hooks and the sparsity report.
+
+Modules are chosen by name patterns, as elsewhere in slimkit: a pattern
+matches a module's qualified name (`model.layers.0.mlp.up_proj`) as a glob, or
+any trailing part of it (`up_proj`, `mlp.*`). A weight is pruned when its
+module is linear (`nn.Linear`, or transformers' `Conv1D` in GPT-2), matches one
+of `targets` and none of `ignore`. Nothing matching is an error naming the
+patterns, never a silent no-op.
+
+Calibration data is always the calibration split: token windows for causal
+LMs, padded passages for encoders. Evaluation text is never seen here.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from slimkit import data as D
+from slimkit.errors import SlimkitError
+from slimkit.models import CAUSAL_LM, LoadedModel
+
+DEFAULT_IGNORE = ("lm_head", "score", "classifier", "pooler.*")
+NO_SPEED = "no speed without sparse kernels: zeroed weights are stored and multiplied like any others on this runtime"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_sparsity(value, name: str = "sparsity") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise SlimkitError(f"{name} must be a fraction in [0, 1), got {value!r}: e.g. --sparsity 0.5 removes half")
+
+
+def check_patterns(targets, ignore) -> None:
+    for field, value in (("targets", targets), ("ignore", ignore)):
+        if isinstance(value, str) or not all(isinstance(p, str) and p for p in value):
+            raise SlimkitError(f"{field} must be a list of non-empty name patterns, got {value!r}: write e.g. {field}=('q_proj', 'mlp.*')")
+    if not targets:
+        raise SlimkitError("targets is empty: give at least one name pattern, e.g. targets=('*',)")
+
+
+def check_calibration(samples: int, seq_len: int, batch_size: int) -> None:
+    for name, v in (("calibration_samples", samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SlimkitError(f"{name} must be a positive integer, got {v!r}")
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
+
+
+def select_linears(model: nn.Module, targets, ignore) -> dict[str, nn.Module]:
+    """name -> linear module to prune; raises when none match."""
+    chosen = {n: m for n, m in model.named_modules() if n and is_linear(m) and matches(n, targets) and not matches(n, ignore)}
+    if not chosen:
+        raise SlimkitError(
+            f"no linear layers to prune: none matches targets {list(targets)} without matching ignore "
+            f"{list(ignore)}; check the patterns against the model's module names"
+        )
+    return chosen
+
+
+def weight_2d(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), a view (Conv1D stores it transposed)."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def copy_model(lm: LoadedModel, suffix: str) -> LoadedModel:
+    """A deep copy to prune; the caller's model is never touched."""
+    return LoadedModel(
+        model=copy.deepcopy(lm.model),
+        tokenizer=lm.tokenizer,
+        kind=lm.kind,
+        source=f"{lm.source}+{suffix}",
+        path=None,
+        manifest=copy.deepcopy(lm.manifest),
+    )
+
+
+def record(lm: LoadedModel, method: str, config, **facts) -> LoadedModel:
+    """Append this step (its config and what it measured) to the model's recipe."""
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    step = {"stage": "prune", "method": method, **plain, **facts}
+    lm.manifest["recipe"] = list(lm.manifest.get("recipe", [])) + [step]
+    return lm
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def calibration_inputs(lm: LoadedModel, samples: int, seq_len: int, batch_size: int) -> list[dict]:
+    """Model inputs from the calibration split: (B, seq_len) windows for causal
+    LMs, padded passages (B, <=seq_len) with an attention mask for encoders."""
+    if lm.kind == CAUSAL_LM:
+        batches = [{"input_ids": ids} for ids in D.calibration_batches(lm.tokenizer, None, seq_len, samples, batch_size)]
+    else:
+        texts = D.passages(D.TextSource.parse(None, "calibration").texts(), limit=samples)
+        batches = [
+            dict(lm.tokenizer(b, padding=True, truncation=True, max_length=seq_len, return_tensors="pt"))
+            for b in D.batched(texts, batch_size)
+        ]
+    if not batches:
+        raise SlimkitError(f"the calibration split gave no sequences of {seq_len} tokens: lower seq_len")
+    return batches
+
+
+def forward(lm: LoadedModel, batch: dict, **kw):
+    device = next(lm.model.parameters()).device
+    return lm.model(**{k: v.to(device) for k, v in batch.items()}, **kw)
+
+
+def input_sq_norms(lm: LoadedModel, modules: dict[str, nn.Module], batches: list[dict]) -> dict[str, torch.Tensor]:
+    """name -> sum over calibration tokens of x_j^2 for each input feature j: (in_features,).
+
+    sqrt of it is the input-activation L2 norm that Wanda and the activation
+    criterion weigh weights by. Padding tokens of encoder batches are skipped.
+    """
+    sums = {n: torch.zeros(weight_2d(m).shape[1], dtype=torch.float64) for n, m in modules.items()}
+    mask: dict[str, torch.Tensor | None] = {"m": None}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().float()  # (B, T, in)
+            if mask["m"] is not None and x.dim() == 3 and x.shape[:2] == mask["m"].shape:
+                x = x * mask["m"][..., None]
+            sums[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0).double().cpu()
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                am = batch.get("attention_mask")
+                mask["m"] = am.float() if am is not None else None
+                forward(lm, batch, **({"use_cache": False} if lm.kind == CAUSAL_LM else {}))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: s.float() for n, s in sums.items()}
+
+
+def gradient_stats(lm: LoadedModel, modules: dict[str, nn.Module], batches: list[dict]) -> tuple[dict, dict]:
+    """name -> (mean gradient, mean squared per-batch gradient) of the weight, both
+    (out, in), from the next-token loss on calibration batches (causal LMs only)."""
+    if lm.kind != CAUSAL_LM:
+        raise SlimkitError(
+            f"gradient criteria (taylor, fisher) need a loss, which a {lm.kind} has not here: "
+            "use importance='magnitude-l1', 'magnitude-l2' or 'activation'"
+        )
+    model = lm.model
+    params = {n: m.weight for n, m in modules.items()}
+    grad = {n: torch.zeros(weight_2d(m).shape) for n, m in modules.items()}
+    grad_sq = {n: torch.zeros(weight_2d(m).shape) for n, m in modules.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            ids = batch["input_ids"]
+            loss = forward(lm, {"input_ids": ids, "labels": ids}, use_cache=False).loss
+            loss.backward()
+            for n, p in params.items():
+                g = p.grad.detach().float().cpu()
+                g = g.T if is_conv1d(modules[n]) else g
+                grad[n] += g / len(batches)
+                grad_sq[n] += g.pow(2) / len(batches)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return grad, grad_sq
+
+
+# --------------------------------------------------------------------------- report
+
+
+def sparsity_report(model: nn.Module, names) -> dict:
+    """Fraction of exact zeros per selected weight, and overall."""
+    layers, zeros, total = {}, 0, 0
+    for n in names:
+        w = model.get_submodule(n).weight
+        z = int((w == 0).sum())
+        layers[n] = round(z / w.numel(), 6)
+        zeros += z
+        total += w.numel()
+    return {"overall": round(zeros / max(total, 1), 6), "layers": layers}
