@@ -68,4 +68,4 @@ def _import_builtin() -> None:
 
 
 # Each technique package appends its module here as it lands.
-_BUILTIN: list[str] = []
+_BUILTIN: list[str] = ["slimkit.distill"]
