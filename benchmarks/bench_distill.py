@@ -38,8 +38,8 @@ def log(msg: str) -> None:
 
 
 def lm_part(args) -> dict:
-    teacher = slimkit.load("smollm2-135m")
-    common = dict(student_layers=15, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, eval_batches=2, seed=0)
+    teacher = slimkit.load(args.lm_teacher)
+    common = dict(student_layers=args.lm_layers, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, eval_batches=2, seed=0)
     log(f"KD for {args.lm_minutes} min")
     kd = slimkit.distill(teacher, minutes=args.lm_minutes, temperature=args.temperature, alpha=args.alpha, **common)
     steps = kd.manifest["training"]["steps"]
@@ -59,10 +59,10 @@ def lm_part(args) -> dict:
 
 
 def encoder_part(args) -> dict:
-    teacher = slimkit.load("minilm-l6")
+    teacher = slimkit.load(args.enc_teacher)
     log(f"MiniLM embedding distillation for {args.enc_minutes} min")
-    student = slimkit.distill(teacher, student_layers=3, minutes=args.enc_minutes, batch_size=32, seq_len=128, lr=args.enc_lr, eval_batches=2)
-    init = slimkit.distill.make_student(teacher, 3)
+    student = slimkit.distill(teacher, student_layers=args.enc_layers, minutes=args.enc_minutes, batch_size=32, seq_len=128, lr=args.enc_lr, eval_batches=2)
+    init = slimkit.distill.make_student(teacher, args.enc_layers)
     res = {"training": student.manifest["training"]}
     for name, lm in (("init", init), ("kd", student)):
         r = slimkit.evaluate(lm, teacher)
@@ -81,10 +81,10 @@ def render(lm: dict, enc: dict, args, env: dict, seconds: float) -> str:
     rows = [
         "| experiment | metric | teacher | CE-only student | KD student | result | target |",
         "|---|---|---|---|---|---|---|",
-        f"| SmolLM2-135M 30 → 15 layers | held-out perplexity | {lm['teacher_heldout_ppl']:.2f} | {lm['ce_heldout_ppl']:.2f} | {lm['kd_heldout_ppl']:.2f} | KD {ppl_gain:.1%} lower than CE | ≥ 15% lower |",
+        f"| {args.lm_teacher} → {args.lm_layers} layers | held-out perplexity | {lm['teacher_heldout_ppl']:.2f} | {lm['ce_heldout_ppl']:.2f} | {lm['kd_heldout_ppl']:.2f} | KD {ppl_gain:.1%} lower than CE | ≥ 15% lower |",
         f"| | decode tok/s (batch 1, {args.new_tokens} tokens) | {lm['teacher_decode_tok_s']:.1f} | | {lm['kd_decode_tok_s']:.1f} | {decode:.2f}x | ≥ 1.7x |",
         f"| | training steps / seconds | | {c['steps']} / {c['seconds']:.0f} | {k['steps']} / {k['seconds']:.0f} | same steps | |",
-        f"| MiniLM-L6 6 → 3 layers | cosine to teacher (evaluation passages) | 1.000 | untrained: {enc['init_cosine']:.3f} | {enc['kd_cosine']:.3f} | | ≥ 0.95 |",
+        f"| {args.enc_teacher} → {args.enc_layers} layers | cosine to teacher (evaluation passages) | 1.000 | untrained: {enc['init_cosine']:.3f} | {enc['kd_cosine']:.3f} | | ≥ 0.95 |",
         f"| | retrieval top-10 overlap | 1.000 | untrained: {enc['init_top10']:.3f} | {enc['kd_top10']:.3f} | | |",
         f"| | p50 latency ms (128 tokens) | {enc['teacher_p50_ms']:.1f} | | {enc['kd_p50_ms']:.1f} | {speed:.2f}x | ≥ 1.8x |",
         f"| | training steps / seconds | | | {e['steps']} / {e['seconds']:.0f} | | |",
@@ -109,6 +109,10 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per model")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--lm-teacher", default="smollm2-135m")
+    ap.add_argument("--lm-layers", type=int, default=15)
+    ap.add_argument("--enc-teacher", default="minilm-l6")
+    ap.add_argument("--enc-layers", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()

@@ -197,6 +197,10 @@ def distill_cmd(
                            lr=lr, batch_size=batch_size, seq_len=seq_len, data=data, checkpoint_dir=checkpoint_dir,
                            checkpoint_every=checkpoint_every, resume=resume, log_dir=log_dir)
     student = apply(_load(teacher, "auto", threads), config)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under torchrun: one process writes
+        return
     training = student.manifest["training"]
     path = save(student, out_dir, recipe=student.manifest["recipe"], metrics={"training": training}, overwrite=overwrite)
     rows = [(k, str(v)) for k, v in training.items() if k != "history"] + [("artifact", str(path))]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import slimkit
-from conftest import assert_user_error, cli_json, run_cli
+from conftest import assert_user_error, invoke_cli, run_cli
 from slimkit.distill import DistillConfig, make_student, progressive, select_layers
 from slimkit.distill.student import num_layers
 from slimkit.errors import SlimkitError
@@ -126,6 +126,9 @@ def test_kd_reduces_the_loss_and_records_the_recipe(tiny, tmp_path):
     before = _state(teacher.model)
     student = slimkit.distill(teacher, student_layers=1, steps=8, lr=3e-3, log_dir=str(tmp_path / "log"), **FAST)
     assert _same(before, _state(teacher.model))
+    assert all(p.requires_grad for p in teacher.model.parameters()) and not teacher.model.training
+    again = slimkit.distill(teacher, student_layers=1, loss="ce", steps=1, **FAST)  # the teacher is reusable
+    assert again.manifest["training"]["steps"] == 1
     training = student.manifest["training"]
     assert training["steps"] == 8 and training["stopped_by"] == "steps"
     assert training["final_eval"] < training["initial_eval"]
@@ -235,15 +238,21 @@ def test_two_processes_on_cpu_match_one(tiny, tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
+def _cli(*args) -> dict:
+    proc = invoke_cli(*args, "--json")  # the real CLI code, in this process (no interpreter start-up)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
 def test_cli_distill_then_eval_and_bench(tiny, tmp_path):
-    out = cli_json("distill", str(tiny("llama")), "--student-layers", "1", "--steps", "2", "--seq-len", "32",
+    out = _cli("distill", str(tiny("llama")), "--student-layers", "1", "--steps", "2", "--seq-len", "32",
                    "--batch-size", "2", "--out", str(tmp_path / "s"))
     assert out["training"]["steps"] == 2 and out["config"]["student_layers"] == 1
     manifest = json.loads((tmp_path / "s" / "slimkit.json").read_text())
     assert manifest["recipe"][-1]["method"] == "distill" and manifest["recipe"][-1]["loss"] == "kd"
-    ev = cli_json("eval", str(tmp_path / "s"), "--reference", str(tiny("llama")), "--max-tokens", "200", "--window", "64", "--stride", "32")
+    ev = _cli("eval", str(tmp_path / "s"), "--reference", str(tiny("llama")), "--max-tokens", "200", "--window", "64", "--stride", "32")
     assert ev["perplexity"] > 1 and ev["kl_divergence"] > 0
-    bench = cli_json("bench", str(tmp_path / "s"), "--seq-len", "16", "--batch-sizes", "1", "--new-tokens", "4", "--threads", "1")
+    bench = _cli("bench", str(tmp_path / "s"), "--seq-len", "16", "--batch-sizes", "1", "--new-tokens", "4", "--threads", "1")
     assert bench["decode_tokens_per_s"] > 0
     from transformers import AutoModelForCausalLM
 

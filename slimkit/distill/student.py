@@ -99,6 +99,7 @@ def drop_layers(model: nn.Module, keep: Sequence[int]) -> nn.Module:
             if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
                 module.layer_idx = new_idx
     setattr(parent, last, kept)
+    student.requires_grad_(True)  # trainable even when the caller froze the teacher
     cfg = student.config
     cfg.num_hidden_layers = len(keep)  # GPT-2 maps this name to n_layer
     for key in ("layer_types", "sliding_window_pattern_list"):

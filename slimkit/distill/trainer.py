@@ -5,6 +5,20 @@ One loop runs on one CPU, one GPU, or many processes (`accelerate launch
 loss module's projections) for data parallelism and mixed precision; the
 frozen teacher runs beside it in each process, unwrapped.
 
+Launching several processes:
+
+    torchrun --nproc_per_node 2 train.py                 # CPU: Accelerate sees the torchrun
+                                                         # environment and uses gloo
+    accelerate launch --num_processes 8 train.py         # GPUs (or --multi_gpu, configs, nodes)
+    torchrun --nproc_per_node 2 -m slimkit.cli distill smollm2-135m --student-layers 15 --steps 100 --out s
+
+`accelerate launch --cpu --num_processes 2` starts a single process unless MPI
+is set up, so use torchrun on CPU. The global batch (`batch_size`) is split
+across processes (rows rank::world) and gradients are averaged, so N processes
+train the same model as one process with the same batch size
+(`tests/test_distill.py::test_two_processes_on_cpu_match_one`). Only the main
+process writes logs, checkpoints and the artifact.
+
 Determinism and exact resume. Everything the loop does is a function of the
 optimizer step: micro-batch m (= step · grad_accum + a) is the m-th entry of
 a permutation of the training batches seeded by (seed, epoch), each process
@@ -276,8 +290,9 @@ def train(distiller: Distiller, teacher: nn.Module | None, train_batches: list[d
     if not train_batches:
         raise SlimkitError("no training batches: give more calibration text or a smaller --seq-len / --batch-size")
     uses_teacher = distiller.loss.uses_teacher
-    if teacher is not None:
-        teacher.to(device).eval().requires_grad_(False)
+    teacher_was_training = teacher is not None and teacher.training
+    if teacher is not None:  # runs under no_grad; its requires_grad flags stay as the caller set them
+        teacher.to(device).eval()
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = acc.prepare(distiller, optimizer)
@@ -376,6 +391,8 @@ def train(distiller: Distiller, teacher: nn.Module | None, train_batches: list[d
     result.steps, result.train_loss, result.final_eval, result.history = state["step"], loss, final, log.evals
     result.best_eval = final if state["best"] is None else min(state["best"], final)
     result.seconds = round(time.perf_counter() - start, 2)
+    if teacher_was_training:
+        teacher.train()
     acc.wait_for_everyone()
     return result
 
