@@ -300,3 +300,12 @@ def test_smollm2_half_depth_student_is_a_valid_model(tmp_path):
     with torch.no_grad():
         out = student.model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 3
+
+
+def test_classifier_student_trains_on_the_teachers_class_distribution(tiny):
+    student = slimkit.distill(str(tiny("bert-cls")), student_layers=1, steps=3, lr=1e-3, **FAST)
+    t = student.manifest["training"]
+    assert t["eval_metric"] == "eval_kd_loss" and t["steps"] == 3 and 0 <= t["final_eval"] < 0.01
+    assert student.model.config.num_labels == 3 and student.kind == "classifier"
+    with pytest.raises(SlimkitError, match="loss=ce needs labels"):
+        slimkit.distill(str(tiny("bert-cls")), student_layers=1, steps=1, loss="ce", **FAST)

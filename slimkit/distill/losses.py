@@ -155,10 +155,11 @@ class LogitKD(Term):
         self.uses_teacher = alpha > 0
 
     def forward(self, s: dict, t: dict | None, batch: dict) -> torch.Tensor:
-        logits = s["logits"]  # (B, T, V)
+        logits = s["logits"]  # (B, T, V) for language models, (B, C) for classifiers
+        mask = batch.get("attention_mask") if logits.dim() == 3 else None
         loss = logits.new_zeros((), dtype=torch.float32)
         if self.alpha > 0:
-            loss = loss + self.alpha * kd_loss(logits, t["logits"], self.temperature, batch.get("attention_mask"))
+            loss = loss + self.alpha * kd_loss(logits, t["logits"], self.temperature, mask)
         if self.alpha < 1:
             loss = loss + (1 - self.alpha) * hard_loss(logits[:, :-1], batch["labels"][:, 1:])
         return loss
