@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 
 from slimkit.artifacts import save
 from slimkit.benchmark import BenchConfig, BenchResult, benchmark
+from slimkit import distill  # a package that is also callable: slimkit.distill(teacher, ...)
+from slimkit.distill import DistillConfig
 from slimkit.errors import SlimkitError
 from slimkit.evaluate import EvalConfig, EvalResult, evaluate
 from slimkit.models import EMBEDDED, LoadedModel, load
@@ -20,11 +22,13 @@ __all__ = [
     "EMBEDDED",
     "BenchConfig",
     "BenchResult",
+    "DistillConfig",
     "EvalConfig",
     "EvalResult",
     "LoadedModel",
     "SlimkitError",
     "benchmark",
+    "distill",
     "evaluate",
     "load",
     "quantize",

@@ -330,6 +330,60 @@ def prune_cmd(
     _emit(as_json, info, [table(f"Pruned {model} with {method}", rows)])
 
 
+@command("distill")
+def distill_cmd(
+    teacher: ModelArg,
+    out_dir: Annotated[str, typer.Option("--out", help="artifact directory for the trained student")],
+    student_layers: Annotated[str, typer.Option(help="N (keep N layers spread evenly) or a comma list of teacher layers")] = "",
+    minutes: Annotated[float | None, typer.Option(help="wall-clock training budget")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps (default: as many as --minutes allows)")] = None,
+    loss: Annotated[str, typer.Option(help="kd: learn from the teacher; ce: labels only, without the teacher (baseline)")] = "kd",
+    temperature: float = 1.0,
+    alpha: Annotated[float, typer.Option(help="share of KD against hard-label cross-entropy")] = 0.9,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    seq_len: int = 256,
+    data: Annotated[str | None, typer.Option(help="pydoc (default), a .txt/.jsonl file, or hf:NAME; its calibration split trains")] = None,
+    checkpoint_dir: Annotated[str | None, typer.Option(help="write checkpoints here (with --checkpoint-every) and --resume from them")] = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    log_dir: Annotated[str | None, typer.Option(help="write metrics.jsonl (and TensorBoard logs when installed) here")] = None,
+    threads: Threads = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out directory")] = False,
+    as_json: Json = False,
+):
+    """Distil a smaller student (fewer layers) from TEACHER and save it as an artifact."""
+    import dataclasses
+
+    from slimkit.artifacts import save
+    from slimkit.display import table
+    from slimkit.distill import DistillConfig, apply
+
+    layers = _layer_spec(student_layers)
+    config = DistillConfig(student_layers=layers, minutes=minutes, steps=steps, loss=loss, temperature=temperature, alpha=alpha,
+                           lr=lr, batch_size=batch_size, seq_len=seq_len, data=data, checkpoint_dir=checkpoint_dir,
+                           checkpoint_every=checkpoint_every, resume=resume, log_dir=log_dir)
+    student = apply(_load(teacher, "auto", threads), config)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under torchrun: one process writes
+        return
+    training = student.manifest["training"]
+    path = save(student, out_dir, recipe=student.manifest["recipe"], metrics={"training": training}, overwrite=overwrite)
+    rows = [(k, str(v)) for k, v in training.items() if k != "history"] + [("artifact", str(path))]
+    _emit(as_json, {"artifact": str(path), "config": dataclasses.asdict(config), "training": training}, [table(f"Distilled {teacher}", rows)])
+
+
+def _layer_spec(text: str) -> int | tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise SlimkitError(f"--student-layers must be a layer count or a comma list of teacher layers, got '{text}'")
+    return values[0] if len(values) == 1 else values
+
+
 def _bench_config(seq_len: int, batch_sizes: str, new_tokens: int, threads: int | None):
     from slimkit.benchmark import BenchConfig
 

@@ -78,4 +78,5 @@ _BUILTIN: list[str] = [
     "slimkit.prune.semi_structured",
     "slimkit.prune.structured",
     "slimkit.prune.schedule",
+    "slimkit.distill",
 ]

@@ -1,0 +1,129 @@
+"""Knowledge distillation, side by side in one run (CPU, fixed threads).
+
+1. SmolLM2-135M (30 layers) -> 15-layer student initialised from every other
+   teacher layer. KD (logit KD, alpha, T) trains for `--lm-minutes`; the same
+   student is then trained with cross-entropy only (no teacher) for exactly as
+   many steps, capped by the same budget. Held-out perplexity of teacher, KD
+   and CE students; decode tokens/s of teacher and KD student (`slimkit.benchmark`).
+2. all-MiniLM-L6-v2 (6 layers) -> 3-layer student trained with the embedding
+   (cosine) loss for `--enc-minutes`. Cosine to the teacher on the evaluation
+   passages, before and after training; p50 latency of teacher and student.
+
+Issue 5 targets: KD held-out perplexity >= 15% lower than CE; decode >= 1.7x
+the teacher; encoder cosine >= 0.95; encoder >= 1.8x faster. Full budgets are
+25 and 10 minutes:
+
+    flock /tmp/slimkit-heavy.lock python benchmarks/bench_distill.py --lm-minutes 25 --enc-minutes 10
+
+prints a markdown table and writes the raw numbers as JSON (`--json-out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+import slimkit
+from slimkit.benchmark import BenchConfig, environment
+from slimkit.data import TextSource
+from slimkit.evaluate import EvalConfig
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def lm_part(args) -> dict:
+    teacher = slimkit.load(args.lm_teacher)
+    common = dict(student_layers=args.lm_layers, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, eval_batches=2, seed=0)
+    log(f"KD for {args.lm_minutes} min")
+    kd = slimkit.distill(teacher, minutes=args.lm_minutes, temperature=args.temperature, alpha=args.alpha, **common)
+    steps = kd.manifest["training"]["steps"]
+    log(f"KD ran {steps} steps; CE for the same steps")
+    ce = slimkit.distill(teacher, loss="ce", steps=steps, minutes=args.lm_minutes, **common)
+    heldout = TextSource.parse(None, "heldout")
+    cfg = EvalConfig(max_tokens=args.eval_tokens, window=512, stride=256)
+    res = {"kd_training": kd.manifest["training"], "ce_training": ce.manifest["training"]}
+    for name, lm in (("teacher", teacher), ("kd", kd), ("ce", ce)):
+        log(f"held-out perplexity: {name}")
+        res[f"{name}_heldout_ppl"] = slimkit.evaluate(lm, data=heldout, config=cfg).perplexity
+    bench = BenchConfig(seq_len=128, batch_sizes=(1,), new_tokens=args.new_tokens, threads=args.threads, measure_size=False)
+    for name, lm in (("teacher", teacher), ("kd", kd)):
+        log(f"decode speed: {name}")
+        res[f"{name}_decode_tok_s"] = slimkit.benchmark(lm, bench).decode_tokens_per_s
+    return res
+
+
+def encoder_part(args) -> dict:
+    teacher = slimkit.load(args.enc_teacher)
+    log(f"MiniLM embedding distillation for {args.enc_minutes} min")
+    student = slimkit.distill(teacher, student_layers=args.enc_layers, minutes=args.enc_minutes, batch_size=32, seq_len=128, lr=args.enc_lr, eval_batches=2)
+    init = slimkit.distill.make_student(teacher, args.enc_layers)
+    res = {"training": student.manifest["training"]}
+    for name, lm in (("init", init), ("kd", student)):
+        r = slimkit.evaluate(lm, teacher)
+        res[f"{name}_cosine"], res[f"{name}_top10"] = r.cosine_to_reference, r.retrieval_top10_overlap
+    bench = BenchConfig(seq_len=128, batch_sizes=(1,), threads=args.threads, measure_size=False)
+    for name, lm in (("teacher", teacher), ("kd", student)):
+        res[f"{name}_p50_ms"] = slimkit.benchmark(lm, bench).latency_ms.p50
+    return res
+
+
+def render(lm: dict, enc: dict, args, env: dict, seconds: float) -> str:
+    ppl_gain = 1 - lm["kd_heldout_ppl"] / lm["ce_heldout_ppl"]
+    decode = lm["kd_decode_tok_s"] / lm["teacher_decode_tok_s"]
+    speed = enc["teacher_p50_ms"] / enc["kd_p50_ms"]
+    k, c, e = lm["kd_training"], lm["ce_training"], enc["training"]
+    rows = [
+        "| experiment | metric | teacher | CE-only student | KD student | result | target |",
+        "|---|---|---|---|---|---|---|",
+        f"| {args.lm_teacher} → {args.lm_layers} layers | held-out perplexity | {lm['teacher_heldout_ppl']:.2f} | {lm['ce_heldout_ppl']:.2f} | {lm['kd_heldout_ppl']:.2f} | KD {ppl_gain:.1%} lower than CE | ≥ 15% lower |",
+        f"| | decode tok/s (batch 1, {args.new_tokens} tokens) | {lm['teacher_decode_tok_s']:.1f} | | {lm['kd_decode_tok_s']:.1f} | {decode:.2f}x | ≥ 1.7x |",
+        f"| | training steps / seconds | | {c['steps']} / {c['seconds']:.0f} | {k['steps']} / {k['seconds']:.0f} | same steps | |",
+        f"| {args.enc_teacher} → {args.enc_layers} layers | cosine to teacher (evaluation passages) | 1.000 | untrained: {enc['init_cosine']:.3f} | {enc['kd_cosine']:.3f} | | ≥ 0.95 |",
+        f"| | retrieval top-10 overlap | 1.000 | untrained: {enc['init_top10']:.3f} | {enc['kd_top10']:.3f} | | |",
+        f"| | p50 latency ms (128 tokens) | {enc['teacher_p50_ms']:.1f} | | {enc['kd_p50_ms']:.1f} | {speed:.2f}x | ≥ 1.8x |",
+        f"| | training steps / seconds | | | {e['steps']} / {e['seconds']:.0f} | | |",
+    ]
+    settings = (f"budgets: LM {args.lm_minutes} min, encoder {args.enc_minutes} min; threads {args.threads}; LM seq_len {args.seq_len}, "
+                f"batch {args.batch_size}, lr {args.lr}, T {args.temperature}, alpha {args.alpha}; held-out tokens {args.eval_tokens}; "
+                f"encoder lr {args.enc_lr}, batch 32; total {seconds / 60:.1f} min")
+    return "\n".join(rows) + f"\n\n{settings}\n\nenvironment: {json.dumps(env)}\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lm-minutes", type=float, default=25)
+    ap.add_argument("--enc-minutes", type=float, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--alpha", type=float, default=0.9)
+    ap.add_argument("--enc-lr", type=float, default=2e-4)
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per model")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--lm-teacher", default="smollm2-135m")
+    ap.add_argument("--lm-layers", type=int, default=15)
+    ap.add_argument("--enc-teacher", default="minilm-l6")
+    ap.add_argument("--enc-layers", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    lm = lm_part(args)
+    enc = encoder_part(args)
+    table = render(lm, enc, args, environment(args.threads), time.time() - started)
+    print(table)
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump({"lm": lm, "encoder": enc, "args": vars(args)}, fh, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

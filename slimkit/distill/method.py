@@ -1,0 +1,209 @@
+"""`distill`: the technique as the registry, recipes and CLI see it.
+
+A `DistillConfig` names the student (a layer-dropped copy of the teacher, or a
+given model), the losses and the training run; `apply(teacher, config)`
+builds the student, trains it on the calibration split against the teacher
+and returns it as a new LoadedModel. The teacher is left as it was.
+
+Losses by model kind (see `losses.py`):
+  * causal LM: logit KD (temperature, alpha) — `loss="ce"` trains the same
+    student on the hard labels alone, without the teacher, as the baseline;
+  * encoder: embedding loss (cosine or MSE) on mean-pooled sentence embeddings;
+  * classifier: logit KD on unlabeled text (pure KD: there are no labels);
+  * any kind: optional hidden-state and attention matching through a layer map.
+
+`progressive(teacher, [cfg1, cfg2, ...])` chains stages, each student becoming
+the next stage's teacher (30 → 20 → 15 layers, say): each step removes less at
+once, so less knowledge is lost per step, at the cost of more training time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from slimkit import data as D
+from slimkit.distill import losses as L
+from slimkit.distill.student import make_student, num_layers, select_layers
+from slimkit.distill.trainer import Distiller, TrainConfig, train
+from slimkit.errors import SlimkitError
+from slimkit.models import CAUSAL_LM, CLASSIFIER, ENCODER, LoadedModel, load
+from slimkit.registry import register
+
+LOSSES = ("kd", "ce")
+
+
+@dataclass(frozen=True)
+class DistillConfig(TrainConfig):
+    student_layers: int | tuple[int, ...] | None = None  # a count, or the teacher layers to keep
+    every: int | None = None  # or keep teacher layers 0, k, 2k, ...
+    student: str | None = None  # or train this model (path or name) as the student
+    loss: str = "kd"  # kd: learn from the teacher; ce: hard labels only (baseline)
+    temperature: float = 1.0
+    alpha: float = 0.9  # share of logit KD against hard-label CE
+    hidden_weight: float = 0.0
+    hidden_loss: str = "mse"
+    attention_weight: float = 0.0
+    attention_loss: str = "mse"
+    layer_map: tuple[tuple[int, int], ...] | None = None  # (student i, teacher j); default: where i was copied from
+    embedding_loss: str = "cosine"
+    data: str | None = None  # text source: pydoc, .txt/.jsonl, hf:NAME; calibration split trains
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.student_layers, list):
+            object.__setattr__(self, "student_layers", tuple(self.student_layers))
+        if self.layer_map is not None:
+            try:
+                pairs = tuple((int(i), int(j)) for i, j in self.layer_map)
+            except (TypeError, ValueError):
+                raise SlimkitError("layer_map must be (student, teacher) pairs of layer numbers, e.g. [[0, 0], [1, 2]]") from None
+            object.__setattr__(self, "layer_map", pairs)
+        chosen = [n for n in ("student_layers", "every", "student") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise SlimkitError("choose the student one way: student_layers (--student-layers N), every=k, or student=MODEL")
+        if self.loss not in LOSSES:
+            raise SlimkitError(f"unknown distillation loss '{self.loss}': use kd (learn from the teacher) or ce (labels only)")
+        if not self.temperature > 0:
+            raise SlimkitError(f"temperature must be > 0, got {self.temperature}: use e.g. 1.0 or 2.0")
+        if not 0 <= self.alpha <= 1:
+            raise SlimkitError(f"alpha must be in [0, 1], got {self.alpha}: 1 is pure KD, 0 pure cross-entropy")
+        if self.hidden_weight < 0 or self.attention_weight < 0:
+            raise SlimkitError("hidden_weight and attention_weight must be >= 0 (0 turns the term off)")
+        if self.loss == "ce" and (self.hidden_weight or self.attention_weight):
+            raise SlimkitError("loss=ce trains without the teacher: set hidden_weight and attention_weight to 0, or use loss=kd")
+        if self.hidden_loss not in ("mse", "cosine") or self.attention_loss not in ("mse", "kl") or self.embedding_loss not in ("cosine", "mse"):
+            raise SlimkitError("loss kinds: hidden_loss is mse|cosine, attention_loss mse|kl, embedding_loss cosine|mse")
+
+
+@register("distill", "distill", DistillConfig, "train a smaller student (fewer layers) on the teacher's outputs")
+def apply(model: LoadedModel, config: DistillConfig, *, on_step=None, **context) -> LoadedModel:
+    """Train a student of `model` (the teacher) as `config` says; return it as a new LoadedModel."""
+    teacher = load(model)
+    torch.manual_seed(config.seed)
+    student, keep = _student(teacher, config)
+    distiller = Distiller(student.model, build_loss(teacher, student, keep, config), teacher.kind)
+    source = D.TextSource.parse(config.data, "calibration")
+    train_batches = make_batches(teacher, source, config, limit=None)
+    eval_batches = make_batches(teacher, dataclasses.replace(source, split="evaluation"), config, limit=config.eval_batches)
+    fingerprint = _fingerprint(teacher, config, distiller, source, train_batches)
+    eager = "attentions" in distiller.loss.needs
+    with _attention(student.model, eager, restore=False), _attention(teacher.model, eager, restore=True):
+        result = train(distiller, teacher.model if distiller.loss.uses_teacher or teacher.kind != CAUSAL_LM else None,
+                       train_batches, eval_batches, config, fingerprint=fingerprint, on_step=on_step)
+    if eager:
+        student.model.set_attn_implementation("sdpa")
+    student.model.eval()
+    step = {"method": "distill", **dataclasses.asdict(config)}
+    manifest = {"recipe": list(teacher.manifest.get("recipe", [])) + [step], "training": result.to_dict()}
+    return LoadedModel(model=student.model, tokenizer=teacher.tokenizer, kind=teacher.kind, source=student.source, manifest=manifest)
+
+
+def progressive(teacher: LoadedModel | str, stages: Sequence[DistillConfig], **context) -> LoadedModel:
+    """Distil in stages: each stage's student is the next stage's teacher."""
+    if not stages:
+        raise SlimkitError("progressive distillation needs at least one stage")
+    current = load(teacher)
+    for cfg in stages:
+        current = apply(current, cfg, **context)
+    return current
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _student(teacher: LoadedModel, cfg: DistillConfig) -> tuple[LoadedModel, list[int] | None]:
+    if cfg.student is not None:
+        student = load(cfg.student)
+        if student.kind != teacher.kind:
+            raise SlimkitError(f"the student is a {student.kind} and the teacher a {teacher.kind}: distil between models of one kind")
+        student.model.train()
+        return student, None
+    keep = select_layers(num_layers(teacher.model), cfg.student_layers, cfg.every)
+    return make_student(teacher, keep), keep
+
+
+def _width(model) -> int:
+    return int(model.config.hidden_size)
+
+
+def build_loss(teacher: LoadedModel, student: LoadedModel, keep: list[int] | None, cfg: DistillConfig) -> L.DistillLoss:
+    """The loss module for this teacher/student pair; projections are created here, once."""
+    kind = teacher.kind
+    terms: list[L.Term] = []
+    if kind == ENCODER:
+        if cfg.loss == "ce":
+            raise SlimkitError("an encoder has no labels for loss=ce: use loss=kd (embedding loss against the teacher)")
+        terms.append(L.EmbeddingLoss(kind=cfg.embedding_loss))
+    else:
+        if kind == CLASSIFIER and cfg.loss == "ce":
+            raise SlimkitError("loss=ce needs labels, and the calibration text has none: use loss=kd for classifiers")
+        t_out, s_out = teacher.model.get_output_embeddings(), student.model.get_output_embeddings()
+        if kind == CAUSAL_LM and t_out is not None and s_out is not None and t_out.weight.shape[0] != s_out.weight.shape[0]:
+            raise SlimkitError(
+                f"logit KD needs one vocabulary: the student has {s_out.weight.shape[0]} tokens and the teacher "
+                f"{t_out.weight.shape[0]}; use a student with the teacher's tokenizer"
+            )
+        alpha = 0.0 if cfg.loss == "ce" else (1.0 if kind == CLASSIFIER else cfg.alpha)
+        terms.append(L.LogitKD(temperature=cfg.temperature, alpha=alpha))
+    ns, nt = num_layers(student.model), num_layers(teacher.model)
+    layer_map = cfg.layer_map or default_map(keep, ns, nt)
+    if cfg.hidden_weight > 0:
+        terms.append(L.HiddenStateLoss(layer_map, ns, nt, _width(student.model), _width(teacher.model), cfg.hidden_weight, cfg.hidden_loss))
+    if cfg.attention_weight > 0:
+        terms.append(L.AttentionLoss(layer_map, ns, nt, cfg.attention_weight, cfg.attention_loss))
+    return L.DistillLoss(terms)
+
+
+def default_map(keep: list[int] | None, n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    """Student block i ↔ the teacher block it was copied from; else spread evenly, last to last."""
+    if keep is not None:
+        return list(enumerate(keep))
+    return [(i, round((i + 1) * n_teacher / n_student) - 1) for i in range(n_student)]
+
+
+def make_batches(lm: LoadedModel, source: D.TextSource, cfg: TrainConfig, limit: int | None) -> list[dict]:
+    """Full micro-batches of `batch_size` sequences from `source` (at most `limit` of them)."""
+    bs = cfg.batch_size
+    if lm.kind == CAUSAL_LM:
+        n = limit * bs if limit else (cfg.max_samples or 10**7)
+        out = []
+        for ids in D.calibration_batches(lm.tokenizer, source, cfg.seq_len, n, bs):  # (B, seq_len)
+            if len(ids) == bs:
+                out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        return out
+    n = limit * bs if limit else cfg.max_samples
+    texts = D.passages(source.texts(), limit=n)
+    D.require_nonempty(len(texts), source, "passages")
+    out = []
+    for chunk in D.batched(texts, bs):
+        if len(chunk) == bs:
+            enc = lm.tokenizer(chunk, padding=True, truncation=True, max_length=cfg.seq_len, return_tensors="pt")
+            out.append(dict(enc))
+    return out
+
+
+def _fingerprint(teacher: LoadedModel, cfg: DistillConfig, distiller: Distiller, source, batches: list[dict]) -> dict:
+    first = hashlib.sha256(batches[0]["input_ids"].numpy().tobytes()).hexdigest()[:16] if batches else ""
+    return {"teacher": teacher.source, "parameters": teacher.num_parameters(), "needs": sorted(distiller.loss.needs),
+            "data": source.name, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "batches": len(batches), "first": first}
+
+
+@contextlib.contextmanager
+def _attention(model, eager: bool, restore: bool):
+    """Attention maps need the eager implementation; the teacher gets its own back afterwards."""
+    if not eager:
+        yield
+        return
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if restore:
+            model.set_attn_implementation(before)
