@@ -21,6 +21,7 @@ class NoiseConfig:
 @pytest.fixture
 def techniques(monkeypatch):
     """Two real transformations: a bf16 cast (smaller) and weight noise (worse)."""
+    registry.techniques()  # register the built-ins first, into the real table
     monkeypatch.setattr(registry, "_TECHNIQUES", dict(registry._TECHNIQUES))
 
     def cast(model, config, **ctx):

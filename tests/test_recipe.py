@@ -25,6 +25,7 @@ def scale_technique(monkeypatch):
 
     import torch
 
+    registry.techniques()  # register the built-ins first, into the real table
     monkeypatch.setattr(registry, "_TECHNIQUES", dict(registry._TECHNIQUES))
 
     def apply(model, config, **context):

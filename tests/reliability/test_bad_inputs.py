@@ -88,6 +88,13 @@ CASES = [
     ("tampered-artifact", lambda t, p: ["eval", str(_tampered_artifact(t, p))], ["does not match its hash"]),
     ("artifact-missing-file", lambda t, p: ["bench", str(_artifact_missing_weights(t, p))], ["missing model.safetensors"]),
     ("artifact-from-the-future", lambda t, p: ["eval", str(_future_artifact(t, p))], ["upgrade slimkit"]),
+    ("unknown-quantize-method", lambda t, p: ["quantize", str(t("llama")), "--method", "int3", "--out", str(p / "q")], ["did you mean 'int8'"]),
+    ("bits-out-of-range", lambda t, p: ["quantize", str(t("llama")), "--method", "gptq", "-o", "bits=3", "--out", str(p / "q")], ["bits=3", "use 4 or 8"]),
+    ("bad-group-size", lambda t, p: ["quantize", str(t("llama")), "--method", "int4-wo", "-o", "group_size=48", "--out", str(p / "q")], ["group_size=48"]),
+    ("sparsity-out-of-range", lambda t, p: ["prune", str(t("llama")), "--method", "magnitude", "--sparsity", "1.5", "--out", str(p / "q")], ["sparsity must be a fraction"]),
+    ("temperature-zero", lambda t, p: ["distill", str(t("llama")), "--student-layers", "1", "--steps", "1", "--temperature", "0", "--out", str(p / "q")], ["temperature"]),
+    ("recipe-unknown-key", lambda t, p: ["run", str(_write(p / "r.yaml", "steps:\n  - method: int4-wo\n    group_sise: 64\n")), "--model", str(t("llama")), "--out", str(p / "q")], ["steps[0].group_sise: unknown key"]),
+    ("recipe-wrong-type", lambda t, p: ["run", str(_write(p / "r.yaml", "steps:\n  - method: gptq\n    bits: four\n")), "--model", str(t("llama")), "--out", str(p / "q")], ["steps[0].bits: expected int"]),
 ]
 
 
