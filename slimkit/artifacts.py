@@ -87,7 +87,7 @@ def save(
         }
         manifest.update(_pruned_entry(model))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except (OSError, SafetensorError) as exc:
         raise SlimkitError(f"cannot write the artifact to {out} ({short_reason(exc)}): free disk space or choose another --out") from exc
     finally:
@@ -182,7 +182,7 @@ def _pruned_entry(model: LoadedModel) -> dict:
     return {"pruned_shapes": shapes} if shapes else {}
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
     """Move tmp to out; an existing out is moved aside first and removed after."""
     old = None
     if out.exists():

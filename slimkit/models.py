@@ -113,6 +113,20 @@ class LoadedModel:
         return total
 
 
+def copy_model(lm: LoadedModel, suffix: str) -> LoadedModel:
+    """A deep copy for a technique to change; the caller's model is never touched."""
+    import copy
+
+    return LoadedModel(
+        model=copy.deepcopy(lm.model),
+        tokenizer=lm.tokenizer,
+        kind=lm.kind,
+        source=f"{lm.source}+{suffix}",
+        path=None,
+        manifest=copy.deepcopy(lm.manifest),
+    )
+
+
 def cache_dir() -> Path:
     root = os.environ.get("SLIMKIT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "slimkit"

@@ -135,22 +135,14 @@ def write_manifest(tmp: Path, lm: LoadedModel, config: ExportConfig, info: dict)
 @contextmanager
 def staging_dir(out: str | os.PathLike, overwrite: bool = False):
     """A temporary sibling of `out` that replaces it only if the block succeeds."""
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise SlimkitError(f"{out} exists and is a file: choose a directory path for --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SlimkitError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
+    from slimkit.artifacts import check_destination, replace_dir
+
+    out = check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except OSError as exc:
         raise SlimkitError(f"cannot write the export to {out} ({short_reason(exc)}): free disk space or choose another --out") from exc
     finally:

@@ -14,7 +14,6 @@ LMs, padded passages for encoders. Evaluation text is never seen here.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 from dataclasses import asdict
 
@@ -23,7 +22,7 @@ from torch import nn
 
 from slimkit import data as D
 from slimkit.errors import SlimkitError
-from slimkit.models import CAUSAL_LM, LoadedModel
+from slimkit.models import CAUSAL_LM, LoadedModel, copy_model  # noqa: F401  (re-exported)
 
 DEFAULT_IGNORE = ("lm_head", "score", "classifier", "pooler.*")
 NO_SPEED = "no speed without sparse kernels: zeroed weights are stored and multiplied like any others on this runtime"
@@ -84,18 +83,6 @@ def select_linears(model: nn.Module, targets, ignore) -> dict[str, nn.Module]:
 def weight_2d(module: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features), a view (Conv1D stores it transposed)."""
     return module.weight.T if is_conv1d(module) else module.weight
-
-
-def copy_model(lm: LoadedModel, suffix: str) -> LoadedModel:
-    """A deep copy to prune; the caller's model is never touched."""
-    return LoadedModel(
-        model=copy.deepcopy(lm.model),
-        tokenizer=lm.tokenizer,
-        kind=lm.kind,
-        source=f"{lm.source}+{suffix}",
-        path=None,
-        manifest=copy.deepcopy(lm.manifest),
-    )
 
 
 def record(lm: LoadedModel, method: str, config, **facts) -> LoadedModel:

@@ -10,7 +10,6 @@ patterns, never a silent no-op.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 from collections.abc import Callable
 from dataclasses import asdict
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from slimkit.errors import SlimkitError
-from slimkit.models import LoadedModel
+from slimkit.models import LoadedModel, copy_model  # noqa: F401  (re-exported)
 
 DEFAULT_IGNORE = ("lm_head",)
 
@@ -59,18 +58,6 @@ def select_linears(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-def copy_model(model: LoadedModel, suffix: str) -> LoadedModel:
-    """A deep copy to quantize; the caller's model is never touched."""
-    return LoadedModel(
-        model=copy.deepcopy(model.model),
-        tokenizer=model.tokenizer,
-        kind=model.kind,
-        source=f"{model.source}+{suffix}",
-        path=None,
-        manifest=copy.deepcopy(model.manifest),
-    )
 
 
 def record(lm: LoadedModel, method: str, config) -> LoadedModel:
