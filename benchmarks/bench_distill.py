@@ -13,7 +13,7 @@ Issue 5 targets: KD held-out perplexity >= 15% lower than CE; decode >= 1.7x
 the teacher; encoder cosine >= 0.95; encoder >= 1.8x faster. Full budgets are
 25 and 10 minutes:
 
-    flock /tmp/slimkit-heavy.lock python benchmarks/bench_distill.py --lm-minutes 25 --enc-minutes 10
+    python benchmarks/bench_distill.py --lm-minutes 25 --enc-minutes 10
 
 prints a markdown table and writes the raw numbers as JSON (`--json-out`).
 """

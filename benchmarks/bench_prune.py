@@ -13,7 +13,7 @@ Speed is measured in this process with the same settings for each model,
 original and pruned alternately (`--rounds` times; the best p50 of each is
 kept, which tames noise from other work on a shared machine).
 
-    flock /tmp/slimkit-heavy.lock python benchmarks/bench_prune.py [--recover-minutes 20] \
+    python benchmarks/bench_prune.py [--recover-minutes 20] \
         [--minilm-recover-minutes 5] [--max-tokens 4096] [--threads 2]
 
 prints a markdown table and the environment (benchmarks/RESULTS-prune.md holds the latest).
