@@ -14,7 +14,6 @@ LMs, padded passages for encoders. Evaluation text is never seen here.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import asdict
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 
 from slimkit import data as D
 from slimkit.errors import SlimkitError
+from slimkit.targets import check_patterns, matches  # noqa: F401  (re-exported)
 from slimkit.models import CAUSAL_LM, LoadedModel, copy_model  # noqa: F401  (re-exported)
 
 DEFAULT_IGNORE = ("lm_head", "score", "classifier", "pooler.*")
@@ -34,14 +34,6 @@ NO_SPEED = "no speed without sparse kernels: zeroed weights are stored and multi
 def check_sparsity(value, name: str = "sparsity") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise SlimkitError(f"{name} must be a fraction in [0, 1), got {value!r}: e.g. --sparsity 0.5 removes half")
-
-
-def check_patterns(targets, ignore) -> None:
-    for field, value in (("targets", targets), ("ignore", ignore)):
-        if isinstance(value, str) or not all(isinstance(p, str) and p for p in value):
-            raise SlimkitError(f"{field} must be a list of non-empty name patterns, got {value!r}: write e.g. {field}=('q_proj', 'mlp.*')")
-    if not targets:
-        raise SlimkitError("targets is empty: give at least one name pattern, e.g. targets=('*',)")
 
 
 def check_calibration(samples: int, seq_len: int, batch_size: int) -> None:
@@ -63,10 +55,6 @@ def is_linear(module: nn.Module) -> bool:
 
 def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
-
-
-def matches(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
 
 
 def select_linears(model: nn.Module, targets, ignore) -> dict[str, nn.Module]:

@@ -10,7 +10,6 @@ patterns, never a silent no-op.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from slimkit.errors import SlimkitError
+from slimkit.targets import check_patterns, matches  # noqa: F401  (re-exported)
 from slimkit.models import LoadedModel, copy_model  # noqa: F401  (re-exported)
 
 DEFAULT_IGNORE = ("lm_head",)
@@ -29,19 +29,6 @@ def is_linear(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, Conv1D)
-
-
-def matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
-
-
-def check_patterns(targets, ignore) -> None:
-    """Config-time validation of `targets` / `ignore`."""
-    for field, value in (("targets", targets), ("ignore", ignore)):
-        if isinstance(value, str) or not all(isinstance(p, str) and p for p in value):
-            raise SlimkitError(f"{field} must be a list of non-empty name patterns, got {value!r}: write e.g. {field}=('q_proj', 'mlp.*')")
-    if not targets:
-        raise SlimkitError("targets is empty: give at least one name pattern, e.g. targets=('*',)")
 
 
 def select_linears(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...]) -> list[str]:
