@@ -72,7 +72,7 @@ def test_tied_embedding_becomes_one_int8_matrix(tiny):
 
 @pytest.mark.parametrize(
     "method,options",
-    [("int8-dynamic", {}), ("int8-wo", {}), ("int8-wo", {"group_size": 32, "symmetric": False}), ("int4-wo", {"group_size": 64, "symmetric": True}), ("nf4", {"double_quant": True}), ("bf16", {})],
+    [("int8-dynamic", {}), ("int8-dynamic", {"compute_dtype": "bf16"}), ("int8-wo", {}), ("int4-wo", {"compute_dtype": "bf16"}), ("int8-wo", {"group_size": 32, "symmetric": False}), ("int4-wo", {"group_size": 64, "symmetric": True}), ("nf4", {"double_quant": True}), ("bf16", {})],
 )
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_save_and_reload_is_exact(tiny, tmp_path, arch, method, options):
@@ -86,6 +86,27 @@ def test_save_and_reload_is_exact(tiny, tmp_path, arch, method, options):
         formats = {spec["format"] for spec in manifest["modules"].values()}
         assert formats & {"int8-dynamic", "weight-only", "nf4"}
         assert {type(m) for m in back.model.modules()} & {Int8DynamicLinear, WeightOnlyLinear, NF4Linear}
+
+
+@pytest.mark.parametrize("method", ["int8-wo", "int4-wo", "int8-dynamic"])
+def test_compute_dtype_bf16_casts_what_stays_float(tiny, method):
+    lm = slimkit.load(tiny("llama"))
+    fp32 = slimkit.quantize(lm, method)
+    q = slimkit.quantize(lm, method, compute_dtype="bf16")
+    floats = {n: p.dtype for n, p in q.model.named_parameters() if ".bias" not in n}
+    assert floats and set(floats.values()) == {torch.bfloat16}  # norms; quantized layers hold buffers
+    assert q.model.model.embed_tokens(torch.tensor([[5]])).dtype == torch.bfloat16 or method == "int8-dynamic"
+    with torch.no_grad():
+        hidden = q.model.model(input_ids=torch.arange(5, 45)[None]).last_hidden_state
+    assert hidden.dtype == torch.bfloat16
+    assert F.sqnr_db(_out(fp32), _out(q)) > 25  # bf16 rounding on top of the same integers
+
+
+def test_compute_dtype_is_validated():
+    from slimkit.quantize.weight_only import Int8WeightOnlyConfig
+
+    with pytest.raises(SlimkitError, match="compute_dtype='int8' is not supported: use one of fp32, bf16, fp16"):
+        Int8WeightOnlyConfig(compute_dtype="int8")
 
 
 def test_manifest_records_module_formats(tiny, tmp_path):

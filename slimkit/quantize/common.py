@@ -22,6 +22,39 @@ from slimkit.models import LoadedModel, copy_model  # noqa: F401  (re-exported)
 
 DEFAULT_IGNORE = ("lm_head",)
 
+# What `compute_dtype` accepts: the dtype of everything left unquantized (norms,
+# attention, the residual stream) and so of the activations between layers.
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_compute_dtype(name: str) -> None:
+    if name not in COMPUTE_DTYPES:
+        raise SlimkitError(f"compute_dtype={name!r} is not supported: use one of {', '.join(COMPUTE_DTYPES)}")
+
+
+def cast_unquantized(model: nn.Module, compute_dtype: str) -> None:
+    """Cast the float parameters of every module that is not quantized (in place: call on a copy).
+
+    Quantized layers keep their own storage and scales; they take activations
+    of any float dtype and return the dtype they were given. With bf16, the
+    casts in and out of the int8/int4 kernels (which run on bf16) disappear,
+    which on a CPU decoding one token at a time is a large share of the time.
+    Computed buffers (rotary frequencies) stay fp32, as in the `bf16` cast.
+    """
+    dtype = COMPUTE_DTYPES[compute_dtype]
+    if dtype == torch.float32:
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "fmt"):
+                if hasattr(module, "compute_dtype"):  # modules that produce activations (embeddings)
+                    module.compute_dtype = dtype
+                continue
+            for p in module.parameters(recurse=False):
+                if p.is_floating_point():
+                    p.data = p.data.to(dtype)
+    model.config.dtype = dtype
+
 
 def is_linear(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):

@@ -32,7 +32,7 @@ import torch
 from slimkit import data as D
 from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM
-from slimkit.quantize.common import DEFAULT_IGNORE, check_patterns, copy_model, record, select_linears, set_module
+from slimkit.quantize.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_patterns, copy_model, record, select_linears, set_module
 from slimkit.quantize.modules import Int8DynamicLinear, linear_weight
 from slimkit.quantize.smoothing import input_absmax, smooth_factors
 from slimkit.registry import register
@@ -45,9 +45,11 @@ class Int8DynamicConfig:
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None: off
     n_samples: int = 16  # calibration windows (SmoothQuant only)
     seq_len: int = 512
+    compute_dtype: str = "fp32"  # dtype of what stays unquantized (norms, attention, softmax)
 
     def __post_init__(self):
         check_patterns(self.targets, self.ignore)
+        check_compute_dtype(self.compute_dtype)
         if self.smooth_alpha is not None and not 0 < self.smooth_alpha < 1:
             raise SlimkitError(f"smooth_alpha={self.smooth_alpha} is out of range: use a value in (0, 1) such as 0.5, or None to turn smoothing off")
         if self.n_samples < 1 or self.seq_len < 8:
@@ -71,4 +73,5 @@ def apply(model, config: Int8DynamicConfig = Int8DynamicConfig(), data: D.TextSo
             if module.bias is not None:
                 module.bias.copy_(layer.bias.float())
             set_module(lm.model, name, module)
+    cast_unquantized(lm.model, config.compute_dtype)
     return record(lm, "int8-dynamic", config)

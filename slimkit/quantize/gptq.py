@@ -23,7 +23,7 @@ from slimkit import data as D
 from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM
 from slimkit.progress import track
-from slimkit.quantize.common import DEFAULT_IGNORE, check_patterns, copy_model, record, select_linears, set_module
+from slimkit.quantize.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_patterns, copy_model, record, select_linears, set_module
 from slimkit.quantize.embedding import quantize_embeddings
 from slimkit.quantize.formats import GROUP_SIZES, INT_BITS, check_group
 from slimkit.quantize.gptq_math import gptq_quantize
@@ -43,8 +43,10 @@ class GPTQConfig:
     embeddings: bool = True
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
+    compute_dtype: str = "fp32"
 
     def __post_init__(self):
+        check_compute_dtype(self.compute_dtype)
         if self.bits not in INT_BITS:
             raise SlimkitError(f"bits={self.bits} is not supported by gptq: use 4 or 8")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
@@ -116,4 +118,5 @@ def apply(model, config: GPTQConfig = GPTQConfig(), data: D.TextSource | None = 
             set_module(lm.model, name, module)
     if config.embeddings:
         quantize_embeddings(lm.model)
+    cast_unquantized(lm.model, config.compute_dtype)
     return record(lm, "gptq", config)

@@ -256,6 +256,7 @@ class Int8Embedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.compute_dtype = torch.float32  # dtype of the looked-up rows (common.cast_unquantized sets it)
         _weight_buffer(self, "weight_q", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(num_embeddings))
         self._kernel: dict = {}
@@ -270,10 +271,15 @@ class Int8Embedding(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: dict) -> "Int8Embedding":
-        return cls(spec["num_embeddings"], spec["embedding_dim"], spec.get("padding_idx"))
+        module = cls(spec["num_embeddings"], spec["embedding_dim"], spec.get("padding_idx"))
+        module.compute_dtype = getattr(torch, spec.get("compute_dtype", "float32"))
+        return module
 
     def spec(self) -> dict:
-        return {"format": self.fmt, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx}
+        spec = {"format": self.fmt, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx}
+        if self.compute_dtype != torch.float32:
+            spec["compute_dtype"] = str(self.compute_dtype).removeprefix("torch.")
+        return spec
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel.clear()
@@ -281,7 +287,7 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.weight_q).float()  # (..., D)
-        return rows * self.weight_scale[ids][..., None]
+        return (rows * self.weight_scale[ids][..., None]).to(self.compute_dtype)
 
     def head_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, D) @ dequantized(weight).T -> (M, V) through the int8 weight kernel."""
