@@ -3,7 +3,9 @@
 1. Measure the original: quality on the evaluation split, speed in a separate
    process (so peak memory is the model's own).
 2. For each candidate recipe of the preset (techniques that are registered and
-   fit the model kind), while the time budget lasts:
+   fit the model kind), while the time budget lasts (the budget is wall time
+   for the whole run: a candidate is tried only if the time left covers it —
+   as long as the slowest so far — and the final confirmation):
      build it -> a cheap quality proxy (perplexity or embedding cosine on a
      slice of the evaluation split, compared with the original on the same
      slice) -> if the proxy is within 3x the budget, save it as an artifact and
@@ -198,14 +200,19 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
     try:
         base_artifact = save(original, work / "original")
         baseline = {**bench_in_subprocess(base_artifact, config.threads)}
+        t0 = time.perf_counter()
         proxy_base = quality(original, original, config.proxy_tokens, config.proxy_passages)
+        reserve = confirmation_seconds(original, time.perf_counter() - t0, config)
         baseline.update(quality_value=proxy_base["quality_value"])
         candidates: list[dict] = []
+        spent: list[float] = []  # seconds per tried candidate
         for i, recipe in enumerate(recipes):
             name = recipe.label
-            if time.perf_counter() > deadline:
-                candidates.append(_skipped(name, recipe, "time budget spent before it could be tried"))
+            expected = max(spent) if spent else 0.0
+            if time.perf_counter() + expected + reserve > deadline:
+                candidates.append(_skipped(name, recipe, "not tried: the time budget left would not cover it and the final confirmation"))
                 continue
+            tried_at = time.perf_counter()
             notify(event="candidate", name=name, index=i, total=len(recipes), left=deadline - time.perf_counter(), best=_best(candidates, target))
             cand = {"name": name, "recipe": recipe.to_dict(), "metrics": {}, "passed": False, "reason": "", "stage": "proxy"}
             candidates.append(cand)
@@ -226,6 +233,7 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
                 cand["reason"] = f"failed: {exc}"
             finally:
                 lm = None
+                spent.append(time.perf_counter() - tried_at)
 
         winner = _confirm(candidates, original, target, config, notify)
         baseline["quality_value"] = _full_baseline_quality(original, winner, config)
@@ -255,6 +263,28 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def confirmation_seconds(original: LoadedModel, proxy_seconds: float, config: OptimizeConfig) -> float:
+    """Time to keep for the end: the winner's full evaluation (model and original) and the report.
+
+    Scaled from the original's proxy evaluation (which, like a confirmation,
+    runs two models) by the number of tokens read (windows overlap) or
+    passages; doubled for the chance that the first confirmed candidate fails.
+    """
+    if original.kind == CAUSAL_LM:
+        from slimkit import data as D
+        from slimkit.evaluate import EvalConfig
+
+        ec = EvalConfig()
+
+        def read(tokens):
+            return sum(len(ids) for ids, _ in D.lm_windows(original.tokenizer, D.TextSource.parse(None).texts(), ec.window, ec.stride, tokens))
+
+        ratio = read(config.full_tokens) / max(1, read(config.proxy_tokens))
+    else:
+        ratio = 4.0  # the full check reads 4x the proxy's passages
+    return 2 * proxy_seconds * ratio + 15.0
 
 
 def _confirm(candidates: list[dict], original: LoadedModel, target: Target, config: OptimizeConfig, notify) -> dict | None:

@@ -93,3 +93,19 @@ def test_parsers():
     assert O.parse_fraction("1%") == pytest.approx(0.01) and O.parse_fraction("0.05") == 0.05
     with pytest.raises(SlimkitError, match="duration"):
         O.parse_duration("soon")
+
+
+def test_budget_keeps_time_for_the_confirmation(techniques, tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(O.PRESETS, "test", [[("test-bf16", {})]])
+    cfg = O.OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", proxy_tokens=200, full_tokens=400, threads=1, time_budget_s=1)
+    results = O.optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
+    (cand,) = results["candidates"]
+    assert cand["stage"] == "skipped" and "final confirmation" in cand["reason"]
+    assert results["winner"] is None
+
+
+def test_confirmation_estimate_scales_with_the_evaluation(tiny):
+    lm = slimkit.load(tiny("llama"))
+    small = O.confirmation_seconds(lm, 1.0, O.OptimizeConfig(proxy_tokens=200, full_tokens=400))
+    large = O.confirmation_seconds(lm, 1.0, O.OptimizeConfig(proxy_tokens=200, full_tokens=1600))
+    assert 15 < small < large
