@@ -12,9 +12,13 @@ choose the range [lo, hi] from calibration data. Four criteria:
               above t folded into the last kept bin) with Q, the same bins
               merged into 128 levels and spread back; keep the t with the
               smallest KL(P || Q).
-  mse         the t with the smallest expected squared error: rounding error
-              (step^2 / 12) for values inside [-t, t], (|x| - t)^2 for the
-              clipped ones, summed over the histogram.
+  mse         the t with the smallest expected squared error over the
+              histogram: rounding error for values inside [-t, t] (exact
+              for values spread evenly inside each bin), (|x| - t)^2 for
+              the clipped ones.
+entropy and mse score every 8th bin edge, then every edge within 8 bins of
+the best (their costs vary smoothly at that scale): 10x fewer evaluations
+of an O(bins) cost than trying all 2048.
 
 Streaming, never all activations in memory: `minmax` keeps a running
 min/max. The others also keep a histogram of magnitudes, one for positive
@@ -205,28 +209,43 @@ def _kept_bins(hist: torch.Tensor) -> int:
     return int(nonzero[-1]) + 1 if len(nonzero) else 0
 
 
-def mse_threshold(hist: torch.Tensor, width: float, levels: int = LEVELS - 1) -> float:
-    """t minimizing sum_j h_j err_j(t) over the bin edges t = i * width.
+def _rounding_error_integral(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """G(x) = integral from -step/2 to x of (u - step * round(u / step))^2 du, for x >= 0.
 
-    Bin j stands at its centre c_j: inside [0, t) it costs (t / levels)^2 / 12
-    (uniform rounding error), beyond t it costs (c_j - t)^2 (clipping).
-    Suffix sums make every candidate O(1): sum_{j>=i} h (c - t)^2 = S2 - 2 t S1 + t^2 S0.
+    The error is a sawtooth: each whole period adds step^3 / 12; inside one,
+    with y = x / step + 1/2 = n + f, the part is step^3 ((f - 1/2)^3 + 1/8) / 3.
+    """
+    y = x / step + 0.5
+    n = torch.floor(y)
+    return step**3 * (n / 12 + ((y - n - 0.5) ** 3 + 0.125) / 3)
+
+
+def mse_threshold(hist: torch.Tensor, width: float, levels: int = LEVELS - 1) -> float:
+    """t minimizing the expected squared error over the bin edges t = i * width.
+
+    Values are taken as uniform inside each bin [a, b). Bins below t cost the
+    mean rounding error of the grid with step t / levels over [a, b) (exact
+    for that assumption, so a step wider than the data is judged right, not
+    as step^2 / 12); bins at or above t cost the mean of (x - t)^2 (clipping).
     """
     n = _kept_bins(hist)
     if n == 0:
         return 0.0
     h = hist[:n].double()  # (n,)
-    c = (torch.arange(n, dtype=torch.float64) + 0.5) * width  # (n,) bin centres
-    suffix = lambda v: v.flip(0).cumsum(0).flip(0)
-    s0, s1, s2 = suffix(h), suffix(h * c), suffix(h * c * c)  # (n,) sums over j >= i
-    t = torch.arange(1, n + 1, dtype=torch.float64) * width  # (n,) candidate i+1 keeps bins 0..i
-    inside = h.cumsum(0)  # counts of bins < i+1
-    clipped = torch.cat([s2[1:] - 2 * t[:-1] * s1[1:] + t[:-1] ** 2 * s0[1:], torch.zeros(1, dtype=torch.float64)])
-    err = inside * (t / levels) ** 2 / 12 + clipped  # (n,)
-    return float(t[int(err.argmin())])
+    a = torch.arange(n, dtype=torch.float64) * width  # (n,) bin starts
+    b = a + width
+
+    def cost(cand: torch.Tensor) -> torch.Tensor:  # (C,) bins kept -> (C,) expected error
+        t = cand.double()[:, None] * width  # (C, 1)
+        step = t / levels
+        rounding = (_rounding_error_integral(b[None], step) - _rounding_error_integral(a[None], step)) / width  # (C, n)
+        clipping = ((b[None] - t) ** 3 - (a[None] - t) ** 3) / (3 * width)  # (C, n)
+        return (torch.where(a[None] < t, rounding, clipping) * h).sum(1)
+
+    return _search(cost, 1, n) * width
 
 
-def entropy_threshold(hist: torch.Tensor, width: float, levels: int = LEVELS, chunk: int = 128) -> float:
+def entropy_threshold(hist: torch.Tensor, width: float, levels: int = LEVELS) -> float:
     """t = i * width minimizing KL(P_i || Q_i), i from `levels` to the last non-empty bin.
 
     P_i: bins 0..i-1, with all counts at or above bin i added to bin i-1 (clipped values).
@@ -239,15 +258,12 @@ def entropy_threshold(hist: torch.Tensor, width: float, levels: int = LEVELS, ch
     h = hist[:n].double()  # (n,)
     beyond = h.flip(0).cumsum(0).flip(0)  # (n,) counts at or above bin i
     j = torch.arange(n)
-    best, best_kl = n, float("inf")
-    for start in range(levels, n + 1, chunk):
-        cand = torch.arange(start, min(start + chunk, n + 1))  # (C,) bins kept
+
+    def cost(cand: torch.Tensor) -> torch.Tensor:  # (C,) bins kept -> (C,) KL(P || Q)
         keep = j[None, :] < cand[:, None]  # (C, n)
-        p = torch.where(keep, h[None, :], 0.0)  # (C, n)
-        outliers = torch.where(cand < n, beyond[cand.clamp(max=n - 1)], 0.0)  # (C,)
-        q_counts = p.clone()
-        rows = torch.arange(len(cand))
-        p[rows, cand - 1] += outliers
+        q_counts = torch.where(keep, h[None, :], 0.0)  # (C, n) kept bins, clipped values left out
+        p = q_counts.clone()
+        p[torch.arange(len(cand)), cand - 1] += torch.where(cand < n, beyond[cand.clamp(max=n - 1)], 0.0)
         group = torch.where(keep, j[None, :] * levels // cand[:, None], levels - 1)  # (C, n) in [0, levels)
         nz = (p > 0).double()
         totals = torch.zeros(len(cand), levels, dtype=torch.float64).scatter_add_(1, group, q_counts)  # (C, L)
@@ -255,8 +271,23 @@ def entropy_threshold(hist: torch.Tensor, width: float, levels: int = LEVELS, ch
         q = nz * totals.gather(1, group) / sizes.gather(1, group).clamp(min=1)  # (C, n)
         p = p / p.sum(1, keepdim=True)
         q = q / q.sum(1, keepdim=True).clamp(min=1e-300)
-        kl = torch.where(p > 0, p * torch.log(p / q.clamp(min=1e-12)), 0.0).sum(1)  # (C,)
-        i = int(kl.argmin())
-        if float(kl[i]) < best_kl:
-            best, best_kl = int(cand[i]), float(kl[i])
-    return best * width
+        return torch.where(p > 0, p * torch.log(p / q.clamp(min=1e-12)), 0.0).sum(1)
+
+    return _search(cost, levels, n) * width
+
+
+def _search(cost, first: int, last: int, stride: int = 8, chunk: int = 128) -> int:
+    """argmin of cost over the integers first..last: every `stride`-th, then each one near the best."""
+
+    def best_of(cands: torch.Tensor) -> tuple[int, float]:
+        best = (last, float("inf"))
+        for part in cands.split(chunk):
+            c = cost(part)
+            i = int(c.argmin())
+            if float(c[i]) < best[1]:
+                best = (int(part[i]), float(c[i]))
+        return best
+
+    coarse, _ = best_of(torch.cat([torch.arange(first, last + 1, stride), torch.tensor([last])]).unique())
+    fine, _ = best_of(torch.arange(max(first, coarse - stride + 1), min(last, coarse + stride - 1) + 1))
+    return fine
