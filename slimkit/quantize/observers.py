@@ -232,14 +232,13 @@ def mse_threshold(hist: torch.Tensor, width: float, levels: int = LEVELS - 1) ->
     if n == 0:
         return 0.0
     h = hist[:n].double()  # (n,)
-    a = torch.arange(n, dtype=torch.float64) * width  # (n,) bin starts
-    b = a + width
+    edges = torch.arange(n + 1, dtype=torch.float64) * width  # (n + 1,) bin j is [edges[j], edges[j + 1])
+    a = edges[:-1]
 
     def cost(cand: torch.Tensor) -> torch.Tensor:  # (C,) bins kept -> (C,) expected error
         t = cand.double()[:, None] * width  # (C, 1)
-        step = t / levels
-        rounding = (_rounding_error_integral(b[None], step) - _rounding_error_integral(a[None], step)) / width  # (C, n)
-        clipping = ((b[None] - t) ** 3 - (a[None] - t) ** 3) / (3 * width)  # (C, n)
+        rounding = _rounding_error_integral(edges[None], t / levels).diff(dim=1) / width  # (C, n)
+        clipping = (edges[None] - t).pow(3).diff(dim=1) / (3 * width)  # (C, n)
         return (torch.where(a[None] < t, rounding, clipping) * h).sum(1)
 
     return _search(cost, 1, n) * width
@@ -276,7 +275,7 @@ def entropy_threshold(hist: torch.Tensor, width: float, levels: int = LEVELS) ->
     return _search(cost, levels, n) * width
 
 
-def _search(cost, first: int, last: int, stride: int = 8, chunk: int = 128) -> int:
+def _search(cost, first: int, last: int, stride: int = 8, chunk: int = 512) -> int:
     """argmin of cost over the integers first..last: every `stride`-th, then each one near the best."""
 
     def best_of(cands: torch.Tensor) -> tuple[int, float]:
