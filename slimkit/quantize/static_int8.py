@@ -21,9 +21,21 @@ carry values 10-100x the typical ones (massive activations); the range that
 covers them leaves the rest a handful of levels, and a range that clips them
 destroys exactly the values attention relies on. int8-dynamic gives each
 token its own scale and avoids the first half of that problem, so static
-per-tensor activations lose more on LLMs than dynamic ones; clipping
-observers (percentile, mse, entropy) trade the two errors, SmoothQuant
-reduces the channel outliers. Encoders such as MiniLM have milder ranges.
+per-tensor activations lose more than dynamic ones. Measured (2,048
+evaluation tokens; 16 calibration windows of 512; fp32 perplexity 14.39):
+
+  SmolLM2-135M   minmax      perplexity 32.2 (+124%), KL 0.88, top-1 0.54
+                 percentile  perplexity 49.2 (+242%), KL 1.23, top-1 0.47
+                 (int8-dynamic: 14.75, +2.5%, KL 0.026)
+  MiniLM-L6      minmax      cosine 0.984, top-10 overlap 0.88
+                 percentile  cosine 0.915, top-10 overlap 0.72
+                 (int8-dynamic: cosine 0.998)
+
+Clipping (percentile 99.99) is worse than no clipping on both: the values
+it clips are rare but they matter. Hence the default `minmax`. Static int8
+suits models without such outliers, or with `smooth_alpha` and `ignore` for
+the layers whose inputs carry them; for these two models prefer
+int8-dynamic or weight-only int8.
 """
 
 from __future__ import annotations
@@ -48,7 +60,7 @@ GRANULARITIES = ("per_channel", "per_tensor")
 
 @dataclass(frozen=True)
 class Int8StaticConfig:
-    observer: str = "percentile"  # one of OBSERVERS
+    observer: str = "minmax"  # one of OBSERVERS; minmax measured best on SmolLM2 and MiniLM
     percentile: float = 99.99  # percentile observer only
     weight_granularity: str = "per_channel"  # per_channel (one scale per output channel) or per_tensor
     symmetric_activations: bool = True  # False: [min, max] grid with an integer zero point
