@@ -42,8 +42,8 @@ def test_variants_keep_outputs_close(tiny, options):
     assert F.sqnr_db(_out(lm), _out(q)) > 18
 
 
-def test_static_loses_more_than_dynamic_on_outlier_tokens(tiny):
-    """One per-tensor scale must cover a loud token; a per-token scale need not."""
+def test_static_per_tensor_loses_more_than_dynamic_per_token(tiny):
+    """One fixed scale must cover every token; a per-token scale fits each (the measured LLM gap)."""
     lm = slimkit.load(tiny("llama"))
     static = slimkit.quantize(lm, "int8-static", observer="minmax", targets=["mlp.*"], **CAL)
     dynamic = slimkit.quantize(lm, "int8-dynamic", targets=["mlp.*"])
