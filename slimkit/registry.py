@@ -71,6 +71,7 @@ def _import_builtin() -> None:
 _BUILTIN: list[str] = [
     "slimkit.quantize.cast",
     "slimkit.quantize.dynamic_int8",
+    "slimkit.quantize.static_int8",
     "slimkit.quantize.weight_only",
     "slimkit.quantize.gptq",
     "slimkit.quantize.aliases",

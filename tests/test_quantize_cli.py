@@ -9,7 +9,7 @@ from slimkit.quantize import parse_options
 
 def test_list_shows_every_method():
     methods = {m["name"]: m["summary"] for m in cli_json("quantize", "--list")["methods"]}
-    assert {"bf16", "fp16", "int8-dynamic", "int8-wo", "int4-wo", "nf4", "int8", "int4"} <= set(methods)
+    assert {"bf16", "fp16", "int8-dynamic", "int8-static", "int8-wo", "int4-wo", "nf4", "int8", "int4"} <= set(methods)
     assert all(methods.values())
     proc = run_cli("quantize", "--list")
     assert proc.returncode == 0 and "int4-wo" in proc.stdout
@@ -43,3 +43,17 @@ def test_parse_options_types():
     assert parse_options("nf4", ["double-quant=yes"]) == {"double_quant": True}
     assert parse_options("int8-dynamic", ["smooth_alpha=0.5", "n_samples=8"]) == {"smooth_alpha": 0.5, "n_samples": 8}
     assert parse_options("int8-dynamic", ["smooth_alpha=none"]) == {"smooth_alpha": None}
+
+
+def test_int8_static_with_an_observer(tiny, tmp_path):
+    out = tmp_path / "q"
+    info = cli_json("quantize", str(tiny("llama")), "--method", "int8-static", "--out", str(out),
+                    "-o", "observer=entropy", "-o", "n_samples=2", "-o", "seq_len=64")
+    assert info["options"] == {"observer": "entropy", "n_samples": 2, "seq_len": 64} and info["quantized_modules"] > 0
+    manifest = json.loads((out / "slimkit.json").read_text())
+    assert manifest["recipe"][-1]["method"] == "int8-static" and manifest["recipe"][-1]["observer"] == "entropy"
+    assert {spec["format"] for spec in manifest["modules"].values()} == {"int8-static"}
+    assert parse_options("int8-static", ["percentile=99.9", "weight_granularity=per_tensor", "symmetric_activations=false"]) == {
+        "percentile": 99.9, "weight_granularity": "per_tensor", "symmetric_activations": False}
+    assert_user_error(run_cli("quantize", str(tiny("llama")), "--method", "int8-static", "--out", str(out), "-o", "observer=kl"),
+                      "observer='kl' is unknown", "minmax, percentile, entropy, mse")

@@ -6,14 +6,18 @@ returns a new model, registered by name (see `slimkit quantize --list`):
   bf16, fp16          casts (cast.py)
   int8-dynamic        int8 weights x per-token int8 activations, optional
                       SmoothQuant (dynamic_int8.py, smoothing.py)
+  int8-static         int8 weights x int8 activations with scales fixed from
+                      calibration by an observer: minmax, percentile, entropy
+                      (KL), mse (static_int8.py, observers.py)
   int8-wo, int4-wo    weight-only integers, group-wise, packed (weight_only.py)
   nf4                 4-bit NormalFloat code book, double quant (weight_only.py)
   gptq                weight-only int4/int8 with Hessian error compensation
                       (gptq.py; the math in gptq_math.py)
   int8, int4          the recommended method of that width (aliases.py)
 
-Methods that calibrate (gptq, int8-dynamic with smooth_alpha) read the
-calibration split of `data` (default: the embedded corpus), never evaluation.
+Methods that calibrate (gptq, int8-static, int8-dynamic with smooth_alpha)
+read the calibration split of `data` (default: the embedded corpus), never
+evaluation.
 
 The number formats are pure tensor math in formats.py; the modules that hold
 packed weights and call the CPU kernels are in modules.py.

@@ -11,7 +11,9 @@ one token, SmolLM2 shapes): the CPU kernels `_weight_int8pack_mm` and
 `_weight_int4pack_mm_for_cpu` are fast with bf16 activations and 10-100x
 slower with fp32 ones, so the weight-only modules cast activations to bf16 for
 the matmul and back. `torch._int_mm` (int8 x int8 -> int32) serves dynamic
-int8. Formats without a CPU kernel (NF4, grouped int8, per-channel int4)
+and static int8 (`int8_matmul`: any shape on CPU; on CUDA it needs more than
+16 rows and K, N multiples of 8, so short inputs are padded with zero rows
+and other shapes take an exact float64 matmul). Formats without a CPU kernel (NF4, grouped int8, per-channel int4)
 dequantize the weight on every call: they save memory and disk, not time.
 """
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.quantize import formats as Q
+from slimkit.quantize import observers as O
 
 KERNEL_DTYPE = torch.bfloat16
 
@@ -37,6 +40,24 @@ def linear_weight(layer: nn.Module) -> torch.Tensor:
     if isinstance(layer, nn.Linear):
         return layer.weight
     return layer.weight.t()
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, K) int8 @ b (K, N) int8 -> (M, N) int32, exact on every device.
+
+    The CPU kernel takes any M, K, N (checked on torch 2.13: M = 0, 1, 17;
+    K, N = 1, 7, 13). cuBLAS refuses M <= 16 and K or N not a multiple of 8.
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b)
+    if k % 8 or n % 8 or m == 0:
+        return (a.double() @ b.double()).to(torch.int32)  # exact: |sums| < 2^53
+    if m <= 16:
+        padded = torch.cat([a, a.new_zeros(17 - m, k)])  # (17, K): zero rows add nothing
+        return torch._int_mm(padded, b)[:m]
+    return torch._int_mm(a, b)
 
 
 class QuantLinear(nn.Module):
@@ -115,8 +136,78 @@ class Int8DynamicLinear(QuantLinear):
             x = x * self.inv_smooth
         x_scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)  # (M, 1)
         xq = torch.round(x / x_scale).clamp(-127, 127).to(torch.int8)  # (M, K)
-        acc = torch._int_mm(xq, self.weight_q.t())  # (M, N) int32
+        acc = int8_matmul(xq, self.weight_q.t())  # (M, N) int32
         return acc.float() * x_scale * self.weight_scale
+
+
+class StaticInt8Linear(QuantLinear):
+    """int8 weights x int8 activations with a scale (and zero point) fixed at calibration.
+
+    y = s_x s_w (X_q W_q^T - z rowsum(W_q)) + b, accumulated in int32: with a
+    fixed zero point z the correction is a constant per output channel,
+    computed once (`_kernel`). `weight_granularity`: one weight scale per
+    output channel ("per_channel") or one for the matrix ("per_tensor").
+    With `smooth`, inputs are divided by SmoothQuant factors first (as in
+    Int8DynamicLinear); the fixed range was observed on the divided inputs.
+    """
+
+    fmt = "int8-static"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, weight_granularity: str = "per_channel", symmetric_activations: bool = True, smooth: bool = False):
+        super().__init__(in_features, out_features, bias)
+        if weight_granularity not in ("per_channel", "per_tensor"):
+            raise ValueError(f"unknown weight_granularity {weight_granularity!r}")
+        self.weight_granularity, self.symmetric_activations = weight_granularity, symmetric_activations
+        _weight_buffer(self, "weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features if weight_granularity == "per_channel" else 1))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
+        self.register_buffer("inv_smooth", torch.ones(in_features) if smooth else None)
+        self._kernel: dict = {}
+
+    def spec(self) -> dict:
+        return {**super().spec(), "weight_granularity": self.weight_granularity, "symmetric_activations": self.symmetric_activations, "smooth": self.inv_smooth is not None}
+
+    def set_weight(self, w: torch.Tensor, smooth: torch.Tensor | None = None) -> None:
+        """w (N, K); smooth (K,) per-input-channel factors, or None."""
+        if smooth is not None:
+            w = w * smooth[None, :]
+            self.inv_smooth.copy_(1 / smooth)
+        q, scale = O.quantize_weight(w, self.weight_granularity == "per_channel")
+        self.weight_q.copy_(q)
+        self.weight_scale.copy_(scale)
+        self._kernel.clear()
+
+    def set_input_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        if self.symmetric_activations and int(zero_point) != 0:
+            raise ValueError("a symmetric activation grid has zero point 0")
+        self.input_scale.copy_(scale)
+        self.input_zero_point.copy_(zero_point)
+        self._kernel.clear()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _constants(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N,) output scale s_x s_w and (N,) zero-point correction (None when z = 0)."""
+        if "scale" not in self._kernel:
+            out_scale = (self.input_scale * self.weight_scale).expand(self.out_features).contiguous()  # (N,)
+            z = int(self.input_zero_point)
+            rowsum = self.weight_q.sum(1, dtype=torch.int32).float()  # (N,)
+            self._kernel["scale"] = out_scale
+            self._kernel["offset"] = -(out_scale * z * rowsum) if z else None
+        return self._kernel["scale"], self._kernel["offset"]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth
+        xq = O.quantize_activation(x, self.input_scale, self.input_zero_point, self.symmetric_activations)  # (M, K)
+        acc = int8_matmul(xq, self.weight_q.t())  # (M, N) int32
+        scale, offset = self._constants()
+        y = acc.float() * scale
+        return y + offset if offset is not None else y
 
 
 class WeightOnlyLinear(QuantLinear):
@@ -317,4 +408,4 @@ class TiedInt8Head(nn.Module):
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
-LINEAR_FORMATS = {cls.fmt: cls for cls in (Int8DynamicLinear, WeightOnlyLinear, NF4Linear)}
+LINEAR_FORMATS = {cls.fmt: cls for cls in (Int8DynamicLinear, StaticInt8Linear, WeightOnlyLinear, NF4Linear)}
