@@ -10,9 +10,12 @@ returns a new model, registered by name (see `slimkit quantize --list`):
   nf4                 4-bit NormalFloat code book, double quant (weight_only.py)
   gptq                weight-only int4/int8 with Hessian error compensation
                       (gptq.py; the math in gptq_math.py)
+  awq                 weight-only int4/int8 with activation-aware per-channel
+                      scales folded into norms where exact; with embeddings,
+                      the tied head too (awq.py; the search in awq_math.py)
   int8, int4          the recommended method of that width (aliases.py)
 
-Methods that calibrate (gptq, int8-dynamic with smooth_alpha) read the
+Methods that calibrate (gptq, awq, int8-dynamic with smooth_alpha) read the
 calibration split of `data` (default: the embedded corpus), never evaluation.
 
 The number formats are pure tensor math in formats.py; the modules that hold
