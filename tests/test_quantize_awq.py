@@ -14,7 +14,7 @@ from slimkit.quantize.awq import AWQConfig, scale_model_
 from slimkit.quantize.awq_math import awq_scales, fake_quantize, scaled_error, search_scale
 from slimkit.quantize.modules import Int8Embedding, TiedInt8Head, WeightOnlyLinear
 
-CALIB = {"n_samples": 2, "seq_len": 64, "grid": 10}
+CALIB = {"n_samples": 4, "seq_len": 64, "grid": 10}
 
 
 def _layer(n=96, k=128, seed=0):
