@@ -156,3 +156,9 @@ def test_bad_options_name_the_fix(tiny, options, fragment):
 def test_group_not_dividing_fails_before_calibrating(tiny):
     with pytest.raises(SlimkitError, match="does not divide the input dimension 64"):
         slimkit.quantize(tiny("llama"), "awq", group_size=128)
+
+
+def test_cli_options_reach_int8_per_channel():
+    from slimkit.quantize import parse_options
+
+    assert parse_options("awq", ["bits=8", "group_size=none", "symmetric=true", "grid=10"]) == {"bits": 8, "group_size": None, "symmetric": True, "grid": 10}

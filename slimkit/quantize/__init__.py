@@ -94,7 +94,7 @@ def _parse_value(key: str, value: str, default, type_name: str):
         except ValueError:
             raise SlimkitError(f"option {key} takes a number, got '{value}'") from None
     if isinstance(default, int) or default is None:
-        if default is None and value.lower() == "none":
+        if (default is None or "None" in type_name) and value.lower() == "none":  # e.g. group_size: int | None = 64
             return None
         try:
             return int(value)
