@@ -74,6 +74,7 @@ _BUILTIN: list[str] = [
     "slimkit.quantize.static_int8",
     "slimkit.quantize.weight_only",
     "slimkit.quantize.gptq",
+    "slimkit.quantize.awq",
     "slimkit.quantize.aliases",
     "slimkit.prune.unstructured",
     "slimkit.prune.semi_structured",

@@ -13,11 +13,14 @@ returns a new model, registered by name (see `slimkit quantize --list`):
   nf4                 4-bit NormalFloat code book, double quant (weight_only.py)
   gptq                weight-only int4/int8 with Hessian error compensation
                       (gptq.py; the math in gptq_math.py)
+  awq                 weight-only int4/int8 with activation-aware per-channel
+                      scales folded into norms where exact; with embeddings,
+                      the tied head too (awq.py; the search in awq_math.py)
   int8, int4          the recommended method of that width (aliases.py)
 
-Methods that calibrate (gptq, int8-static, int8-dynamic with smooth_alpha)
-read the calibration split of `data` (default: the embedded corpus), never
-evaluation.
+Methods that calibrate (gptq, awq, int8-static, int8-dynamic with
+smooth_alpha) read the calibration split of `data` (default: the embedded
+corpus), never evaluation.
 
 The number formats are pure tensor math in formats.py; the modules that hold
 packed weights and call the CPU kernels are in modules.py.
@@ -95,7 +98,7 @@ def _parse_value(key: str, value: str, default, type_name: str):
         except ValueError:
             raise SlimkitError(f"option {key} takes a number, got '{value}'") from None
     if isinstance(default, int) or default is None:
-        if default is None and value.lower() == "none":
+        if (default is None or "None" in type_name) and value.lower() == "none":  # e.g. group_size: int | None = 64
             return None
         try:
             return int(value)

@@ -217,12 +217,16 @@ class WeightOnlyLinear(QuantLinear):
     `scale` (N, K // group) fp16 (fp32 per channel); `offset` likewise (asymmetric).
     Kernels: int8 symmetric per channel -> _weight_int8pack_mm; int4 with
     groups of 32..256 -> _weight_int4pack_mm_for_cpu; otherwise dequantize.
+    With `input_scale` (AWQ where the scale cannot be folded into the layer
+    before), the stored weight is W diag(s) and inputs are multiplied by
+    `inv_input_scale` = 1 / s (K,) first.
     """
 
     fmt = "weight-only"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int = 8, group_size: int | None = None, symmetric: bool = True):
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int = 8, group_size: int | None = None, symmetric: bool = True, input_scale: bool = False):
         super().__init__(in_features, out_features, bias)
+        self.register_buffer("inv_input_scale", torch.ones(in_features) if input_scale else None)
         Q.qrange(bits)
         self.bits, self.symmetric = bits, symmetric
         self.group_size = group_size
@@ -236,7 +240,8 @@ class WeightOnlyLinear(QuantLinear):
         self._kernel: dict = {}
 
     def spec(self) -> dict:
-        return {**super().spec(), "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        extra = {"input_scale": True} if self.inv_input_scale is not None else {}  # absent: as before AWQ
+        return {**super().spec(), "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, **extra}
 
     def set_weight(self, w: torch.Tensor) -> None:
         self.set_quantized(Q.quantize_int(w, self.bits, self.group_size, self.symmetric))
@@ -272,6 +277,8 @@ class WeightOnlyLinear(QuantLinear):
         return "dequantize"
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inv_input_scale is not None:
+            x = x.float() * self.inv_input_scale  # (M, K)
         kind = self.kernel() if x.device.type == "cpu" else "dequantize"
         if kind == "int8pack":
             if "s" not in self._kernel:
@@ -340,34 +347,45 @@ class Int8Embedding(nn.Module):
 
     With a tied LM head, the same int8 matrix serves `TiedInt8Head`: the head's
     output channels are the embedding's rows, so one set of scales fits both.
+    With `column_scale` (AWQ on the tied head), the stored matrix is E diag(s):
+    the head reads it as is (1 / s is folded into the norm before the head)
+    and looked-up rows are multiplied by `inv_column_scale` = 1 / s (D,).
     """
 
     fmt = "int8-embedding"
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, column_scale: bool = False):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.compute_dtype = torch.float32  # dtype of the looked-up rows (common.cast_unquantized sets it)
         _weight_buffer(self, "weight_q", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(num_embeddings))
+        self.register_buffer("inv_column_scale", torch.ones(embedding_dim) if column_scale else None)
         self._kernel: dict = {}
 
     @classmethod
-    def from_float(cls, emb: nn.Embedding) -> "Int8Embedding":
-        module = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
-        qt = Q.quantize_int(emb.weight.detach().float(), 8, None, symmetric=True)
+    def from_float(cls, emb: nn.Embedding, column_scale: torch.Tensor | None = None) -> "Int8Embedding":
+        """column_scale: (D,) AWQ factors s, or None."""
+        module = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, column_scale is not None)
+        w = emb.weight.detach().float()  # (V, D)
+        if column_scale is not None:
+            w = w * column_scale[None, :]
+            module.inv_column_scale.copy_(1 / column_scale)
+        qt = Q.quantize_int(w, 8, None, symmetric=True)
         module.weight_q.copy_(qt.q)
         module.weight_scale.copy_(qt.scale[:, 0])
         return module
 
     @classmethod
     def from_spec(cls, spec: dict) -> "Int8Embedding":
-        module = cls(spec["num_embeddings"], spec["embedding_dim"], spec.get("padding_idx"))
+        module = cls(spec["num_embeddings"], spec["embedding_dim"], spec.get("padding_idx"), spec.get("column_scale", False))
         module.compute_dtype = getattr(torch, spec.get("compute_dtype", "float32"))
         return module
 
     def spec(self) -> dict:
         spec = {"format": self.fmt, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx}
+        if self.inv_column_scale is not None:
+            spec["column_scale"] = True
         if self.compute_dtype != torch.float32:
             spec["compute_dtype"] = str(self.compute_dtype).removeprefix("torch.")
         return spec
@@ -378,7 +396,9 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.weight_q).float()  # (..., D)
-        return (rows * self.weight_scale[ids][..., None]).to(self.compute_dtype)
+        rows = rows * self.weight_scale[ids][..., None]
+        rows = rows if self.inv_column_scale is None else rows * self.inv_column_scale
+        return rows.to(self.compute_dtype)
 
     def head_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, D) @ dequantized(weight).T -> (M, V) through the int8 weight kernel."""
