@@ -73,6 +73,7 @@ _BUILTIN: list[str] = [
     "slimkit.quantize.dynamic_int8",
     "slimkit.quantize.weight_only",
     "slimkit.quantize.gptq",
+    "slimkit.quantize.qat",
     "slimkit.quantize.aliases",
     "slimkit.prune.unstructured",
     "slimkit.prune.semi_structured",

@@ -10,9 +10,13 @@ returns a new model, registered by name (see `slimkit quantize --list`):
   nf4                 4-bit NormalFloat code book, double quant (weight_only.py)
   gptq                weight-only int4/int8 with Hessian error compensation
                       (gptq.py; the math in gptq_math.py)
+  qat                 quantization-aware training: fake-quantize, fine-tune
+                      on calibration text (KD from the float model), convert
+                      to the int4-wo / int8-wo / int8-dynamic modules
+                      (qat.py; the fake-quant math in fake_quant.py)
   int8, int4          the recommended method of that width (aliases.py)
 
-Methods that calibrate (gptq, int8-dynamic with smooth_alpha) read the
+Methods that calibrate or train (gptq, qat, int8-dynamic with smooth_alpha) read the
 calibration split of `data` (default: the embedded corpus), never evaluation.
 
 The number formats are pure tensor math in formats.py; the modules that hold
