@@ -95,10 +95,11 @@ def _parse_value(key: str, value: str, default, type_name: str):
         except ValueError:
             raise SlimkitError(f"option {key} takes a number, got '{value}'") from None
     if isinstance(default, int) or default is None:
-        if default is None and value.lower() == "none":
+        optional = default is None or "None" in type_name
+        if optional and value.lower() == "none":
             return None
         try:
             return int(value)
         except ValueError:
-            raise SlimkitError(f"option {key} takes an integer{' or none' if default is None else ''}, got '{value}'") from None
+            raise SlimkitError(f"option {key} takes an integer{' or none' if optional else ''}, got '{value}'") from None
     return value
