@@ -173,7 +173,7 @@ def test_save_and_reload_is_exact(tiny, tmp_path, arch, options):
 def test_encoder_trains_on_the_embedding_loss(tiny):
     q = slimkit.quantize(tiny("bert"), "qat", steps=4, **FAST)
     assert q.manifest["training"]["steps"] == 4 and q.manifest["training"]["loss"] == "kd"
-    with pytest.raises(SlimkitError, match="loss=ce needs next-token labels, which a encoder model does not predict: use loss=kd"):
+    with pytest.raises(SlimkitError, match="loss=ce needs next-token labels, and a model of kind encoder predicts none: use loss=kd"):
         slimkit.quantize(tiny("bert"), "qat", loss="ce", steps=1, **FAST)
 
 

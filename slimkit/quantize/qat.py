@@ -25,9 +25,11 @@ judged on. Three steps:
             holding the quantization of the trained master weight: the same
             kernels, the same artifact format, the same reload. Its weight
             equals the fake-quantized weight exactly; outputs differ only by
-            the kernels' bf16 rounding. `embeddings=True` then stores the
-            input embedding (and a tied head) as int8 rows, as the other
-            methods do (after training, so training does not see it).
+            the kernels' bf16 rounding. (No SmoothQuant factors: training
+            adapts the weights to the per-token grid instead.)
+            `embeddings=True` then stores the input embedding (and a tied
+            head) as int8 rows, as the other methods do, after training, so
+            training does not see that rounding.
 
 What trains: the master weights and biases of the fake-quantized layers.
 Embeddings, norms and every layer left in float (the LM head by default) are
@@ -146,7 +148,7 @@ def loss_term(kind: str, loss: str) -> Term:
     if kind == CAUSAL_LM:
         return LogitKD(alpha=1.0 if loss == "kd" else 0.0)
     if loss == "ce":
-        raise SlimkitError(f"loss=ce needs next-token labels, which a {kind} model does not predict: use loss=kd")
+        raise SlimkitError(f"loss=ce needs next-token labels, and a model of kind {kind} predicts none: use loss=kd")
     return EmbeddingLoss() if kind == ENCODER else LogitKD(alpha=1.0)
 
 
