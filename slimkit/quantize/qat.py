@@ -61,7 +61,7 @@ from slimkit.distill.losses import EmbeddingLoss, LogitKD, Term
 from slimkit.distill.trainer import lr_factor, model_outputs
 from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM, ENCODER, LoadedModel
-from slimkit.progress import track
+from slimkit.progress import note, track
 from slimkit.quantize.common import DEFAULT_IGNORE, check_patterns, copy_model, record, select_linears, set_module
 from slimkit.quantize.embedding import quantize_embeddings
 from slimkit.quantize.fake_quant import FakeQuantLinear
@@ -72,6 +72,7 @@ from slimkit.registry import register
 
 LOSSES = ("kd", "ce")
 ACTIVATIONS = ("none", "int8-dynamic")
+MIN_STEPS = 10  # below this a time budget is warned about: Adam's first steps move every weight by about lr
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,9 @@ def finetune(lm: LoadedModel, teacher: nn.Module | None, batches: list[torch.Ten
             optimizer.zero_grad(set_to_none=True)
             per_step = time.perf_counter() - start
             planned = max(1, min(planned, int((budget - per_step) * 0.97 / per_step)))
+            if planned < MIN_STEPS:
+                note(f"qat: {config.minutes} minutes fit only {planned} steps of {per_step:.0f} s; so few Adam steps can end worse "
+                     f"than no training (steps=0): raise minutes, or lower batch_size / seq_len")
         losses, stopped_by = [], "steps"
         for step in track(range(planned), "Training (QAT)", total=planned):
             for group in optimizer.param_groups:
