@@ -252,9 +252,10 @@ def quantize_cmd(
         raise SlimkitError(f"quantize needs {', '.join(missing)}: e.g. slimkit quantize smollm2-135m --method int8 --out ./smollm2-int8")
     options = parse_options(method, option or [])
     q = quantize(_load(model, "fp32", threads, trust_remote_code), method, data=data, **options)
-    path = save(q, out_dir, overwrite=overwrite)
+    training = {"training": q.manifest["training"]} if "training" in q.manifest else {}  # methods that train (qat)
+    path = save(q, out_dir, overwrite=overwrite, metrics=training)
     info = {"model": model, "method": method, "options": options, "out": str(path), "quantized_modules": len(quantized_modules(q.model)),
-            "parameters": q.num_parameters(), "size_on_disk_mb": round(dir_size_mb(path), 3)}
+            "parameters": q.num_parameters(), "size_on_disk_mb": round(dir_size_mb(path), 3), **training}
     _emit(as_json, info, [table(f"Quantized {model} with {method}", [(k, str(v)) for k, v in info.items()])])
 
 

@@ -75,6 +75,7 @@ _BUILTIN: list[str] = [
     "slimkit.quantize.weight_only",
     "slimkit.quantize.gptq",
     "slimkit.quantize.awq",
+    "slimkit.quantize.qat",
     "slimkit.quantize.aliases",
     "slimkit.prune.unstructured",
     "slimkit.prune.semi_structured",

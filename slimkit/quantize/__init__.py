@@ -16,11 +16,15 @@ returns a new model, registered by name (see `slimkit quantize --list`):
   awq                 weight-only int4/int8 with activation-aware per-channel
                       scales folded into norms where exact; with embeddings,
                       the tied head too (awq.py; the search in awq_math.py)
+  qat                 quantization-aware training: fake-quantize, fine-tune
+                      on calibration text (KD from the float model), convert
+                      to the int4-wo / int8-wo / int8-dynamic modules
+                      (qat.py; the fake-quant math in fake_quant.py)
   int8, int4          the recommended method of that width (aliases.py)
 
-Methods that calibrate (gptq, awq, int8-static, int8-dynamic with
-smooth_alpha) read the calibration split of `data` (default: the embedded
-corpus), never evaluation.
+Methods that calibrate or train (gptq, awq, qat, int8-static, int8-dynamic
+with smooth_alpha) read the calibration split of `data` (default: the
+embedded corpus), never evaluation.
 
 The number formats are pure tensor math in formats.py; the modules that hold
 packed weights and call the CPU kernels are in modules.py.
@@ -98,10 +102,11 @@ def _parse_value(key: str, value: str, default, type_name: str):
         except ValueError:
             raise SlimkitError(f"option {key} takes a number, got '{value}'") from None
     if isinstance(default, int) or default is None:
-        if (default is None or "None" in type_name) and value.lower() == "none":  # e.g. group_size: int | None = 64
+        optional = default is None or "None" in type_name  # e.g. group_size: int | None = 64
+        if optional and value.lower() == "none":
             return None
         try:
             return int(value)
         except ValueError:
-            raise SlimkitError(f"option {key} takes an integer{' or none' if default is None else ''}, got '{value}'") from None
+            raise SlimkitError(f"option {key} takes an integer{' or none' if optional else ''}, got '{value}'") from None
     return value

@@ -111,6 +111,19 @@ def dequantize_int(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | 
     return w.reshape(n, k).to(dtype)
 
 
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic int8 activations, one symmetric scale per token (row), full range +-127:
+    x (M, K) float -> (q (M, K) int8, scale (M, 1) fp32); x ~ q * scale."""
+    x = x.float()
+    scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)  # (M, 1)
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def scale_dtype(group_size: int | None) -> torch.dtype:
+    """How weight-only scales are stored: fp32 per channel, fp16 per group (4 bytes a row vs 2 a group)."""
+    return torch.float32 if group_size is None else torch.float16
+
+
 # --------------------------------------------------------------------------- packing
 
 

@@ -134,8 +134,7 @@ class Int8DynamicLinear(QuantLinear):
         x = x.float()
         if self.inv_smooth is not None:
             x = x * self.inv_smooth
-        x_scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)  # (M, 1)
-        xq = torch.round(x / x_scale).clamp(-127, 127).to(torch.int8)  # (M, K)
+        xq, x_scale = Q.quantize_tokens(x)  # (M, K) int8, (M, 1)
         acc = int8_matmul(xq, self.weight_q.t())  # (M, N) int32
         return acc.float() * x_scale * self.weight_scale
 
@@ -232,7 +231,7 @@ class WeightOnlyLinear(QuantLinear):
         self.group_size = group_size
         g = Q.check_group(in_features, self.group_size)
         n_groups = in_features // g
-        scale_dtype = torch.float32 if self.group_size is None else torch.float16
+        scale_dtype = Q.scale_dtype(self.group_size)
         cols = in_features if bits == 8 else in_features // 2
         _weight_buffer(self, "qweight", torch.zeros(out_features, cols, dtype=torch.int8 if bits == 8 else torch.uint8), 8 // bits)
         self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=scale_dtype))
