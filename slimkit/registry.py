@@ -74,6 +74,7 @@ _BUILTIN: list[str] = [
     "slimkit.quantize.weight_only",
     "slimkit.quantize.gptq",
     "slimkit.quantize.aliases",
+    "slimkit.quantize.mixed",
     "slimkit.prune.unstructured",
     "slimkit.prune.semi_structured",
     "slimkit.prune.structured",
