@@ -161,3 +161,12 @@ def test_encoder_budget_is_cosine(tiny):
     assert report.metric == "cosine" and not report.met and set(_bits(q.model).values()) == {8}
     with pytest.raises(SlimkitError, match="metric 'kl' does not fit a encoder model: use cosine"):
         fallback(tiny("bert"), "int4-wo", budget={"max_kl": 0.1})
+
+
+@pytest.mark.slow
+def test_minilm_mixed_meets_a_cosine_budget():
+    lm = slimkit.load("minilm-l6")
+    q, report = fallback(lm, "int4-wo", {"group_size": 32}, "int8-wo", {"max_cosine_drop": 0.002})
+    assert report.metric == "cosine" and report.met and report.score <= 0.002
+    assert report.sensitivity.granularity == "block" and len(report.sensitivity.units) == 7  # 6 blocks + pooler
+    assert len(report.tried) <= 2 + 3
