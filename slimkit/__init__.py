@@ -16,6 +16,7 @@ from slimkit.errors import SlimkitError
 from slimkit.evaluate import EvalConfig, EvalResult, evaluate
 from slimkit.models import EMBEDDED, LoadedModel, load
 from slimkit.quantize import quantize
+from slimkit.quantize.sensitivity import sensitivity
 from slimkit.prune import prune
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "quantize",
     "prune",
     "save",
+    "sensitivity",
 ]

@@ -259,6 +259,31 @@ def quantize_cmd(
     _emit(as_json, info, [table(f"Quantized {model} with {method}", [(k, str(v)) for k, v in info.items()])])
 
 
+@command("sensitivity")
+def sensitivity_cmd(
+    model: ModelArg,
+    method: Annotated[str, typer.Option("--method", "-m", help="quantize method whose per-layer loss to measure")] = "int4-wo",
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="method option KEY=VALUE, repeatable: -o group_size=64")] = None,
+    granularity: Annotated[str, typer.Option(help="block (each transformer block's linears together) or layer (each linear)")] = "block",
+    metric: Annotated[str, typer.Option(help="auto, kl, ppl (causal LMs) or cosine (encoders)")] = "auto",
+    samples: Annotated[int, typer.Option(help="calibration windows to measure on")] = 4,
+    seq_len: Annotated[int, typer.Option(help="tokens per window")] = 256,
+    data: Annotated[str | None, typer.Option(help="calibration text: pydoc (default), a .txt/.jsonl file, or hf:NAME (its calibration split)")] = None,
+    threads: Threads = None,
+    as_json: Json = False,
+):
+    """Rank layers (or blocks) by how much quantizing each alone hurts quality, most sensitive first."""
+    from slimkit.display import fmt, table
+    from slimkit.quantize import parse_options
+    from slimkit.quantize.sensitivity import sensitivity
+
+    options = parse_options(method, option or [])
+    r = sensitivity(_load(model, "fp32", threads), method, options, data=data, granularity=granularity, metric=metric, n_samples=samples, seq_len=seq_len)
+    rows = [(f"{i + 1}. {u.name}" + (f" ({len(u.layers)} layers)" if len(u.layers) > 1 else ""), fmt(u.score, 6)) for i, u in enumerate(r.units)]
+    title = f"Sensitivity of {model} to {method} ({r.metric} on {r.tokens} calibration tokens, {r.seconds:.0f} s)"
+    _emit(as_json, r.to_dict(), [table(title, rows, (r.granularity, r.metric))])
+
+
 @command("export")
 def export_cmd(
     model: ModelArg,

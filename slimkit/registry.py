@@ -77,6 +77,7 @@ _BUILTIN: list[str] = [
     "slimkit.quantize.awq",
     "slimkit.quantize.qat",
     "slimkit.quantize.aliases",
+    "slimkit.quantize.mixed",
     "slimkit.prune.unstructured",
     "slimkit.prune.semi_structured",
     "slimkit.prune.structured",

@@ -21,6 +21,9 @@ returns a new model, registered by name (see `slimkit quantize --list`):
                       to the int4-wo / int8-wo / int8-dynamic modules
                       (qat.py; the fake-quant math in fake_quant.py)
   int8, int4          the recommended method of that width (aliases.py)
+  mixed               a low method (int4-wo, ...) on most layers, a high one
+                      (int8-wo, or float) on the most sensitive, to a quality
+                      budget (mixed.py; the ranking in sensitivity.py)
 
 Methods that calibrate or train (gptq, awq, qat, int8-static, int8-dynamic
 with smooth_alpha) read the calibration split of `data` (default: the
@@ -51,6 +54,16 @@ def quantize(model: LoadedModel | str, method: str, *, data=None, **options) -> 
     from slimkit.data import TextSource
 
     technique = registry.get(method, "quantize")
+    config = make_config(method, options)
+    source = data if isinstance(data, TextSource) or data is None else TextSource.parse(data, "calibration")
+    return technique.apply(load(model), config, data=source)
+
+
+def make_config(method: str, options: dict):
+    """The validated Config of quantize `method` from keyword options (lists become tuples)."""
+    from slimkit import registry
+
+    technique = registry.get(method, "quantize")
     known = {f.name for f in fields(technique.config_cls)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -58,10 +71,7 @@ def quantize(model: LoadedModel | str, method: str, *, data=None, **options) -> 
             f"unknown option(s) {', '.join(unknown)} for quantize method '{method}': "
             f"its options are {', '.join(sorted(known)) or 'none'}"
         )
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-    config = technique.config_cls(**options)
-    source = data if isinstance(data, TextSource) or data is None else TextSource.parse(data, "calibration")
-    return technique.apply(load(model), config, data=source)
+    return technique.config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
 
 
 def parse_options(method: str, pairs: list[str]) -> dict:
@@ -69,21 +79,36 @@ def parse_options(method: str, pairs: list[str]) -> dict:
 
     Values are read by the type of the field's default: true/false for
     booleans, integers (or `none`), comma-separated lists for name patterns.
+    A method that takes other methods (`mixed`: fields `low` and
+    `low_options`) takes their options as `-o low.group_size=64`, read by
+    the types of the method named in `-o low=...` (or its default).
     """
     from slimkit import registry
 
     config_fields = fields(registry.get(method, "quantize").config_cls)
     defaults = {f.name: f.default for f in config_fields}
     types = {f.name: str(f.type) for f in config_fields}
-    options = {}
+    options: dict = {}
+    nested = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise SlimkitError(f"option '{pair}' is not KEY=VALUE: write e.g. -o group_size=64")
+        outer, dot, inner = key.partition(".")
+        if dot and f"{outer}_options" in defaults:
+            nested.append((outer, inner, value.strip()))
+            continue
         if key not in defaults:
             raise SlimkitError(f"unknown option '{key}' for quantize method '{method}': its options are {', '.join(sorted(defaults)) or 'none'}")
+        if types[key].startswith("dict"):
+            raise SlimkitError(f"option {key} takes the options of another method: write -o {key.removesuffix('_options')}.OPTION=VALUE, e.g. -o {key.removesuffix('_options')}.group_size=64")
         options[key] = _parse_value(key, value.strip(), defaults[key], types[key])
+    for outer, inner, value in nested:
+        sub_method = options.get(outer, defaults[outer])
+        if sub_method == "none":
+            raise SlimkitError(f"option {outer}.{inner}: {outer}=none takes no options")
+        options.setdefault(f"{outer}_options", {}).update(parse_options(sub_method, [f"{inner}={value}"]))
     return options
 
 
@@ -92,7 +117,9 @@ def _parse_value(key: str, value: str, default, type_name: str):
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise SlimkitError(f"option {key} takes true or false, got '{value}'")
         return value.lower() in ("true", "1", "yes")
-    if isinstance(default, tuple):
+    if isinstance(default, tuple) or type_name.startswith("tuple"):
+        if default is None and value.lower() == "none":
+            return None
         return tuple(p.strip() for p in value.split(",") if p.strip())
     if "float" in type_name:
         if "None" in type_name and value.lower() == "none":
