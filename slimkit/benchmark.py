@@ -8,7 +8,9 @@
   * throughput at several batch sizes (sequences/s and tokens/s).
   * decode tokens/s (causal LMs): greedy decoding with a KV cache for exactly
     `new_tokens` tokens after the prompt (no stop at EOS); only the decode
-    steps are timed; the median of `decode_repeats` runs.
+    steps are timed; the median of `decode_repeats` runs. With `compile`,
+    through `torch.compile` and a static cache (compiled.py); the result says
+    which runtime decoded (`decode_runtime`) and how long compiling took.
   * peak memory: the process's peak resident set size while benchmarking
     (its high-water mark is reset first where Linux allows), and CUDA's peak
     allocation on a GPU.
@@ -50,6 +52,7 @@ class BenchConfig:
     decode_repeats: int = 3
     threads: int | None = None
     measure_size: bool = True
+    compile: bool = False  # decode through torch.compile with a static KV cache (slimkit.compiled)
 
     def __post_init__(self):
         checks = {
@@ -89,6 +92,8 @@ class BenchResult:
     prefill_tokens_per_s: float | None = None
     decode_tokens_per_s: float | None = None
     new_tokens: int | None = None
+    decode_runtime: str | None = None  # "eager" or "torch.compile"
+    compile_seconds: float | None = None
     peak_memory_mb: float | None = None
     cuda_peak_memory_mb: float | None = None
     parameters: int = 0
@@ -132,11 +137,21 @@ def benchmark(model: LoadedModel | str, config: BenchConfig = BenchConfig()) -> 
             per_s = bs / statistics.median(t)
             result.throughput.append({"batch_size": bs, "sequences_per_s": per_s, "tokens_per_s": per_s * config.seq_len})
         if lm.kind == CAUSAL_LM:
-            with status(f"Measuring decode ({config.new_tokens} new tokens)"):
-                _decode(lm, sample["input_ids"], min(config.new_tokens, 4))  # warm-up
-                runs = [_decode(lm, sample["input_ids"], config.new_tokens) for _ in range(config.decode_repeats)]
+            decode = _decode
+            if config.compile:
+                from slimkit.compiled import CompiledDecoder
+
+                decoder = CompiledDecoder(lm, config.seq_len + config.new_tokens + 1)
+                decode = lambda lm, prompt, n: _decode_compiled(decoder, prompt, n)  # noqa: E731
+            label = "compiling and measuring" if config.compile else "Measuring"
+            with status(f"{label} decode ({config.new_tokens} new tokens)"):
+                decode(lm, sample["input_ids"], min(config.new_tokens, 4))  # warm-up (and compilation)
+                runs = [decode(lm, sample["input_ids"], config.new_tokens) for _ in range(config.decode_repeats)]
             result.decode_tokens_per_s = config.new_tokens / statistics.median(runs)
             result.new_tokens = config.new_tokens
+            result.decode_runtime = "torch.compile" if config.compile else "eager"
+            if config.compile:
+                result.compile_seconds = round(decoder.compile_seconds, 1)
     result.peak_memory_mb, result.cuda_peak_memory_mb = memory.peak_mb, memory.cuda_peak_mb
     if config.measure_size:
         result.size_on_disk_mb, result.weights_on_disk_mb = size_on_disk(lm)
@@ -177,6 +192,17 @@ def _decode(lm: LoadedModel, prompt: torch.Tensor, new_tokens: int) -> float:
     for _ in range(new_tokens):
         out = lm.model(input_ids=nxt, past_key_values=past, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(prompt.device)
+    return time.perf_counter() - start
+
+
+def _decode_compiled(decoder, prompt: torch.Tensor, new_tokens: int) -> float:
+    """As `_decode`, through a CompiledDecoder (static cache, compiled step)."""
+    nxt = decoder.prefill(prompt).argmax(-1, keepdim=True)
+    _sync(prompt.device)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = decoder.step(nxt).argmax(-1, keepdim=True)
     _sync(prompt.device)
     return time.perf_counter() - start
 

@@ -127,6 +127,7 @@ def bench_cmd(
     new_tokens: Annotated[int, typer.Option(help="decode exactly this many tokens")] = 64,
     threads: Threads = None,
     dtype: Dtype = "auto",
+    compiled: Annotated[bool, typer.Option("--compile", help="decode through torch.compile with a static KV cache (about a minute to compile)")] = False,
     trust_remote_code: TrustRemote = False,
     as_json: Json = False,
 ):
@@ -134,7 +135,7 @@ def bench_cmd(
     from slimkit.benchmark import benchmark
     from slimkit.display import bench_rows, table
 
-    config = _bench_config(seq_len, batch_sizes, new_tokens, threads)
+    config = _bench_config(seq_len, batch_sizes, new_tokens, threads, compiled)
     lm = _load(model, dtype, threads, trust_remote_code)
     result = benchmark(lm, config)
     _emit(as_json, result.to_dict(), [table(f"Speed of {model}", bench_rows(result))])
@@ -410,14 +411,14 @@ def _layer_spec(text: str) -> int | tuple[int, ...]:
     return values[0] if len(values) == 1 else values
 
 
-def _bench_config(seq_len: int, batch_sizes: str, new_tokens: int, threads: int | None):
+def _bench_config(seq_len: int, batch_sizes: str, new_tokens: int, threads: int | None, compiled: bool = False):
     from slimkit.benchmark import BenchConfig
 
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
     except ValueError:
         raise SlimkitError(f"--batch-sizes must be comma-separated integers, got '{batch_sizes}'") from None
-    return BenchConfig(seq_len=seq_len, batch_sizes=sizes, new_tokens=new_tokens, threads=threads)
+    return BenchConfig(seq_len=seq_len, batch_sizes=sizes, new_tokens=new_tokens, threads=threads, compile=compiled)
 
 
 def main() -> None:

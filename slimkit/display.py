@@ -40,7 +40,8 @@ def bench_rows(r: BenchResult) -> list[tuple[str, str]]:
     rows = [
         (f"latency p50 / p90 / p99 (ms, {r.seq_len} tokens)", f"{fmt(r.latency_ms.p50, 2)} / {fmt(r.latency_ms.p90, 2)} / {fmt(r.latency_ms.p99, 2)}"),
         ("prefill tokens/s", fmt(r.prefill_tokens_per_s, 1)),
-        (f"decode tokens/s ({r.new_tokens} new tokens)", fmt(r.decode_tokens_per_s, 1)),
+        (f"decode tokens/s ({r.new_tokens} new tokens, {r.decode_runtime})", fmt(r.decode_tokens_per_s, 1)),
+        ("compile seconds", fmt(r.compile_seconds, 1)),
     ]
     rows += [(f"throughput, batch {t['batch_size']} (sequences/s)", fmt(t["sequences_per_s"], 2)) for t in r.throughput]
     rows += [

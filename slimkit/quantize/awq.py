@@ -42,7 +42,7 @@ from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM
 from slimkit.progress import track
 from slimkit.quantize.awq_math import search_scale
-from slimkit.quantize.common import DEFAULT_IGNORE, check_patterns, copy_model, record, select_linears, set_module
+from slimkit.quantize.common import cast_unquantized, check_compute_dtype, DEFAULT_IGNORE, check_patterns, copy_model, record, select_linears, set_module
 from slimkit.quantize.embedding import quantize_embeddings, tied_head
 from slimkit.quantize.formats import GROUP_SIZES, INT_BITS, check_group, sqnr_db
 from slimkit.quantize.modules import WeightOnlyLinear, linear_weight
@@ -73,8 +73,10 @@ class AWQConfig:
     embeddings: bool = True
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
+    compute_dtype: str = "fp32"  # dtype of what stays unquantized (common.cast_unquantized)
 
     def __post_init__(self):
+        check_compute_dtype(self.compute_dtype)
         if self.bits not in INT_BITS:
             raise SlimkitError(f"bits={self.bits} is not supported by awq: use 4 or 8")
         if self.group_size is None and self.bits == 4:
@@ -317,4 +319,5 @@ def apply(model, config: AWQConfig = AWQConfig(), data: D.TextSource | None = No
             set_module(lm.model, name, module)
     if config.embeddings:
         quantize_embeddings(lm.model, head_scale)
+    cast_unquantized(lm.model, config.compute_dtype)
     return record(lm, "awq", config)

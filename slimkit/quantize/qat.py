@@ -62,7 +62,7 @@ from slimkit.distill.trainer import lr_factor, model_outputs
 from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM, ENCODER, LoadedModel
 from slimkit.progress import note, track
-from slimkit.quantize.common import DEFAULT_IGNORE, check_patterns, copy_model, record, select_linears, set_module
+from slimkit.quantize.common import cast_unquantized, check_compute_dtype, DEFAULT_IGNORE, check_patterns, copy_model, record, select_linears, set_module
 from slimkit.quantize.embedding import quantize_embeddings
 from slimkit.quantize.fake_quant import FakeQuantLinear
 from slimkit.quantize.formats import GROUP_SIZES, INT_BITS, check_group
@@ -93,8 +93,10 @@ class QATConfig:
     embeddings: bool = True
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
+    compute_dtype: str = "fp32"  # dtype of what stays unquantized (common.cast_unquantized)
 
     def __post_init__(self):
+        check_compute_dtype(self.compute_dtype)
         if self.bits not in INT_BITS:
             raise SlimkitError(f"bits={self.bits} is not supported by qat: use 4 or 8")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
@@ -240,4 +242,5 @@ def apply(model: LoadedModel, config: QATConfig = QATConfig(), data: D.TextSourc
     convert(lm.model)
     if config.embeddings:
         quantize_embeddings(lm.model)
+    cast_unquantized(lm.model, config.compute_dtype)
     return record(lm, "qat", config)
