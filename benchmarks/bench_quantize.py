@@ -29,23 +29,23 @@ from slimkit.evaluate import EvalConfig, evaluate
 # Every method family; the options are the ones the rows are named by.
 LM_METHODS = [
     ("bf16", {}),
-    ("int8-dynamic", {"smooth_alpha": 0.5, "compute_dtype": "bf16"}),
-    ("int8-static", {"observer": "percentile"}),
-    ("int8-wo", {"embeddings": False, "compute_dtype": "bf16"}),
+    ("int8-dynamic", {"smooth_alpha": 0.5}),
+    ("int8-static", {}),
+    ("int8-wo", {}),
     ("int8", {}),
     ("int4", {}),
-    ("int4-wo", {"group_size": 64, "compute_dtype": "bf16"}),
-    ("awq", {"bits": 4, "group_size": 64, "compute_dtype": "bf16"}),
-    ("gptq", {"group_size": 64, "compute_dtype": "bf16"}),
-    ("qat", {"bits": 4, "group_size": 64, "minutes": 4, "compute_dtype": "bf16"}),
-    ("mixed", {}),
+    ("int4-wo", {"group_size": 64}),
+    ("awq", {"bits": 4, "group_size": 64}),
+    ("gptq", {"group_size": 64}),
+    ("qat", {"bits": 4, "group_size": 64, "minutes": 4}),
+    ("mixed", {"low_options": {"group_size": 64}, "max_ppl_increase": 0.03}),
     ("nf4", {"double_quant": True}),
 ]
 ENCODER_METHODS = [
     ("bf16", {}),
     ("int8-dynamic", {}),
     ("int8-dynamic", {"compute_dtype": "bf16"}),
-    ("int8-static", {"observer": "percentile"}),
+    ("int8-static", {}),
     ("int8-wo", {}),
     ("int8", {}),
 ]

@@ -1,46 +1,82 @@
-"""Decode tokens/s of fp32 and the quantized SmolLM2 models, taking turns in one process.
+"""Decode tokens/s of fp32 and the quantized SmolLM2 models, eager and compiled, taking turns in one process.
 
-On a shared machine the load changes from minute to minute; timing the
-models one after another (as bench_quantize.py does) then compares different
-machines. Here every round times each model once, so a load change hits all
-of them alike; the best round of each is reported, with its ratio to fp32.
+The machine's speed drifts from minute to minute (a shared host); timing the
+models one after another compares different machines. Here every round times
+each model once, so a drift hits all of them alike; the median round of each
+is reported, with its ratio to fp32 eager (the issue's baseline: Hugging
+Face's eager decoding of the fp32 model).
 
-    python benchmarks/decode_interleaved.py [--rounds 5] [--new-tokens 16] [--threads 2]
+Runtimes: `eager` is the model's own forward with a dynamic KV cache;
+`compiled` is slimkit.compiled.CompiledDecoder (static KV cache, the one-token
+step compiled by torch.compile/inductor). Compilation happens before timing
+and is reported separately.
+
+    python benchmarks/decode_interleaved.py [--rounds 7] [--new-tokens 32] [--threads 2] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import time
 
 import torch
 
 import slimkit
-from slimkit.benchmark import _decode, sample_inputs
+from slimkit.benchmark import _decode, _decode_compiled, environment, sample_inputs
+from slimkit.compiled import CompiledDecoder
 
-METHODS = ("bf16", "int8-dynamic", "int8", "int4")
+METHODS = {  # label -> (method, options)
+    "bf16": ("bf16", {}),
+    "int8-dynamic smooth_alpha=0.5": ("int8-dynamic", {"smooth_alpha": 0.5}),
+    "int8 (awq 8-bit)": ("int8", {}),
+    "int8-wo": ("int8-wo", {}),
+    "int4 (int4-wo g32)": ("int4", {}),
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    started = time.time()
     ref = slimkit.load("smollm2-135m")
-    models = {"fp32": ref, **{m: slimkit.quantize(ref, m) for m in METHODS}}
+    models = {"fp32": ref, **{label: slimkit.quantize(ref, m, **o) for label, (m, o) in METHODS.items()}}
     prompt = sample_inputs(ref, 128, "cpu")["input_ids"]
-    seconds = {k: [] for k in models}
+    runners, compile_s = {}, {}
     with torch.inference_mode():
-        for lm in models.values():
-            _decode(lm, prompt, 2)  # warm-up
+        for label, lm in models.items():
+            runners[(label, "eager")] = lambda n, lm=lm: _decode(lm, prompt, n)
+            dec = CompiledDecoder(lm, 128 + args.new_tokens + 1)
+            _decode_compiled(dec, prompt, 2)  # compiles
+            compile_s[label] = dec.compile_seconds
+            runners[(label, "compiled")] = lambda n, dec=dec: _decode_compiled(dec, prompt, n)
+        for run in runners.values():
+            run(2)  # warm-up
+        seconds = {k: [] for k in runners}
         for _ in range(args.rounds):
-            for name, lm in models.items():
-                seconds[name].append(_decode(lm, prompt, args.new_tokens) / args.new_tokens)
-    base = min(seconds["fp32"])
-    print("| method | decode tok/s (best round) | vs fp32 eager |\n|---|---|---|")
-    for name, s in seconds.items():
-        print(f"| {name} | {1 / min(s):.1f} | {base / min(s):.2f}x |")
+            for key, run in runners.items():
+                seconds[key].append(run(args.new_tokens) / args.new_tokens)
+    base = statistics.median(seconds[("fp32", "eager")])
+    rows = []
+    print("| method | runtime | decode tok/s (median round) | vs fp32 eager | compile s |\n|---|---|---|---|---|")
+    for (label, runtime), s in seconds.items():
+        med = statistics.median(s)
+        rows.append({"method": label, "runtime": runtime, "tokens_per_s": 1 / med, "vs_fp32_eager": base / med,
+                     "compile_seconds": compile_s[label] if runtime == "compiled" else None})
+        cs = f"{compile_s[label]:.0f}" if runtime == "compiled" else "-"
+        print(f"| {label} | {runtime} | {1 / med:.1f} | {base / med:.2f}x | {cs} |")
+    env = environment(args.threads)
+    print(f"\nEnvironment: {json.dumps(env)}\n{args.rounds} rounds of {args.new_tokens} tokens after a 128-token prompt; "
+          f"wall time {time.time() - started:.0f} s.")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"rows": rows, "environment": env}, fh, indent=1)
 
 
 if __name__ == "__main__":
