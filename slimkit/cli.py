@@ -316,13 +316,14 @@ def generate_cmd(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="text to continue")],
     max_new_tokens: Annotated[int, typer.Option(help="stop after this many tokens")] = 32,
     chat: Annotated[bool, typer.Option(help="wrap the prompt in the tokenizer's chat template")] = False,
+    compiled: Annotated[bool, typer.Option("--compile", help="decode through torch.compile with a static KV cache")] = False,
     threads: Threads = None,
     as_json: Json = False,
 ):
     """Generate text greedily with a KV cache (a PyTorch model or an exported directory)."""
     from slimkit.generate import generate
 
-    result = generate(_load(model, "auto", threads), prompt, max_new_tokens, chat=chat)
+    result = generate(_load(model, "auto", threads), prompt, max_new_tokens, chat=chat, compile=compiled)
     if as_json:
         stdout.print_json(json.dumps(result.to_dict()))
     else:

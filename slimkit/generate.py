@@ -32,8 +32,12 @@ class Generation:
         return asdict(self)
 
 
-def generate(model: LoadedModel | str, prompt: str, max_new_tokens: int = 32, chat: bool = False) -> Generation:
-    """Greedy continuation of `prompt`; stops at EOS or after `max_new_tokens`."""
+def generate(model: LoadedModel | str, prompt: str, max_new_tokens: int = 32, chat: bool = False, compile: bool = False) -> Generation:
+    """Greedy continuation of `prompt`; stops at EOS or after `max_new_tokens`.
+
+    `compile` decodes through torch.compile with a static KV cache (compiled.py);
+    the first step then includes the compilation, so its tokens/s are lower.
+    """
     lm = load(model)
     if lm.kind != CAUSAL_LM:
         raise SlimkitError(f"{lm.name} is a {lm.kind}, not a causal LM: generate needs a text generation model")
@@ -51,11 +55,26 @@ def generate(model: LoadedModel | str, prompt: str, max_new_tokens: int = 32, ch
         raise SlimkitError("the prompt is empty: pass some text with --prompt")
     eos = {t for t in _as_list(tok.eos_token_id) if t is not None}
     out_ids: list[int] = []
+    state = {}
+    if compile:
+        from slimkit.compiled import CompiledDecoder
+
+        decoder = CompiledDecoder(lm, ids.shape[1] + max_new_tokens + 1)
+        first, step = decoder.prefill, decoder.step
+    else:
+
+        def first(ids):
+            state["out"] = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            return state["out"].logits[:, -1]
+
+        def step(nxt):
+            state["out"] = lm.model(input_ids=nxt, past_key_values=state["out"].past_key_values, use_cache=True)
+            return state["out"].logits[:, -1]
+
     with torch.inference_mode():
         start = time.perf_counter()
-        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        nxt = first(ids).argmax(-1, keepdim=True)  # (1, 1)
         prefill = time.perf_counter() - start
-        nxt = out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         steps = 0
         while True:
@@ -65,8 +84,7 @@ def generate(model: LoadedModel | str, prompt: str, max_new_tokens: int = 32, ch
             out_ids.append(token)
             if len(out_ids) >= max_new_tokens:
                 break
-            out = lm.model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
+            nxt = step(nxt).argmax(-1, keepdim=True)
             steps += 1
         decode = time.perf_counter() - start
     return Generation(prompt=prompt, text=tok.decode(out_ids, skip_special_tokens=True), new_tokens=len(out_ids),

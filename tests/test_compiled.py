@@ -49,3 +49,12 @@ def test_compile_refuses_what_it_cannot_serve(tiny):
     dec = CompiledDecoder(slimkit.load(tiny("llama")), max_len=8)
     with pytest.raises(SlimkitError, match="more than the compiled cache holds"):
         dec.prefill(torch.arange(5, 15)[None])
+
+
+def test_generate_compiled_gives_the_eager_text(tiny):
+    from slimkit.generate import generate
+
+    lm = slimkit.load(tiny("llama"))
+    eager = generate(lm, "def main(): return", max_new_tokens=6)
+    compiled = generate(lm, "def main(): return", max_new_tokens=6, compile=True)
+    assert compiled.text == eager.text and compiled.new_tokens == eager.new_tokens
