@@ -132,3 +132,12 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
     assert "Traceback" not in proc.stderr
     for f in fragments:
         assert f.lower() in lines[0].lower(), (f, lines[0])
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models' small matmuls run fastest, and steadiest on a busy 2-core machine, on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,7 +12,9 @@ from slimkit.errors import SlimkitError
 from slimkit.quantize import parse_options
 from slimkit.quantize.mixed import MixedConfig, fallback
 from slimkit.quantize.modules import Int8Embedding, WeightOnlyLinear
-from test_quantize_sensitivity import PROBE, SENSITIVE, make_sensitive, one_thread  # noqa: F401  (autouse fixture)
+from test_quantize_sensitivity import PROBE, SENSITIVE, make_sensitive
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LOW = {"low": "int4-wo", "low_options": {"group_size": 32}}
 

@@ -19,13 +19,7 @@ FAST = {"seq_len": 64, "batch_size": 4, "n_samples": 32}
 IDS = torch.arange(5, 69)[None]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls run fastest (and steadiest on a shared machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(lm, ids=IDS):

@@ -16,13 +16,7 @@ PROBE = {"n_samples": 2, "seq_len": 64, "batch_size": 2}
 SENSITIVE = "model.layers.1.mlp.down_proj"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread is 10x faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_sensitive(lm, block: int = 1):

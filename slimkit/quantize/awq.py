@@ -42,9 +42,9 @@ from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM
 from slimkit.progress import track
 from slimkit.quantize.awq_math import search_scale
-from slimkit.quantize.common import cast_unquantized, check_compute_dtype, DEFAULT_IGNORE, check_patterns, copy_model, record, select_linears, set_module
+from slimkit.quantize.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_int_format, check_patterns, copy_model, record, select_linears, set_module
 from slimkit.quantize.embedding import quantize_embeddings, tied_head
-from slimkit.quantize.formats import GROUP_SIZES, INT_BITS, check_group, sqnr_db
+from slimkit.quantize.formats import check_group, sqnr_db
 from slimkit.quantize.modules import WeightOnlyLinear, linear_weight
 from slimkit.quantize.smoothing import require_batches
 from slimkit.registry import register
@@ -77,12 +77,9 @@ class AWQConfig:
 
     def __post_init__(self):
         check_compute_dtype(self.compute_dtype)
-        if self.bits not in INT_BITS:
-            raise SlimkitError(f"bits={self.bits} is not supported by awq: use 4 or 8")
+        check_int_format("awq", self.bits, self.group_size)
         if self.group_size is None and self.bits == 4:
             raise SlimkitError("awq int4 needs groups: use group_size 32, 64, 128 or 256")
-        if self.group_size is not None and self.group_size not in GROUP_SIZES:
-            raise SlimkitError(f"group_size={self.group_size} is not supported: use one of {', '.join(map(str, GROUP_SIZES))} or None (per channel, int8 only)")
         if self.n_samples < 1 or self.seq_len < 8:
             raise SlimkitError(f"calibration needs n_samples >= 1 and seq_len >= 8, got {self.n_samples} and {self.seq_len}")
         if not 2 <= self.grid <= 100:

@@ -32,6 +32,16 @@ def check_compute_dtype(name: str) -> None:
         raise SlimkitError(f"compute_dtype={name!r} is not supported: use one of {', '.join(COMPUTE_DTYPES)}")
 
 
+def check_int_format(method: str, bits: int, group_size: int | None) -> None:
+    """Validate the integer grid of a calibrated weight method (gptq, awq, qat)."""
+    from slimkit.quantize.formats import GROUP_SIZES, INT_BITS
+
+    if bits not in INT_BITS:
+        raise SlimkitError(f"bits={bits} is not supported by {method}: use 4 or 8")
+    if group_size is not None and group_size not in GROUP_SIZES:
+        raise SlimkitError(f"group_size={group_size} is not supported: use one of {', '.join(map(str, GROUP_SIZES))} or None (per channel)")
+
+
 def cast_unquantized(model: nn.Module, compute_dtype: str) -> None:
     """Cast the float parameters of every module that is not quantized (in place: call on a copy).
 

@@ -23,9 +23,9 @@ from slimkit import data as D
 from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM
 from slimkit.progress import track
-from slimkit.quantize.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_patterns, copy_model, record, select_linears, set_module
+from slimkit.quantize.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_int_format, check_patterns, copy_model, record, select_linears, set_module
 from slimkit.quantize.embedding import quantize_embeddings
-from slimkit.quantize.formats import GROUP_SIZES, INT_BITS, check_group
+from slimkit.quantize.formats import check_group
 from slimkit.quantize.gptq_math import gptq_quantize
 from slimkit.quantize.modules import WeightOnlyLinear, linear_weight
 from slimkit.quantize.smoothing import require_batches
@@ -47,10 +47,7 @@ class GPTQConfig:
 
     def __post_init__(self):
         check_compute_dtype(self.compute_dtype)
-        if self.bits not in INT_BITS:
-            raise SlimkitError(f"bits={self.bits} is not supported by gptq: use 4 or 8")
-        if self.group_size is not None and self.group_size not in GROUP_SIZES:
-            raise SlimkitError(f"group_size={self.group_size} is not supported: use one of {', '.join(map(str, GROUP_SIZES))} or None")
+        check_int_format("gptq", self.bits, self.group_size)
         if not 0 < self.damp < 1:
             raise SlimkitError(f"damp={self.damp} is out of range: use a fraction such as 0.01")
         if self.n_samples < 1 or self.seq_len < 8:

@@ -62,10 +62,10 @@ from slimkit.distill.trainer import lr_factor, model_outputs
 from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM, ENCODER, LoadedModel
 from slimkit.progress import note, track
-from slimkit.quantize.common import cast_unquantized, check_compute_dtype, DEFAULT_IGNORE, check_patterns, copy_model, record, select_linears, set_module
+from slimkit.quantize.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_int_format, check_patterns, copy_model, record, select_linears, set_module
 from slimkit.quantize.embedding import quantize_embeddings
 from slimkit.quantize.fake_quant import FakeQuantLinear
-from slimkit.quantize.formats import GROUP_SIZES, INT_BITS, check_group
+from slimkit.quantize.formats import check_group
 from slimkit.quantize.modules import linear_weight
 from slimkit.quantize.smoothing import require_batches
 from slimkit.registry import register
@@ -97,10 +97,7 @@ class QATConfig:
 
     def __post_init__(self):
         check_compute_dtype(self.compute_dtype)
-        if self.bits not in INT_BITS:
-            raise SlimkitError(f"bits={self.bits} is not supported by qat: use 4 or 8")
-        if self.group_size is not None and self.group_size not in GROUP_SIZES:
-            raise SlimkitError(f"group_size={self.group_size} is not supported: use one of {', '.join(map(str, GROUP_SIZES))} or None (per channel)")
+        check_int_format("qat", self.bits, self.group_size)
         if self.activations not in ACTIVATIONS:
             raise SlimkitError(f"unknown activations '{self.activations}' for qat: use none (weight-only) or int8-dynamic")
         if self.activations == "int8-dynamic" and (self.bits, self.group_size, self.symmetric) != (8, None, True):
