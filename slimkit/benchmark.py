@@ -108,6 +108,8 @@ class BenchResult:
 def benchmark(model: LoadedModel | str, config: BenchConfig = BenchConfig()) -> BenchResult:
     """Measure `model`'s latency, throughput, decode speed, memory and size."""
     lm = load(model)
+    if config.compile and lm.kind != CAUSAL_LM:
+        raise SlimkitError(f"{lm.name} is a {lm.kind}: --compile is for PyTorch causal LMs (it compiles the decoding step); measure it without --compile")
     threads = config.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     device = next((p.device for p in lm.model.parameters()), torch.device("cpu"))
