@@ -11,6 +11,8 @@
     steps are timed; the median of `decode_repeats` runs. With `compile`,
     through `torch.compile` and a static cache (compiled.py); the result says
     which runtime decoded (`decode_runtime`) and how long compiling took.
+    For encoders and classifiers, `compile` runs latency and throughput
+    through `torch.compile`d forwards instead (compiled during the warm-up).
   * peak memory: the process's peak resident set size while benchmarking
     (its high-water mark is reset first where Linux allows), and CUDA's peak
     allocation on a GPU.
@@ -108,8 +110,6 @@ class BenchResult:
 def benchmark(model: LoadedModel | str, config: BenchConfig = BenchConfig()) -> BenchResult:
     """Measure `model`'s latency, throughput, decode speed, memory and size."""
     lm = load(model)
-    if config.compile and lm.kind != CAUSAL_LM:
-        raise SlimkitError(f"{lm.name} is a {lm.kind}: --compile is for PyTorch causal LMs (it compiles the decoding step); measure it without --compile")
     threads = config.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     device = next((p.device for p in lm.model.parameters()), torch.device("cpu"))
@@ -125,17 +125,20 @@ def benchmark(model: LoadedModel | str, config: BenchConfig = BenchConfig()) -> 
         environment=environment(threads),
     )
     sample = sample_inputs(lm, config.seq_len, device)
+    runner = lm  # what latency and throughput run
+    if config.compile and lm.kind != CAUSAL_LM:
+        runner = compiled_forward(lm)
     memory = PeakMemory(device)
     with memory, torch.inference_mode():
         with status(f"Measuring latency ({config.seq_len} tokens)"):
-            times = timed(lambda: _forward(lm, sample), config)
+            times = timed(lambda: _forward(runner, sample), config)
         result.latency_ms = latency_stats(times)
         if lm.kind == CAUSAL_LM:
             result.prefill_tokens_per_s = config.seq_len * 1000 / result.latency_ms.p50
         for bs in config.batch_sizes:
             batch = {k: v.expand(bs, -1).contiguous() for k, v in sample.items()}
             with status(f"Measuring throughput at batch size {bs}"):
-                t = timed(lambda: _forward(lm, batch), config, min_iters=3, warmup=1)
+                t = timed(lambda: _forward(runner, batch), config, min_iters=3, warmup=1)
             per_s = bs / statistics.median(t)
             result.throughput.append({"batch_size": bs, "sequences_per_s": per_s, "tokens_per_s": per_s * config.seq_len})
         if lm.kind == CAUSAL_LM:
@@ -177,6 +180,17 @@ def sample_inputs(lm: LoadedModel, seq_len: int, device) -> dict[str, torch.Tens
     if lm.kind != CAUSAL_LM and "token_type_ids" in getattr(lm.tokenizer, "model_input_names", []):
         inputs["token_type_ids"] = torch.zeros_like(input_ids)
     return inputs
+
+
+def compiled_forward(lm: LoadedModel) -> LoadedModel:
+    """`lm` with its forward compiled by torch.compile (each new input shape compiles once, in the warm-up)."""
+    import dataclasses
+
+    from slimkit.compiled import _is_pytorch
+
+    if not _is_pytorch(lm.model):
+        raise SlimkitError(f"{lm.name} cannot be compiled: --compile is for PyTorch models (exports run in their own runtime)")
+    return dataclasses.replace(lm, model=torch.compile(lm.model, dynamic=False))
 
 
 def _forward(lm: LoadedModel, inputs: dict):

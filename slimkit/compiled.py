@@ -27,6 +27,13 @@ from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM, LoadedModel
 
 
+def _is_pytorch(model) -> bool:
+    """A transformers model run by PyTorch (not an exported graph in another runtime)."""
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
 class CompiledDecoder:
     """Greedy decoding of `lm` with a static cache of `max_len` tokens and a compiled step.
 
@@ -36,8 +43,8 @@ class CompiledDecoder:
     """
 
     def __init__(self, lm: LoadedModel, max_len: int):
-        if lm.kind != CAUSAL_LM or not isinstance(lm.model, torch.nn.Module) or not hasattr(lm.model, "config"):
-            raise SlimkitError(f"{lm.name} cannot be compiled: --compile is for PyTorch causal LMs (exports run in their own runtime)")
+        if lm.kind != CAUSAL_LM or not _is_pytorch(lm.model):
+            raise SlimkitError(f"{lm.name} cannot be compiled: compiled decoding is for PyTorch causal LMs (exports run in their own runtime)")
         from transformers import StaticCache
 
         self.lm, self.max_len = lm, max_len

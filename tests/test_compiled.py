@@ -44,7 +44,7 @@ def test_benchmark_reports_the_decode_runtime(tiny):
 
 
 def test_compile_refuses_what_it_cannot_serve(tiny):
-    with pytest.raises(SlimkitError, match="--compile is for PyTorch causal LMs"):
+    with pytest.raises(SlimkitError, match="compiled decoding is for PyTorch causal LMs"):
         CompiledDecoder(slimkit.load(tiny("bert")), max_len=32)
     dec = CompiledDecoder(slimkit.load(tiny("llama")), max_len=8)
     with pytest.raises(SlimkitError, match="more than the compiled cache holds"):
@@ -58,3 +58,9 @@ def test_generate_compiled_gives_the_eager_text(tiny):
     eager = generate(lm, "def main(): return", max_new_tokens=6)
     compiled = generate(lm, "def main(): return", max_new_tokens=6, compile=True)
     assert compiled.text == eager.text and compiled.new_tokens == eager.new_tokens
+
+
+def test_encoder_latency_through_compile(tiny):
+    config = BenchConfig(batch_sizes=(1,), seq_len=16, min_iters=2, min_seconds=0, threads=1, measure_size=False, compile=True)
+    result = benchmark(tiny("bert"), config)
+    assert result.latency_ms.p50 > 0 and result.decode_runtime is None

@@ -95,7 +95,6 @@ CASES = [
     ("bad-compute-dtype", lambda t, p: ["quantize", str(t("llama")), "--method", "int8-wo", "-o", "compute_dtype=int8", "--out", str(p / "q")], ["compute_dtype='int8' is not supported", "bf16"]),
     ("qat-negative-lr", lambda t, p: ["quantize", str(t("llama")), "--method", "qat", "-o", "lr=-1", "--out", str(p / "q")], ["lr"]),
     ("mixed-unknown-low-method", lambda t, p: ["quantize", str(t("llama")), "--method", "mixed", "-o", "low=int3", "-o", "max_kl=0.1", "--out", str(p / "q")], ["int3"]),
-    ("compile-an-encoder", lambda t, p: ["bench", str(t("bert")), "--compile"], ["--compile is for PyTorch causal LMs"]),
     ("sparsity-out-of-range", lambda t, p: ["prune", str(t("llama")), "--method", "magnitude", "--sparsity", "1.5", "--out", str(p / "q")], ["sparsity must be a fraction"]),
     ("temperature-zero", lambda t, p: ["distill", str(t("llama")), "--student-layers", "1", "--steps", "1", "--temperature", "0", "--out", str(p / "q")], ["temperature"]),
     ("recipe-unknown-key", lambda t, p: ["run", str(_write(p / "r.yaml", "steps:\n  - method: int4-wo\n    group_sise: 64\n")), "--model", str(t("llama")), "--out", str(p / "q")], ["steps[0].group_sise: unknown key"]),
