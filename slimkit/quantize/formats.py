@@ -249,7 +249,7 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = Fal
     if double_quant:
         out.absmax_q, out.absmax_scale, out.absmax_mean = quantize_scales(absmax)
         if not torch.isfinite(out.scales()).all():
-            raise SlimkitError("this weight's block scales come within an ulp of float32's maximum (3.4e38) and cannot be "
+            raise SlimkitError("this weight's block scales are too close to float32's maximum (3.4e38) to be "
                                "double quantized: quantize it with double_quant=false")
     else:
         out.absmax = absmax
