@@ -145,7 +145,14 @@ def parameters(source: str, *, thorough: bool = False) -> int | None:
 
     thorough: also read GGUF tensor records and download hub ids (seconds or more).
     """
-    from slimkit.models import EMBEDDED, MANIFEST, _HUB_ID, _looks_like_path, embedded_path, hub_snapshot
+    from slimkit.models import (
+        _HUB_ID,
+        EMBEDDED,
+        MANIFEST,
+        _looks_like_path,
+        embedded_path,
+        hub_snapshot,
+    )
 
     if source in EMBEDDED:
         path = embedded_path(source)  # a missing package is the same error loading would give
@@ -194,7 +201,7 @@ def _gguf_parameters(path: Path) -> int | None:
         from gguf import GGUFReader
 
         return sum(int(t.n_elements) for t in GGUFReader(path).tensors)
-    except Exception:  # the reader raises many types on damaged files; loading reports them
+    except Exception:  # noqa: BLE001 -- the reader raises many types on damaged files; loading reports them
         return None
 
 
@@ -205,7 +212,7 @@ def _cached_snapshot(repo_id: str) -> Path | None:
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True))
-    except Exception:  # not in the cache (or no cache at all)
+    except (OSError, ValueError):  # not in the cache (LocalEntryNotFoundError), or not a valid id
         return None
 
 

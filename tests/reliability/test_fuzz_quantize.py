@@ -8,7 +8,7 @@ bf16 and fp16, with shapes that fit each function's contract.
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -91,11 +91,11 @@ def test_nf4_picks_the_nearest_level(wb, double_quant):
     ref = w.float()
     try:
         qt = F.quantize_nf4(w, block, double_quant)
-    except SlimkitError as exc:  # only scales within an ulp of float32's maximum
+    except SlimkitError as exc:  # only scales near float32's maximum
         assert double_quant and "double_quant=false" in str(exc)
         assert ref.abs().max() > FMAX * (1 - 2**-7)  # second-level rounding: up to 1/508 of the range
         return
-    n, k = w.shape
+    n = w.shape[0]
     scales = qt.scales()  # (N, B)
     d = qt.dequantize()
     assert torch.isfinite(d).all()

@@ -5,11 +5,10 @@ over the limit; without the option they only warn when memory is short."""
 from __future__ import annotations
 
 import pytest
+from conftest import assert_user_error, invoke_cli
 
 import slimkit
-from conftest import assert_user_error, invoke_cli
 from slimkit import resources
-from slimkit.errors import SlimkitError
 
 COMMANDS = {
     "quantize": ["quantize", "{model}", "-m", "int8-wo", "--out", "{out}"],
