@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -39,7 +40,7 @@ def log(msg: str) -> None:
 
 def lm_part(args) -> dict:
     teacher = slimkit.load(args.lm_teacher)
-    common = dict(student_layers=args.lm_layers, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, eval_batches=2, seed=0)
+    common = dict(student_layers=args.lm_layers, layer_choice=args.layer_choice, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, eval_batches=2, seed=0)
     log(f"KD for {args.lm_minutes} min")
     kd = slimkit.distill(teacher, minutes=args.lm_minutes, temperature=args.temperature, alpha=args.alpha, **common)
     steps = kd.manifest["training"]["steps"]
@@ -52,24 +53,38 @@ def lm_part(args) -> dict:
         log(f"held-out perplexity: {name}")
         res[f"{name}_heldout_ppl"] = slimkit.evaluate(lm, data=heldout, config=cfg).perplexity
     bench = BenchConfig(seq_len=128, batch_sizes=(1,), new_tokens=args.new_tokens, threads=args.threads, measure_size=False)
-    for name, lm in (("teacher", teacher), ("kd", kd)):
-        log(f"decode speed: {name}")
-        res[f"{name}_decode_tok_s"] = slimkit.benchmark(lm, bench).decode_tokens_per_s
+    log("decode speed, teacher and KD student in turn")
+    speeds = interleaved({"teacher": teacher, "kd": kd}, bench, args.rounds, lambda r: r.decode_tokens_per_s)
+    for name, values in speeds.items():
+        res[f"{name}_decode_tok_s"] = statistics.median(values)
+        res[f"{name}_decode_rounds"] = values
     return res
+
+
+def interleaved(models: dict, bench: BenchConfig, rounds: int, metric) -> dict[str, list[float]]:
+    """`metric` of each model's benchmark, every model taking a turn each round, so the
+    host's drift hits all alike; the caller takes the median of the rounds."""
+    out = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, lm in models.items():
+            out[name].append(metric(slimkit.benchmark(lm, bench)))
+    return out
 
 
 def encoder_part(args) -> dict:
     teacher = slimkit.load(args.enc_teacher)
     log(f"MiniLM embedding distillation for {args.enc_minutes} min")
-    student = slimkit.distill(teacher, student_layers=args.enc_layers, minutes=args.enc_minutes, batch_size=32, seq_len=128, lr=args.enc_lr, eval_batches=2)
-    init = slimkit.distill.make_student(teacher, args.enc_layers)
+    student = slimkit.distill(teacher, student_layers=args.enc_layers, layer_choice=args.layer_choice, minutes=args.enc_minutes, batch_size=32, seq_len=128, lr=args.enc_lr, eval_batches=2)
+    init = slimkit.distill.make_student(teacher, student.manifest["training"]["teacher_layers"])
     res = {"training": student.manifest["training"]}
     for name, lm in (("init", init), ("kd", student)):
         r = slimkit.evaluate(lm, teacher)
         res[f"{name}_cosine"], res[f"{name}_top10"] = r.cosine_to_reference, r.retrieval_top10_overlap
     bench = BenchConfig(seq_len=128, batch_sizes=(1,), threads=args.threads, measure_size=False)
-    for name, lm in (("teacher", teacher), ("kd", student)):
-        res[f"{name}_p50_ms"] = slimkit.benchmark(lm, bench).latency_ms.p50
+    speeds = interleaved({"teacher": teacher, "kd": student}, bench, args.rounds, lambda r: r.latency_ms.p50)
+    for name, values in speeds.items():
+        res[f"{name}_p50_ms"] = statistics.median(values)
+        res[f"{name}_p50_rounds"] = values
     return res
 
 
@@ -108,11 +123,13 @@ def main() -> None:
     ap.add_argument("--enc-lr", type=float, default=2e-4)
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per model")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5, help="speed rounds, teacher and student in turn; median reported")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--lm-teacher", default="smollm2-135m")
     ap.add_argument("--lm-layers", type=int, default=15)
     ap.add_argument("--enc-teacher", default="minilm-l6")
     ap.add_argument("--enc-layers", type=int, default=3)
+    ap.add_argument("--layer-choice", default="similarity", choices=["similarity", "spread"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()

@@ -45,29 +45,7 @@ def best_latency(models: dict, config: BenchConfig, rounds: int) -> dict:
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recover-minutes", type=float, default=20.0, help="SmolLM2 structured recovery budget")
-    ap.add_argument("--minilm-recover-minutes", type=float, default=5.0)
-    ap.add_argument("--recovery", default="finetune", choices=["finetune", "distill"])
-    ap.add_argument("--lr", type=float, default=2e-4, help="SmolLM2 recovery learning rate")
-    ap.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens for perplexity")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--heldout", action="store_true", help="also score the recovered LM on the held-out split")
-    ap.add_argument("--json", help="also write the raw numbers to this file")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    t0 = time.time()
-    quality = EvalConfig(max_tokens=args.max_tokens)
-    speed_lm = BenchConfig(seq_len=128, batch_sizes=(1,), new_tokens=8, decode_repeats=1, min_seconds=3.0,
-                           threads=args.threads, measure_size=False)
-    rows, raw = [], {"settings": vars(args)}
-
-    def log(msg):
-        print(f"[{time.time() - t0:7.0f}s] {msg}", flush=True)
-
-    # ---------------------------------------------------------------- SmolLM2
+def smollm2_part(args, quality, speed_lm, rows, raw, log) -> None:
     lm = slimkit.load("smollm2-135m")
     base = evaluate(lm, config=quality).perplexity
     log(f"fp32 perplexity {base:.3f}")
@@ -116,13 +94,15 @@ def main() -> None:
     raw["structured_llm"] = {"one_shot": shot_ppl, "recovered": rec_ppl, "recovery": rec, "speed": sp, "report": {k: v for k, v in report.items() if k != "layers"}}
     del lm, one_shot
 
-    # ---------------------------------------------------------------- MiniLM
+
+def minilm_part(args, rows, raw, log) -> None:
     enc = slimkit.load("minilm-l6")
     channels = enc.model.config.intermediate_size
-    pruned = slimkit.prune(enc, "structured", units=["mlp"], mlp_channels=round(0.3 * channels))
+    pruned = slimkit.prune(enc, "structured", units=["mlp"], mlp_channels=round(0.3 * channels),
+                           calibration_samples=args.minilm_calibration, seq_len=128, batch_size=16)
     cos_shot = evaluate(pruned, enc).cosine_to_reference
     log(f"MiniLM one-shot cosine {cos_shot:.4f}; recovering {args.minilm_recover_minutes} min")
-    rec_enc = recover(pruned, enc, RecoveryConfig(minutes=args.minilm_recover_minutes, lr=1e-4, batch_size=16, seq_len=128))
+    rec_enc = recover(pruned, enc, RecoveryConfig(minutes=args.minilm_recover_minutes, lr=args.minilm_lr, batch_size=16, seq_len=128))
     ev = evaluate(pruned, enc)
     ev_held = evaluate(pruned, enc, data=TextSource.parse(None, "heldout"), config=EvalConfig(max_passages=128))
     speed_enc = BenchConfig(seq_len=128, batch_sizes=(1,), min_seconds=3.0, threads=args.threads, measure_size=False)
@@ -141,6 +121,37 @@ def main() -> None:
     ]
     raw["structured_encoder"] = {"one_shot": cos_shot, "recovered": ev.cosine_to_reference, "recovery": rec_enc, "speed": se}
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recover-minutes", type=float, default=20.0, help="SmolLM2 structured recovery budget")
+    ap.add_argument("--minilm-recover-minutes", type=float, default=5.0)
+    ap.add_argument("--recovery", default="finetune", choices=["finetune", "distill"])
+    ap.add_argument("--lr", type=float, default=2e-4, help="SmolLM2 recovery learning rate")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens for perplexity")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--heldout", action="store_true", help="also score the recovered LM on the held-out split")
+    ap.add_argument("--json", help="also write the raw numbers to this file")
+    ap.add_argument("--only", choices=["all", "smollm2", "minilm"], default="all", help="run one model's part")
+    ap.add_argument("--minilm-calibration", type=int, default=1024,
+                    help="calibration passages for MiniLM's channel choice and refit (the split has about 900: all of them)")
+    ap.add_argument("--minilm-lr", type=float, default=1e-4)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    quality = EvalConfig(max_tokens=args.max_tokens)
+    speed_lm = BenchConfig(seq_len=128, batch_sizes=(1,), new_tokens=8, decode_repeats=1, min_seconds=3.0,
+                           threads=args.threads, measure_size=False)
+    rows, raw = [], {"settings": vars(args)}
+
+    def log(msg):
+        print(f"[{time.time() - t0:7.0f}s] {msg}", flush=True)
+
+    if args.only in ("all", "smollm2"):
+        smollm2_part(args, quality, speed_lm, rows, raw, log)
+    if args.only in ("all", "minilm"):
+        minilm_part(args, rows, raw, log)
     env = environment(args.threads)
     print("\n| measurement | value | vs original / target | |\n|---|---|---|---|")
     for r in rows:

@@ -104,6 +104,7 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Ten
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Sentence embeddings (B, H) from token states (B, T, H) and an attention mask (B, T)."""
+    hidden = hidden.float()  # bf16 sums over many tokens would blur the small differences the losses measure
     if mask is None:
         return hidden.mean(1)
     m = mask[..., None].to(hidden.dtype)  # (B, T, 1)

@@ -104,7 +104,8 @@ def apply(model: LoadedModel, config: DistillConfig, *, on_step=None, **context)
         student.model.set_attn_implementation("sdpa")
     student.model.eval()
     step = {"method": "distill", **dataclasses.asdict(config)}
-    manifest = {"recipe": list(teacher.manifest.get("recipe", [])) + [step], "training": result.to_dict()}
+    training = {**result.to_dict(), "teacher_layers": keep}  # the blocks the student was copied from
+    manifest = {"recipe": list(teacher.manifest.get("recipe", [])) + [step], "training": training}
     return LoadedModel(model=student.model, tokenizer=teacher.tokenizer, kind=teacher.kind, source=student.source, manifest=manifest)
 
 
