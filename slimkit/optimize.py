@@ -335,20 +335,25 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
 
     work = Path(tempfile.mkdtemp(prefix=".slimkit-optimize-", dir=out.parent if out.parent.exists() else None))
     try:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
         base_artifact = save(original, work / "original")
         baseline = bench_in_subprocess(base_artifact, config.threads)
-        t0 = time.perf_counter()
-        proxy_base = quality(original, original, config.proxy_tokens, config.proxy_passages)
-        reserve = confirmation_seconds(original, time.perf_counter() - t0, config)
-        baseline.update(quality_value=proxy_base["quality_value"])
+        t1 = time.perf_counter()
+        proxy_base = _proxy_baseline(original, config)
+        timings["baseline_s"], timings["proxy_s"] = t1 - t0, time.perf_counter() - t1
+        reserve = timings["reserve_s"] = confirmation_seconds(original, timings["proxy_s"], config)
+        baseline.update(quality_value=proxy_base["quality_value"], quality_on="proxy")
         search = _Search(original, config, target, work, proxy_base, compiled)
         spent: list[float] = []  # seconds per tried candidate
         index = 0
         while queue:
             plan = queue.pop(0)
-            expected = (2 if plan.rollback else 1) * (max(spent) if spent else 0.0)
+            # as long as the slowest so far (at first: what measuring the original took), twice that for a rollback
+            expected = (2 if plan.rollback else 1) * (max(spent) if spent else timings["baseline_s"] + timings["proxy_s"])
             if time.perf_counter() + expected + reserve > deadline:
-                search.candidates.append(_skipped(plan, "not tried: the time budget left would not cover it and the final confirmation"))
+                search.candidates.append(_skipped(plan, "not tried: the time budget left would not cover it and the final confirmation "
+                                                        "(raise --time-budget)"))
                 continue
             tried_at = time.perf_counter()
             best = ranked(search.candidates, target, config.tie_tolerance)
@@ -358,13 +363,19 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
             if follow_up is not None:
                 queue.append(follow_up)
             spent.append(time.perf_counter() - tried_at)
+            search.candidates[-1]["seconds"] = round(spent[-1], 1)
             index += 1
 
         reference = None
         if compiled:
+            t0 = time.perf_counter()
             reference = _compiled_reference(search.candidates, base_artifact, config, deadline - reserve, notify)
+            timings["reference_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         winner = _confirm(ranked(search.candidates, target, config.tie_tolerance), original, config, notify)
-        baseline["quality_value"] = _full_baseline_quality(original, winner, config)
+        timings["confirm_s"] = time.perf_counter() - t0
+        if winner is not None:  # the original's perplexity on the full split, computed alongside the winner's
+            baseline.update(quality_value=_full_baseline_quality(original, winner), quality_on="full")
         results = {
             "model": original.name, "kind": original.kind, "target": config.target, "target_metric": target.metric,
             "target_label": target.label, "higher_is_better": target.higher_is_better,
@@ -377,7 +388,7 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
             "candidates": [{k: v for k, v in c.items() if k != "artifact"} for c in search.candidates],
             "winner": winner["name"] if winner else None,
             "environment": baseline.get("environment", {}),
-            "timings": {"seconds": round(time.perf_counter() - started, 1), "time_budget_s": config.time_budget_s},
+            "timings": {"seconds": 0.0, "time_budget_s": config.time_budget_s, **{k: round(v, 1) for k, v in timings.items()}},
         }
         for c in results["candidates"]:
             c["metrics"].pop("environment", None)
@@ -387,8 +398,8 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
         shutil.copytree(winner["artifact"] if winner is not None else base_artifact, staging / "model")
         if winner is not None and winner["recipe"]["steps"]:
             Recipe.from_dict(winner["recipe"]).save(staging / "recipe.yaml")
+        results["timings"]["seconds"] = round(time.perf_counter() - started, 1)  # the report's own few seconds aside
         write_report(results, staging)
-        results["timings"]["seconds"] = round(time.perf_counter() - started, 1)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -525,9 +536,11 @@ def _compiled_reference(candidates: list[dict], base_artifact: Path, config: Opt
 def confirmation_seconds(original: LoadedModel, proxy_seconds: float, config: OptimizeConfig) -> float:
     """Time to keep for the end: the winner's full evaluation (model and original) and the report.
 
-    Scaled from the original's proxy evaluation (which, like a confirmation,
-    runs two models) by the number of tokens read (windows overlap) or
-    passages; doubled for the chance that the first confirmed candidate fails.
+    Scaled from the original's proxy evaluation by the number of tokens read
+    (windows overlap) or passages, and by the models run: a confirmation runs
+    two, the proxy of a causal LM one (an encoder's proxy, two). Kept for one
+    confirmation: if the first confirmed candidate fails, the next one's may
+    run past the budget (the gate is never skipped).
     """
     if original.kind == CAUSAL_LM:
         from slimkit import data as D
@@ -538,10 +551,10 @@ def confirmation_seconds(original: LoadedModel, proxy_seconds: float, config: Op
         def read(tokens):
             return sum(len(ids) for ids, _ in D.lm_windows(original.tokenizer, D.TextSource.parse(None).texts(), ec.window, ec.stride, tokens))
 
-        ratio = read(config.full_tokens) / max(1, read(config.proxy_tokens))
+        ratio = 2 * read(config.full_tokens) / max(1, read(config.proxy_tokens))
     else:
         ratio = 4.0  # the full check reads 4x the proxy's passages
-    return 2 * proxy_seconds * ratio + 15.0
+    return proxy_seconds * ratio + 15.0
 
 
 def _confirm(order: list[dict], original: LoadedModel, config: OptimizeConfig, notify) -> dict | None:
@@ -562,15 +575,18 @@ def _confirm(order: list[dict], original: LoadedModel, config: OptimizeConfig, n
     return None
 
 
-def _full_baseline_quality(original: LoadedModel, winner: dict | None, config: OptimizeConfig) -> float:
-    """The original's quality on the full split (computed alongside the winner's when there is one)."""
+def _full_baseline_quality(original: LoadedModel, winner: dict) -> float:
+    """The original's quality on the winner's full evaluation."""
+    return winner["metrics"]["reference_quality"] if original.kind == CAUSAL_LM else 1.0  # cosine / agreement with itself
+
+
+def _proxy_baseline(original: LoadedModel, config: OptimizeConfig) -> dict:
+    """The original's quality on the proxy slice; for a causal LM one pass (its perplexity), no reference needed."""
     if original.kind != CAUSAL_LM:
-        return 1.0  # cosine / agreement of the original with itself
-    if winner is not None:
-        return winner["metrics"]["reference_quality"]
+        return quality(original, original, config.proxy_tokens, config.proxy_passages)
     from slimkit.evaluate import EvalConfig, evaluate
 
-    return evaluate(original, config=EvalConfig(max_tokens=config.full_tokens)).perplexity
+    return {"quality_value": evaluate(original, config=EvalConfig(max_tokens=config.proxy_tokens)).perplexity}
 
 
 def _skipped(plan: Plan, reason: str) -> dict:
