@@ -351,9 +351,11 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
             plan = queue.pop(0)
             # as long as the slowest so far (at first: what measuring the original took), twice that for a rollback
             expected = (2 if plan.rollback else 1) * (max(spent) if spent else timings["baseline_s"] + timings["proxy_s"])
-            if time.perf_counter() + expected + reserve > deadline:
-                search.candidates.append(_skipped(plan, "not tried: the time budget left would not cover it and the final confirmation "
-                                                        "(raise --time-budget)"))
+            skip = search.beaten(plan)
+            if skip is None and time.perf_counter() + expected + reserve > deadline:
+                skip = "not tried: the time budget left would not cover it and the final confirmation (raise --time-budget)"
+            if skip is not None:
+                search.candidates.append(_skipped(plan, skip))
                 continue
             tried_at = time.perf_counter()
             best = ranked(search.candidates, target, config.tie_tolerance)
@@ -449,6 +451,20 @@ class _Search:
         except SlimkitError as exc:
             cand["reason"] = f"failed: {exc}"
         return follow_up
+
+    def beaten(self, plan: Plan) -> str | None:
+        """Why a rollback cannot win: a passing candidate beats its source, which it can only match."""
+        if plan.rollback is None:
+            return None
+        source = next(c for c in self.candidates if c["name"] == plan.rollback["of"])
+        best = ranked(self.candidates, self.target, 0.0)
+        value = source["metrics"].get(self.target.metric)
+        if not best or value is None:
+            return None
+        lead = best[0]["metrics"][self.target.metric]
+        if (lead >= value) if self.target.higher_is_better else (lead <= value):
+            return f"not tried: {best[0]['name']} already beats {source['name']} on {self.target.label}, and a rollback is no faster or smaller than its source"
+        return None
 
     def _build(self, plan: Plan, cand: dict, index: int) -> tuple[LoadedModel, Path | None]:
         """The candidate model (and its directory, where building wrote one)."""

@@ -238,3 +238,15 @@ def test_cli_refuses_impossible_arguments(tiny, tmp_path, args, message):
     proc = invoke_cli("optimize", str(tiny("llama")), "--out", str(tmp_path / "o"), *args)
     assert_user_error(proc, message)
     assert not (tmp_path / "o").exists()
+
+
+def test_no_rollback_when_a_passing_candidate_already_beats_its_source(tiny, tmp_path, monkeypatch, fake_bench, one_thread):
+    """Memory: every model peaks at 100 MiB here, so int8-wo matches int4 and a rollback of int4 cannot do better."""
+    monkeypatch.setitem(O.PRESETS, "test", [[("int8-wo", {"embeddings": False})], [("int4", {})]])
+    cfg = O.OptimizeConfig(target="memory", max_quality_drop=0.0012, preset="test", proxy_tokens=200, full_tokens=400)
+    results = O.optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
+    names = [c["name"] for c in results["candidates"]]
+    assert names == ["int8-wo(embeddings=False)", "int4", "int4 + rollback"]
+    rolled = results["candidates"][2]
+    assert rolled["stage"] == "skipped" and "already beats int4" in rolled["reason"]
+    assert results["winner"] == "int8-wo(embeddings=False)"
