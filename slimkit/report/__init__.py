@@ -125,6 +125,8 @@ def _cell(key: str, m: dict) -> str:
     value = m.get(key)
     if value is None:
         return "-"
+    if key == "quality_value" and m.get("full_quality_drop") is None and (m.get("proxy_quality_drop") is not None or m.get("quality_on") == "proxy"):
+        return f"{_num(value)} (proxy)"  # on the proxy slice, not comparable with full-split values
     if key == "runtime" and m.get("compile_seconds") is not None:
         return f"{value} ({m['compile_seconds']:.0f} s)"
     if key == "quality_drop":
@@ -180,10 +182,24 @@ def render_markdown(results: dict) -> str:
     for c in results["candidates"]:
         cells = " | ".join(_cell(k, c["metrics"]) for k, _ in cols)
         lines.append(f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {cells} | {'yes' if c.get('on_frontier') else ''} | {_note(c)} |")
+    if results.get("timings"):
+        lines += ["", "## Time", "", timing_line(results)]
     env = results.get("environment", {})
     if env:
         lines += ["", "## Environment", "", ", ".join(f"{k}: {v}" for k, v in env.items())]
     return "\n".join(lines) + "\n"
+
+
+def timing_line(results: dict) -> str:
+    """Where the run's wall time went, against its budget."""
+    t = results["timings"]
+    if "seconds" not in t:
+        return ""
+    parts = [f"{label} {t[k]:.0f} s" for k, label in (("baseline_s", "measuring the original"), ("proxy_s", "its proxy quality"),
+                                                       ("reference_s", "the original compiled"), ("confirm_s", "confirmation")) if t.get(k)]
+    parts += [f"{c['name']} {c['seconds']:.0f} s" for c in results["candidates"] if c.get("seconds") is not None]
+    budget = f" of a {t['time_budget_s']:.0f} s budget" if t.get("time_budget_s") else ""
+    return f"{t['seconds']:.0f} s{budget}" + (f": {', '.join(parts)}." if parts else ".")
 
 
 # --------------------------------------------------------------------------- html
@@ -229,6 +245,7 @@ def render_html(results: dict) -> str:
 <h2>Plots</h2><div class="plots">{plots_html}</div>
 <h2>Candidates</h2><table id="candidates"><thead><tr><th>candidate</th><th>passed</th>{head}<th>frontier</th><th>note</th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
+<h2>Time</h2><p class="env" id="time">{esc(timing_line(results)) if results.get('timings') else ''}</p>
 <h2>Environment</h2><p class="env">{esc(', '.join(f'{k}: {v}' for k, v in env.items()))}</p>
 </body></html>
 """
