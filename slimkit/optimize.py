@@ -352,8 +352,10 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
             # as long as the slowest so far (at first: what measuring the original took), twice that for a rollback
             expected = (2 if plan.rollback else 1) * (max(spent) if spent else timings["baseline_s"] + timings["proxy_s"])
             skip = search.beaten(plan)
-            if skip is None and time.perf_counter() + expected + reserve > deadline:
-                skip = "not tried: the time budget left would not cover it and the final confirmation (raise --time-budget)"
+            left = deadline - time.perf_counter()
+            if skip is None and expected + reserve > left:
+                skip = (f"not tried: the time budget left ({max(0.0, left):.0f} s) would not cover it (about {expected:.0f} s) "
+                        f"and the final confirmation (about {reserve:.0f} s): raise --time-budget")
             if skip is not None:
                 search.candidates.append(_skipped(plan, skip))
                 continue
