@@ -6,8 +6,11 @@
 2. For each candidate of the preset (kept short: a candidate costs its build,
    a quality proxy and a benchmark in a fresh process), while the time budget
    lasts (the budget is wall time for the whole run: a candidate is tried only
-   if the time left covers it — as long as the slowest so far, twice that for
-   a rollback — and the final confirmation):
+   if the time left covers it — as long as the slowest so far (the first: as
+   long as measuring the original took), twice that for a rollback — and one
+   final confirmation, scaled from the original's proxy; an estimate, so a
+   machine that slows down mid-run, or a calibrated method much slower than
+   the candidates before it, overruns):
      build it -> a cheap quality proxy (perplexity or embedding cosine on a
      slice of the evaluation split, compared with the original on the same
      slice) -> if the proxy is within 3x the budget, save it as an artifact and
