@@ -326,9 +326,8 @@ def size_on_disk(lm: LoadedModel) -> tuple[float, float]:
         return dir_size_mb(out), dir_size_mb(out, "*.safetensors")
 
 
-def environment(threads: int) -> dict:
-    import transformers
-
+def _cpuinfo() -> tuple[str, set[str]]:
+    """(CPU model name, instruction-set flags) from /proc/cpuinfo; empty where unreadable."""
     cpu = platform.processor() or platform.machine()
     flags: set[str] = set()
     try:
@@ -341,6 +340,22 @@ def environment(threads: int) -> dict:
                     break
     except OSError:
         pass
+    return cpu, flags
+
+
+def bf16_native(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matmuls run natively (CUDA with bf16, or a CPU with AVX-512 BF16 / AMX),
+    so bf16 autocast speeds training up rather than emulating bf16 slowly."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(_cpuinfo()[1] & {"avx512_bf16", "amx_bf16"})
+
+
+def environment(threads: int) -> dict:
+    import transformers
+
+    cpu, flags = _cpuinfo()
     env = {
         "cpu": cpu,
         "cpu_features": sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni"}),

@@ -31,6 +31,7 @@ Json = Annotated[bool, typer.Option("--json", help="print machine-readable JSON 
 Threads = Annotated[int | None, typer.Option(help="CPU threads (default: all cores)")]
 Dtype = Annotated[str, typer.Option(help="load as fp32, bf16 or fp16 (auto: as saved; fp32 for non-artifacts)")]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="run custom model code from the model's repository")]
+MaxMemory = Annotated[str | None, typer.Option("--max-memory", help="refuse to start if the estimated peak memory exceeds this, e.g. 4GiB or 512M")]
 
 
 @app.callback()
@@ -72,6 +73,13 @@ def _load(source: str, dtype: str, threads: int | None, trust_remote_code: bool 
     return load(source, dtype=dtypes[dtype], trust_remote_code=trust_remote_code)
 
 
+def _guard(command: str, model: str, max_memory: str | None, *also: str | None) -> None:
+    """Before loading: refuse past --max-memory, warn past the memory available (slimkit.resources)."""
+    from slimkit.resources import guard
+
+    guard(command, model, max_memory, also=also)
+
+
 def _emit(as_json: bool, payload: dict, tables: list) -> None:
     if as_json:
         stdout.print_json(json.dumps(payload))
@@ -104,6 +112,7 @@ def eval_cmd(
     threads: Threads = None,
     dtype: Dtype = "auto",
     trust_remote_code: TrustRemote = False,
+    max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
     """Measure quality: perplexity, KL and top-1 vs a reference, embedding cosine, accuracy."""
@@ -113,6 +122,7 @@ def eval_cmd(
 
     config = EvalConfig(window=window, stride=stride, max_tokens=max_tokens, batch_size=batch_size)
     source = TextSource.parse(data, split, text_key)
+    _guard("eval", model, max_memory, reference)
     lm = _load(model, dtype, threads, trust_remote_code)
     ref = _load(reference, "auto", None, trust_remote_code) if reference else None
     result = evaluate(lm, ref, source, config)
@@ -129,6 +139,7 @@ def bench_cmd(
     dtype: Dtype = "auto",
     compiled: Annotated[bool, typer.Option("--compile", help="decode through torch.compile with a static KV cache (about a minute to compile)")] = False,
     trust_remote_code: TrustRemote = False,
+    max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
     """Measure speed, memory and size: latency percentiles, throughput, prefill/decode tokens/s."""
@@ -136,6 +147,7 @@ def bench_cmd(
     from slimkit.display import bench_rows, table
 
     config = _bench_config(seq_len, batch_sizes, new_tokens, threads, compiled)
+    _guard("bench", model, max_memory)
     lm = _load(model, dtype, threads, trust_remote_code)
     result = benchmark(lm, config)
     _emit(as_json, result.to_dict(), [table(f"Speed of {model}", bench_rows(result))])
@@ -172,6 +184,7 @@ def run_cmd(
     max_tokens: Annotated[int | None, typer.Option(help="score at most this many tokens")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out")] = False,
     threads: Threads = None,
+    max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
     """Apply a recipe, measure the result against the original, and save the artifact."""
@@ -184,6 +197,7 @@ def run_cmd(
 
     plan = Recipe.load(recipe)
     check_destination(out, overwrite)
+    _guard("run", model or plan.model or DEFAULT_MODEL, max_memory)
     original = _load(model or plan.model or DEFAULT_MODEL, "auto", threads)
     compressed = plan.apply(original)
     quality = evaluate(compressed, original, config=EvalConfig(max_tokens=max_tokens))
@@ -206,6 +220,7 @@ def optimize_cmd(
     compiled: Annotated[bool | None, typer.Option("--compile/--no-compile", help="benchmark candidates through torch.compile (default: for the latency target)")] = None,
     seed: Annotated[int, typer.Option(help="seed of every candidate's recipe: the same seed gives the same candidates")] = 0,
     threads: Threads = None,
+    max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
     """Search for the fastest / smallest model within a quality budget, and report."""
@@ -217,6 +232,7 @@ def optimize_cmd(
     started = time.perf_counter()
     config = OptimizeConfig(target=target, max_quality_drop=parse_fraction(max_quality_drop), preset=preset, runtime=runtime,
                             time_budget_s=parse_duration(time_budget), threads=threads, seed=seed, compile=compiled)
+    _guard("optimize", model, max_memory)
     lm = _load(model, "auto", threads)
     with search_progress() as progress:
         results = optimize(lm, config, out, overwrite=overwrite, on_progress=progress, started=started)
@@ -240,6 +256,7 @@ def quantize_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out directory")] = False,
     threads: Threads = None,
     trust_remote_code: TrustRemote = False,
+    max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
     """Quantize a model and save it as an artifact that `eval` and `bench` accept."""
@@ -257,6 +274,7 @@ def quantize_cmd(
     if missing:
         raise SlimkitError(f"quantize needs {', '.join(missing)}: e.g. slimkit quantize smollm2-135m --method int8 --out ./smollm2-int8")
     options = parse_options(method, option or [])
+    _guard("training" if method == "qat" else "quantize", model, max_memory)
     q = quantize(_load(model, "fp32", threads, trust_remote_code), method, data=data, **options)
     training = {"training": q.manifest["training"]} if "training" in q.manifest else {}  # methods that train (qat)
     path = save(q, out_dir, overwrite=overwrite, metrics=training)
@@ -276,6 +294,7 @@ def sensitivity_cmd(
     seq_len: Annotated[int, typer.Option(help="tokens per window")] = 256,
     data: Annotated[str | None, typer.Option(help="calibration text: pydoc (default), a .txt/.jsonl file, or hf:NAME (its calibration split)")] = None,
     threads: Threads = None,
+    max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
     """Rank layers (or blocks) by how much quantizing each alone hurts quality, most sensitive first."""
@@ -284,6 +303,7 @@ def sensitivity_cmd(
     from slimkit.quantize.sensitivity import sensitivity
 
     options = parse_options(method, option or [])
+    _guard("quantize", model, max_memory)
     r = sensitivity(_load(model, "fp32", threads), method, options, data=data, granularity=granularity, metric=metric, n_samples=samples, seq_len=seq_len)
     rows = [(f"{i + 1}. {u.name}" + (f" ({len(u.layers)} layers)" if len(u.layers) > 1 else ""), fmt(u.score, 6)) for i, u in enumerate(r.units)]
     title = f"Sensitivity of {model} to {method} ({r.metric} on {r.tokens} calibration tokens, {r.seconds:.0f} s)"
@@ -303,6 +323,7 @@ def export_cmd(
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
     threads: Threads = None,
     trust_remote_code: TrustRemote = False,
+    max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
     """Export to a deployment runtime (ONNX, ONNX Runtime, onnxruntime-genai, TensorRT), parity-checked."""
@@ -310,6 +331,7 @@ def export_cmd(
     from slimkit.export import ExportConfig, export, summary
 
     config = ExportConfig(fmt, quantize, exporter=exporter, tolerance=tolerance, optimize=optimize, block_size=block_size)
+    _guard("export", model, max_memory)
     lm = _load(model, "auto", threads, trust_remote_code)
     info = summary(export(lm, out_dir, config, overwrite=overwrite))
     _emit(as_json, info, [table(f"Exported {model}", [(k, str(v)) for k, v in info.items()])])
@@ -347,6 +369,7 @@ def prune_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out")] = False,
     threads: Threads = None,
     trust_remote_code: TrustRemote = False,
+    max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
     """Prune a model (unstructured, N:M or structured) and save it as an artifact."""
@@ -355,6 +378,7 @@ def prune_cmd(
     from slimkit.prune import cli_options, prune, summary
 
     name, options = cli_options(method, sparsity, recover_minutes)
+    _guard("training" if recover_minutes > 0 else "prune", model, max_memory)
     lm = _load(model, "auto", threads, trust_remote_code)
     pruned = prune(lm, name, **options)
     path = save(pruned, out_dir, overwrite=overwrite)
@@ -383,6 +407,7 @@ def distill_cmd(
     log_dir: Annotated[str | None, typer.Option(help="write metrics.jsonl (and TensorBoard logs when installed) here")] = None,
     threads: Threads = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out directory")] = False,
+    max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
     """Distil a smaller student (fewer layers) from TEACHER and save it as an artifact."""
@@ -396,6 +421,7 @@ def distill_cmd(
     config = DistillConfig(student_layers=layers, minutes=minutes, steps=steps, loss=loss, temperature=temperature, alpha=alpha,
                            lr=lr, batch_size=batch_size, seq_len=seq_len, data=data, checkpoint_dir=checkpoint_dir,
                            checkpoint_every=checkpoint_every, resume=resume, log_dir=log_dir)
+    _guard("distill", teacher, max_memory)
     student = apply(_load(teacher, "auto", threads), config)
     from accelerate import PartialState
 

@@ -41,6 +41,31 @@ def test_select_layers():
             select_layers(*args)
 
 
+def test_similarity_drops_the_run_of_blocks_that_change_the_stream_least(tiny):
+    """Blocks 1 and 2 of a 4-layer model are made near identities: a 2-layer student drops them."""
+    from slimkit.distill.student import most_similar_run
+
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2)
+    model = T.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for i in (1, 2):
+            layer = model.model.layers[i]
+            layer.self_attn.o_proj.weight.mul_(1e-3)
+            layer.mlp.down_proj.weight.mul_(1e-3)
+    batch = {"input_ids": torch.arange(3, 35).reshape(2, 16), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    assert most_similar_run(model, 2, [batch]) == [0, 3]
+    assert most_similar_run(model, 3, [batch]) in ([0, 2, 3], [0, 1, 3])
+    student = slimkit.distill(str(tiny("llama")), student_layers=1, steps=1, **FAST)
+    assert student.manifest["recipe"][-1]["layer_choice"] == "similarity"
+    assert num_layers(student.model) == 1
+    with pytest.raises(SlimkitError, match="unknown layer choice"):
+        DistillConfig(student_layers=2, steps=1, layer_choice="middle")
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_student_copies_teacher_layers_and_reloads(arch, tiny, tmp_path):
     teacher = slimkit.load(str(tiny(arch)))

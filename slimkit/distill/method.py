@@ -29,13 +29,14 @@ import torch
 
 from slimkit import data as D
 from slimkit.distill import losses as L
-from slimkit.distill.student import make_student, num_layers, select_layers
+from slimkit.distill.student import LAYER_CHOICES, make_student, most_similar_run, num_layers, select_layers
 from slimkit.distill.trainer import Distiller, TrainConfig, train
 from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM, CLASSIFIER, ENCODER, LoadedModel, load
 from slimkit.registry import register
 
 LOSSES = ("kd", "ce")
+SIMILARITY_BATCHES = 4  # calibration micro-batches that decide which blocks a layer count keeps
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class DistillConfig(TrainConfig):
     student_layers: int | tuple[int, ...] | None = None  # a count, or the teacher layers to keep
     every: int | None = None  # or keep teacher layers 0, k, 2k, ...
     student: str | None = None  # or train this model (path or name) as the student
+    layer_choice: str = "similarity"  # with a layer count: drop the most similar run of blocks, or spread evenly
     loss: str = "kd"  # kd: learn from the teacher; ce: hard labels only (baseline)
     temperature: float = 1.0
     alpha: float = 0.9  # share of logit KD against hard-label CE
@@ -67,6 +69,8 @@ class DistillConfig(TrainConfig):
         chosen = [n for n in ("student_layers", "every", "student") if getattr(self, n) is not None]
         if len(chosen) != 1:
             raise SlimkitError("choose the student one way: student_layers (--student-layers N), every=k, or student=MODEL")
+        if self.layer_choice not in LAYER_CHOICES:
+            raise SlimkitError(f"unknown layer choice '{self.layer_choice}': use one of {', '.join(LAYER_CHOICES)}")
         if self.loss not in LOSSES:
             raise SlimkitError(f"unknown distillation loss '{self.loss}': use kd (learn from the teacher) or ce (labels only)")
         if not self.temperature > 0:
@@ -124,7 +128,13 @@ def _student(teacher: LoadedModel, cfg: DistillConfig) -> tuple[LoadedModel, lis
             raise SlimkitError(f"the student is a {student.kind} and the teacher a {teacher.kind}: distil between models of one kind")
         student.model.train()
         return student, None
-    keep = select_layers(num_layers(teacher.model), cfg.student_layers, cfg.every)
+    n_teacher = num_layers(teacher.model)
+    if isinstance(cfg.student_layers, int) and cfg.layer_choice == "similarity":
+        select_layers(n_teacher, cfg.student_layers)  # range check
+        probe = make_batches(teacher, D.TextSource.parse(cfg.data, "calibration"), cfg, limit=SIMILARITY_BATCHES)
+        keep = most_similar_run(teacher.model, cfg.student_layers, probe)
+    else:
+        keep = select_layers(n_teacher, cfg.student_layers, cfg.every)
     return make_student(teacher, keep), keep
 
 

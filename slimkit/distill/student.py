@@ -7,10 +7,16 @@ KD, hidden-state and embedding losses all line up without projections, and
 the student is a plain Hugging Face model of the same class: its config's
 layer count is updated, so `save_pretrained` / `from_pretrained` just work.
 
-Which layers: a count N keeps N blocks spread evenly from the first to the
-last (`round(i * (L - 1) / (N - 1))`), so both the input-facing and the
-output-facing blocks survive; `every=k` keeps blocks 0, k, 2k, ...; an
-explicit list keeps exactly those. Speed scales with the blocks removed;
+Which layers, for a count N:
+  similarity  (default) drop the contiguous run of L - N blocks whose input and
+              output hidden states are most alike on calibration text (smallest
+              mean angular distance; Gromov et al. 2024, "The unreasonable
+              ineffectiveness of the deeper layers"): the run the stream passes
+              through least changed. On SmolLM2 (30 -> 15) the untrained student
+              scores perplexity ~5e4 this way against ~8e6 for an even spread.
+  spread      N blocks spread evenly from the first to the last
+              (`round(i * (L - 1) / (N - 1))`), as DistilBERT kept every other one.
+`every=k` keeps blocks 0, k, 2k, ...; an explicit list keeps exactly those. Speed scales with the blocks removed;
 embeddings and the LM head (a large share of a small model) stay.
 
 Supported: Llama-family (`model.layers`), GPT-2 (`transformer.h`) and BERT
@@ -23,6 +29,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from slimkit.errors import SlimkitError
@@ -82,6 +89,36 @@ def select_layers(n_teacher: int, layers: int | Sequence[int] | None = None, eve
     if len(set(keep)) != len(keep) or keep != sorted(keep):
         raise SlimkitError(f"student layers {keep} must be increasing and distinct: list each teacher layer once, in order")
     return keep
+
+
+LAYER_CHOICES = ("similarity", "spread")
+
+
+@torch.no_grad()
+def most_similar_run(model: nn.Module, n_keep: int, batches: list[dict]) -> list[int]:
+    """Blocks to keep: all but the contiguous run of L - n_keep blocks across which the
+    hidden states turn the least (mean angle over non-padding tokens of `batches`)."""
+    n_layers = num_layers(model)
+    n_drop = n_layers - n_keep
+    if n_drop <= 0:
+        return list(range(n_layers))
+    angle = torch.zeros(n_layers - n_drop + 1, dtype=torch.float64)
+    count = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            kw = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+            hs = model(**kw, output_hidden_states=True).hidden_states  # L + 1 of (B, T, H)
+            mask = batch.get("attention_mask", torch.ones(kw["input_ids"].shape)).bool()
+            for start in range(len(angle)):
+                cos = torch.nn.functional.cosine_similarity(hs[start][mask].float(), hs[start + n_drop][mask].float(), dim=-1)
+                angle[start] += torch.arccos(cos.clamp(-1, 1)).sum().double()
+            count += int(mask.sum())
+    finally:
+        model.train(was_training)
+    start = int(angle.argmin())  # ties: the earliest run
+    return [i for i in range(n_layers) if not start <= i < start + n_drop]
 
 
 def drop_layers(model: nn.Module, keep: Sequence[int]) -> nn.Module:

@@ -64,6 +64,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from slimkit.benchmark import bf16_native
 from slimkit.distill.losses import DistillLoss, hard_loss, mean_pool
 from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM, ENCODER
@@ -274,8 +275,15 @@ def _accelerator(cfg: TrainConfig):
     from accelerate.utils import DistributedDataParallelKwargs
 
     mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if mp == "auto":  # bf16 where the hardware runs it natively (CUDA, or CPUs with AVX-512 BF16 / AMX)
+        mp = "bf16" if bf16_native("cuda" if torch.cuda.is_available() else "cpu") else "no"
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mp and state.get("num_processes", 1) == 1:
+        # Accelerate keeps one state per process and refuses a second precision; a
+        # single process (a notebook, optimize) may train twice with different settings
+        AcceleratorState._reset_state()
     # find_unused_parameters: e.g. BERT's pooler gets no gradient from an embedding loss
     return Accelerator(mixed_precision=mp, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 

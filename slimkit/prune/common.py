@@ -136,6 +136,40 @@ def input_sq_norms(lm: LoadedModel, modules: dict[str, nn.Module], batches: list
     return {n: s.float() for n, s in sums.items()}
 
 
+def input_grams(lm: LoadedModel, modules: dict[str, nn.Module], batches: list[dict]) -> dict[str, torch.Tensor]:
+    """name -> Gram matrix of the module's inputs over calibration tokens, with a
+    trailing constant feature: [[X^T X, X^T 1], [1^T X, n]], (in + 1, in + 1).
+
+    What a least-squares refit of the module needs (`structured.refit_inputs`).
+    Accumulated in float32 per batch and summed in float64; padding tokens of
+    encoder batches are skipped.
+    """
+    grams = {n: torch.zeros(weight_2d(m).shape[1] + 1, weight_2d(m).shape[1] + 1, dtype=torch.float64) for n, m in modules.items()}
+    mask: dict[str, torch.Tensor | None] = {"m": None}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().float()  # (B, T, in)
+            if mask["m"] is not None and x.dim() == 3 and x.shape[:2] == mask["m"].shape:
+                x = x[mask["m"].to(x.device).bool()]  # (tokens, in)
+            x = x.reshape(-1, x.shape[-1])
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+            grams[name] += (x.T @ x).double().cpu()
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                mask["m"] = batch.get("attention_mask")
+                forward(lm, batch, **({"use_cache": False} if lm.kind == CAUSAL_LM else {}))
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
 def gradient_stats(lm: LoadedModel, modules: dict[str, nn.Module], batches: list[dict]) -> tuple[dict, dict]:
     """name -> (mean gradient, mean squared per-batch gradient) of the weight, both
     (out, in), from the next-token loss on calibration batches (causal LMs only)."""

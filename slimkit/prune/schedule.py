@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from slimkit import data as D
+from slimkit.benchmark import bf16_native
 from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM, LoadedModel
 from slimkit.progress import status
@@ -90,7 +91,7 @@ def recover(lm: LoadedModel, reference: LoadedModel, config: RecoveryConfig, mas
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16 and _bf16_ok(device))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16 and bf16_native(device))
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     modules = {n: model.get_submodule(n) for n in (masks or {})}
     was_training = model.training
@@ -126,17 +127,6 @@ def recover(lm: LoadedModel, reference: LoadedModel, config: RecoveryConfig, mas
         p.requires_grad_(True)
     return {"steps": step, "tokens": tokens, "seconds": round(time.monotonic() - start, 1),
             "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
-
-
-def _bf16_ok(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 def _training_batches(lm: LoadedModel, config: RecoveryConfig) -> list[dict]:

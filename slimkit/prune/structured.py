@@ -47,6 +47,7 @@ from slimkit.registry import register
 
 UNITS = ("heads", "mlp", "layers")
 DEFAULT_SPARSITY = 0.25
+REFIT_DAMPING = 0.01  # ridge, as a fraction of the mean input energy (GPTQ damps its Hessian alike)
 
 
 # --------------------------------------------------------------------------- architecture
@@ -156,13 +157,56 @@ def keep_inputs(module: nn.Module, idx: torch.Tensor) -> None:
             module.in_features = len(idx)
 
 
-def remove_mlp_channels(model, b: Block, keep: torch.Tensor) -> None:
+def refit_inputs(module: nn.Module, idx: torch.Tensor, gram: torch.Tensor, damping: float = REFIT_DAMPING) -> None:
+    """Keep input features `idx` of a Linear/Conv1D and refit its weight (and bias)
+    so its outputs on the calibration inputs change as little as possible.
+
+    Ridge least squares on the input Gram matrix `gram` ((in + 1)^2, last row
+    and column the constant feature, from `common.input_grams`): with W the
+    original weight, S the kept features and G the Gram,
+        W' = W G[:, S] (G[S, S] + lambda I)^-1,   lambda = damping * mean(diag G[S, S]),
+    where a bias joins the solve as the weight of the constant feature, so it
+    absorbs the removed features' mean contribution. When the removed features
+    carried nothing on the calibration data (all zero), this is a plain slice.
+    """
+    n_in = common.weight_2d(module).shape[1]
+    removed = torch.ones(n_in, dtype=torch.bool)
+    removed[idx] = False
+    if gram[:n_in, :n_in].diagonal()[removed].sum() == 0:
+        keep_inputs(module, idx)
+        return
+    with torch.no_grad():
+        w = common.weight_2d(module).double()  # (out, in)
+        has_bias = module.bias is not None
+        cols = torch.cat([idx, torch.tensor([n_in])]) if has_bias else idx
+        g = gram if has_bias else gram[:n_in, :n_in]
+        w_aug = torch.cat([w, module.bias.double()[:, None]], 1) if has_bias else w
+        a = g[cols][:, cols].clone()
+        lam = damping * a.diagonal()[: len(idx)].mean().clamp(min=1e-12)
+        a.diagonal()[: len(idx)] += lam
+        sol = torch.linalg.solve(a, (w_aug @ g[:, cols]).T).T  # (out, kept [+ 1])
+        keep_inputs(module, idx)
+        new_w = sol[:, : len(idx)].to(module.weight.dtype)
+        module.weight.copy_(new_w.T if common.is_conv1d(module) else new_w)
+        if has_bias:
+            module.bias.copy_(sol[:, -1].to(module.bias.dtype))
+
+
+def _cut_inputs(module: nn.Module, idx: torch.Tensor, gram: torch.Tensor | None) -> None:
+    if gram is None:
+        keep_inputs(module, idx)
+    else:
+        refit_inputs(module, idx, gram)
+
+
+def remove_mlp_channels(model, b: Block, keep: torch.Tensor, gram: torch.Tensor | None = None) -> None:
+    """Keep MLP channels `keep`; with the output projection's input `gram`, refit it."""
     for n in b.mlp_in:
         keep_outputs(model.get_submodule(n), keep)
-    keep_inputs(model.get_submodule(b.mlp_out), keep)
+    _cut_inputs(model.get_submodule(b.mlp_out), keep, gram)
 
 
-def remove_head_groups(model, b: Block, keep_groups: list[int]) -> None:
+def remove_head_groups(model, b: Block, keep_groups: list[int], gram: torch.Tensor | None = None) -> None:
     """Keep kv groups `keep_groups` with their query heads; o keeps the matching columns."""
     n_kv, per = head_groups(model, b)
     q_rows = torch.cat([torch.arange(n_kv * per * b.head_dim)[group_rows(b, g, per)[0]] for g in keep_groups])
@@ -170,7 +214,7 @@ def remove_head_groups(model, b: Block, keep_groups: list[int]) -> None:
     keep_outputs(model.get_submodule(b.q), q_rows)
     keep_outputs(model.get_submodule(b.k), kv_rows)
     keep_outputs(model.get_submodule(b.v), kv_rows)
-    keep_inputs(model.get_submodule(b.o), q_rows)
+    _cut_inputs(model.get_submodule(b.o), q_rows, gram)
     if b.family == "bert":  # bookkeeping attributes (the forward reshapes with -1)
         attn = model.get_submodule(b.q.rsplit(".", 1)[0])
         attn.num_attention_heads = len(keep_groups)
@@ -207,9 +251,10 @@ class StructuredConfig:
     uniform: bool = True  # same shapes in every layer (plain from_pretrained loads it)
     targets: tuple[str, ...] = ("*",)  # patterns over block names, e.g. model.layers.1*
     ignore: tuple[str, ...] = ()
-    calibration_samples: int = 32
+    calibration_samples: int = 128
     seq_len: int = 256
     batch_size: int = 4
+    refit: bool = True  # least-squares refit of the projections that lose inputs (down_proj, o_proj)
     recover_minutes: float = 0.0
     recovery: str = "finetune"  # or "distill" (logit KD from the unpruned model)
 
@@ -411,16 +456,21 @@ def apply(model: LoadedModel, config: StructuredConfig, **context) -> LoadedMode
                 names[n] = net.get_submodule(n)
         el = importance.module_scores(crit, lm, names, get_batches)
         units = [unit_scores(net, b, el) for b in blocks]
+        grams = {}
+        if config.refit:  # inputs of the projections that lose features, before anything is cut
+            consumers = [b.mlp_out for b in blocks if amounts["mlp"]] + [b.o for b in blocks if amounts["heads"]]
+            grams = common.input_grams(lm, {n: net.get_submodule(n) for n in consumers}, get_batches())
         if amounts["mlp"]:
             drops = _choose_removals([u["mlp"] for u in units], amounts["mlp"], config.uniform)
             for b, drop in zip(blocks, drops):
                 n = _w(net, b.mlp_out).shape[1]
-                remove_mlp_channels(net, b, torch.tensor([i for i in range(n) if i not in set(drop)]))
+                remove_mlp_channels(net, b, torch.tensor([i for i in range(n) if i not in set(drop)]), grams.get(b.mlp_out))
         if amounts["heads"]:
             drops = _choose_removals([u["heads"] for u in units], amounts["heads"], config.uniform)
             for b, drop in zip(blocks, drops):
                 n_kv, _ = head_groups(net, b)
-                remove_head_groups(net, b, [g for g in range(n_kv) if g not in set(drop)])
+                remove_head_groups(net, b, [g for g in range(n_kv) if g not in set(drop)], grams.get(b.o))
+        grams = None
     sync_config(net, find_arch(net))
     if config.recover_minutes > 0:
         from slimkit.prune.schedule import RecoveryConfig, recover

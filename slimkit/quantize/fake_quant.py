@@ -48,8 +48,8 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None, symmetri
     """Round-to-nearest of w (N, K), scales (and offsets) rounded to their stored dtype."""
     qt = Q.quantize_int(w, bits, group_size, symmetric)
     dtype = Q.scale_dtype(group_size)
-    qt.scale = qt.scale.to(dtype).float()
-    qt.offset = None if qt.offset is None else qt.offset.to(dtype).float()
+    qt.scale = Q.stored_scales(qt.scale, dtype).float()
+    qt.offset = None if qt.offset is None else Q.stored_scales(qt.offset, dtype).float()
     return qt
 
 

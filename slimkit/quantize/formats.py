@@ -29,6 +29,19 @@ saves about 0.37 bit per weight at block size 64.
 
 Two 4-bit values are packed per byte (`pack_int4`), low nibble first, so the
 stored tensor is really half the size of int8.
+
+Edges. A weight holding NaN or Inf is refused (SlimkitError): no grid can
+represent it, and a silent NaN would poison every later measurement. Every
+finite weight quantizes, dequantizes to finite values, and lies within half
+a step (scale / 2) of its dequantized value, with two exceptions near
+float32's maximum (3.4e38), both refused with an error that names the fix:
+an asymmetric group whose range max - min overflows float32, and double
+quantized NF4 scales that would dequantize past it. An all-zero group gets
+the smallest positive scale and stays exactly zero. A double-quantized scale
+is off by up to half its second-level step (1/254 of the scales' spread
+around their mean), so a block far below the mean can come back with a tiny
+scale of either sign, and one within 0.4% of fp16's largest value (65504)
+can dequantize to Inf in fp16.
 """
 
 from __future__ import annotations
@@ -89,12 +102,18 @@ def quantize_int(w: torch.Tensor, bits: int, group_size: int | None = None, symm
     wg = w.detach().float().reshape(n, k // g, g)  # (N, G, g)
     tiny = torch.finfo(torch.float32).tiny
     if symmetric:
-        scale = (wg.abs().amax(-1) / hi).clamp(min=tiny)  # (N, G)
+        absmax = wg.abs().amax(-1)  # (N, G)
+        check_finite(absmax)
+        scale = fit_scale((absmax / hi).clamp(min=tiny), hi)  # (N, G)
         q = torch.round(wg / scale[..., None]).clamp(lo, hi)
         offset = None
     else:
-        offset = wg.amin(-1)  # (N, G)
-        scale = ((wg.amax(-1) - offset) / (hi - lo)).clamp(min=tiny)  # (N, G)
+        offset, top = wg.amin(-1), wg.amax(-1)  # (N, G)
+        check_finite(offset, top)
+        scale = ((top - offset) / (hi - lo)).clamp(min=tiny)  # (N, G)
+        if not torch.isfinite((hi - lo) * scale + offset).all():  # the grid's top level, by monotonicity every level
+            raise SlimkitError("a group of this weight spans more than float32 can hold (max - min over 3.4e38): "
+                               "quantize it with a symmetric grid (symmetric=true)")
         q = (torch.round((wg - offset[..., None]) / scale[..., None]) + lo).clamp(lo, hi)
     return QuantizedInt(q.reshape(n, k).to(torch.int8), scale, offset, bits, g)
 
@@ -109,6 +128,32 @@ def dequantize_int(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | 
     else:
         w = (qg - qrange(bits)[0]) * scale.float()[..., None] + offset.float()[..., None]
     return w.reshape(n, k).to(dtype)
+
+
+def check_finite(*stats: torch.Tensor) -> None:
+    """Refuse NaN / Inf, seen in per-group statistics (amax and amin propagate both), so no extra pass over w."""
+    if not all(torch.isfinite(t).all() for t in stats):
+        raise SlimkitError("cannot quantize a weight that holds NaN or Inf: the weights are corrupt or training diverged; "
+                           "check the model (slimkit refuses such checkpoints at load)")
+
+
+def fit_scale(scale: torch.Tensor, levels: int) -> torch.Tensor:
+    """`scale`, one float step smaller where `levels * scale` rounds past float32's maximum.
+
+    Only scales of groups within about an ulp of 3.4e38 change (127 * (3.4e38 / 127)
+    rounds up to Inf); their weights still round to the top level.
+    """
+    over = torch.isinf(scale * levels)
+    return torch.where(over, torch.nextafter(scale, torch.zeros_like(scale)), scale)
+
+
+def stored_scales(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scales or offsets cast to the dtype a module stores them in; refuses values that dtype cannot hold."""
+    out = t.to(dtype)
+    if not torch.isfinite(out).all():
+        raise SlimkitError(f"this weight's group scales or offsets (up to {t.abs().max().item():.3g}) overflow {str(dtype).replace('torch.', '')}, "
+                           "which stores them: quantize it per channel (group_size=None keeps fp32 scales)")
+    return out
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,13 +239,18 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = Fal
     b = check_group(k, block_size)
     code = nf4_code()  # (16,)
     wb = w.detach().float().reshape(n, k // b, b)  # (N, B, b)
-    absmax = wb.abs().amax(-1).clamp(min=torch.finfo(torch.float32).tiny)  # (N, B)
+    absmax = wb.abs().amax(-1)  # (N, B)
+    check_finite(absmax)
+    absmax = absmax.clamp(min=torch.finfo(torch.float32).tiny)
     normed = wb / absmax[..., None]  # in [-1, 1]
     mids = (code[1:] + code[:-1]) / 2  # (15,) decision boundaries between levels
     idx = torch.bucketize(normed.contiguous(), mids)  # (N, B, b) in [0, 15]
     out = QuantizedNF4(pack_int4(idx.reshape(n, k)), (n, k), b)
     if double_quant:
         out.absmax_q, out.absmax_scale, out.absmax_mean = quantize_scales(absmax)
+        if not torch.isfinite(out.scales()).all():
+            raise SlimkitError("this weight's block scales are too close to float32's maximum (3.4e38) to be "
+                               "double quantized: quantize it with double_quant=false")
     else:
         out.absmax = absmax
     return out
@@ -217,11 +267,11 @@ def dequantize_nf4(codes: torch.Tensor, absmax: torch.Tensor, block_size: int, d
 def quantize_scales(scales: torch.Tensor, block: int = DQ_BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Double quantization: fp32 scales (any shape) -> (int8 same shape, fp32 per 256, fp32 mean)."""
     flat = scales.float().reshape(-1)
-    mean = flat.mean()
+    mean = flat.double().mean().float()  # a float32 sum of scales near 3.4e38 would overflow
     centred = flat - mean
     pad = (-flat.numel()) % block
     blocks = torch.nn.functional.pad(centred, (0, pad)).reshape(-1, block)  # (nb, 256)
-    s2 = (blocks.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (nb,)
+    s2 = fit_scale((blocks.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny), 127)  # (nb,)
     q = torch.round(blocks / s2[:, None]).clamp(-127, 127).to(torch.int8)
     return q.reshape(-1)[: flat.numel()].reshape(scales.shape), s2, mean
 

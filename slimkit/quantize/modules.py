@@ -249,9 +249,9 @@ class WeightOnlyLinear(QuantLinear):
         """Store an already quantized weight (round-to-nearest, GPTQ, ...)."""
         q = qt.q if self.bits == 8 else Q.pack_int4((qt.q + 8).to(torch.uint8))  # int4 stored offset to [0, 15]
         self.qweight.copy_(q)
-        self.scale.copy_(qt.scale)
+        self.scale.copy_(Q.stored_scales(qt.scale, self.scale.dtype))
         if self.offset is not None:
-            self.offset.copy_(qt.offset)
+            self.offset.copy_(Q.stored_scales(qt.offset, self.offset.dtype))
         self._kernel.clear()
 
     def _load_from_state_dict(self, *args, **kwargs):
