@@ -215,7 +215,7 @@ def optimize_cmd(
     preset: Annotated[str | None, typer.Option(help="latency, throughput, memory, size or edge (default: the target's)")] = None,
     runtime: Annotated[str, typer.Option(help="runtime that will serve the model: torch, or onnxruntime (encoders, classifiers)")] = "torch",
     time_budget: Annotated[str, typer.Option(help="wall-clock budget for the whole run, e.g. 10m")] = "10m",
-    out: Annotated[str, typer.Option(help="output directory: model/, recipe.yaml, report.html, report.md, results.json")] = "slimkit-out",
+    out: Annotated[str, typer.Option(help="output directory: model/, report.html, report.md, results.json")] = "slimkit-out",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out")] = False,
     compiled: Annotated[bool | None, typer.Option("--compile/--no-compile", help="benchmark candidates through torch.compile (default: for the latency target)")] = None,
     seed: Annotated[int, typer.Option(help="seed of every candidate's recipe: the same seed gives the same candidates")] = 0,

@@ -48,9 +48,9 @@
    frontier (quality drop vs the target metric) and the report, with its
    proxy and full quality drops side by side.
 
-The winner is written to OUT/model (an artifact with its recipe; OUT/recipe.yaml
-for `slimkit run`), the report to OUT/report.html and OUT/report.md, the
-measurements to OUT/results.json.
+The winner is written to OUT/model (an artifact with its recipe, which the
+report also prints as YAML for `slimkit run`), the report to OUT/report.html
+and OUT/report.md, the measurements to OUT/results.json.
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def _bench(path: Path, config: OptimizeConfig, compiled: bool) -> dict:
 
 def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, overwrite: bool = False, on_progress=None,
              started: float | None = None) -> dict:
-    """Run the search; write OUT/model, OUT/recipe.yaml, OUT/report.html, OUT/report.md, OUT/results.json.
+    """Run the search; write OUT/model, OUT/report.html, OUT/report.md, OUT/results.json.
 
     `started`: the `time.perf_counter()` at which the time budget began
     (default: now); the CLI passes its own start, model loading included.
@@ -403,8 +403,6 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
             reference.pop("environment", None)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         shutil.copytree(winner["artifact"] if winner is not None else base_artifact, staging / "model")
-        if winner is not None and winner["recipe"]["steps"]:
-            Recipe.from_dict(winner["recipe"]).save(staging / "recipe.yaml")
         results["timings"]["seconds"] = round(time.perf_counter() - started, 1)  # the report's own few seconds aside
         write_report(results, staging)
         if out.exists():

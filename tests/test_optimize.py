@@ -190,7 +190,9 @@ def test_near_miss_rolls_back_to_higher_precision(tiny, tmp_path, monkeypatch, f
     assert rolled["metrics"]["full_quality_drop"] <= 0.0012 and rolled["metrics"]["proxy_quality_drop"] < source["metrics"]["proxy_quality_drop"]
     out = tmp_path / "out"
     saved = slimkit.load(str(out / "model"))
-    rebuilt = Recipe.load(out / "recipe.yaml").apply(lm)  # high_layers recorded: no search, the same model
+    recipe = (out / "report.md").read_text().split("```yaml\n")[1].split("```")[0]
+    (tmp_path / "recipe.yaml").write_text(recipe)  # the report's recipe, as a user would copy it
+    rebuilt = Recipe.load(tmp_path / "recipe.yaml").apply(lm)  # high_layers recorded: no search, the same model
     ids = torch.arange(3, 40)[None]
     with torch.no_grad():
         assert torch.equal(saved.model(input_ids=ids).logits, rebuilt.model(input_ids=ids).logits)

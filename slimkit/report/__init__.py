@@ -83,7 +83,7 @@ def recommendation(results: dict) -> str:
     size = ""
     if target != "size_on_disk_mb" and m.get("size_on_disk_mb") and base.get("size_on_disk_mb"):
         size = f" It is {_num(m['size_on_disk_mb'])} MiB on disk against {_num(base['size_on_disk_mb'])} MiB."
-    how = "`slimkit run` on recipe.yaml (also saved in the model's manifest)"
+    how = "`slimkit run` on the recipe below (also in the model's manifest)"
     if winner.get("export"):
         e = winner["export"]
         how = f"`slimkit export MODEL --format {e['format']}" + (f" --quantize {e['quantize']}`" if e.get("quantize") else "`")
@@ -182,12 +182,25 @@ def render_markdown(results: dict) -> str:
     for c in results["candidates"]:
         cells = " | ".join(_cell(k, c["metrics"]) for k, _ in cols)
         lines.append(f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {cells} | {'yes' if c.get('on_frontier') else ''} | {_note(c)} |")
+    recipe = winner_recipe(results)
+    if recipe:
+        lines += ["", "## Recipe", "", "```yaml", recipe.rstrip(), "```"]
     if results.get("timings"):
         lines += ["", "## Time", "", timing_line(results)]
     env = results.get("environment", {})
     if env:
         lines += ["", "## Environment", "", ", ".join(f"{k}: {v}" for k, v in env.items())]
     return "\n".join(lines) + "\n"
+
+
+def winner_recipe(results: dict) -> str:
+    """The winner's recipe as YAML for `slimkit run` (empty without a winner, or for an export)."""
+    import yaml
+
+    winner = next((c for c in results["candidates"] if c["name"] == results.get("winner")), None)
+    if winner is None or not winner.get("recipe", {}).get("steps") or winner.get("export"):
+        return ""
+    return yaml.safe_dump({"model": results["model"], **winner["recipe"]}, sort_keys=False)
 
 
 def timing_line(results: dict) -> str:
@@ -245,6 +258,7 @@ def render_html(results: dict) -> str:
 <h2>Plots</h2><div class="plots">{plots_html}</div>
 <h2>Candidates</h2><table id="candidates"><thead><tr><th>candidate</th><th>passed</th>{head}<th>frontier</th><th>note</th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
+{f"<h2>Recipe</h2><pre id='recipe'>{esc(winner_recipe(results))}</pre>" if winner_recipe(results) else ""}
 <h2>Time</h2><p class="env" id="time">{esc(timing_line(results)) if results.get('timings') else ''}</p>
 <h2>Environment</h2><p class="env">{esc(', '.join(f'{k}: {v}' for k, v in env.items()))}</p>
 </body></html>
