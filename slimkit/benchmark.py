@@ -12,7 +12,8 @@
     through `torch.compile` and a static cache (compiled.py); the result says
     which runtime decoded (`decode_runtime`) and how long compiling took.
     For encoders and classifiers, `compile` runs latency and throughput
-    through `torch.compile`d forwards instead (compiled during the warm-up).
+    through `torch.compile`d forwards instead; `compile_seconds` is the first
+    call's (batch 1; other batch sizes compile again in their warm-up).
   * peak memory: the process's peak resident set size while benchmarking
     (its high-water mark is reset first where Linux allows), and CUDA's peak
     allocation on a GPU.
@@ -130,6 +131,11 @@ def benchmark(model: LoadedModel | str, config: BenchConfig = BenchConfig()) -> 
         runner = compiled_forward(lm)
     memory = PeakMemory(device)
     with memory, torch.inference_mode():
+        if runner is not lm:  # a compiled forward: its first call compiles
+            start = time.perf_counter()
+            with status("Compiling the forward"):
+                _forward(runner, sample)
+            result.compile_seconds = round(time.perf_counter() - start, 1)
         with status(f"Measuring latency ({config.seq_len} tokens)"):
             times = timed(lambda: _forward(runner, sample), config)
         result.latency_ms = latency_stats(times)

@@ -213,24 +213,29 @@ def optimize_cmd(
     target: Annotated[str, typer.Option(help="latency, throughput, memory or size")] = "latency",
     max_quality_drop: Annotated[str, typer.Option(help="quality budget, e.g. 1% (perplexity ratio, 1 - cosine)")] = "1%",
     preset: Annotated[str | None, typer.Option(help="latency, throughput, memory, size or edge (default: the target's)")] = None,
-    runtime: Annotated[str, typer.Option(help="runtime that will serve the model")] = "torch",
-    time_budget: Annotated[str, typer.Option(help="wall-clock budget for the search, e.g. 10m")] = "10m",
+    runtime: Annotated[str, typer.Option(help="runtime that will serve the model: torch, or onnxruntime (encoders, classifiers)")] = "torch",
+    time_budget: Annotated[str, typer.Option(help="wall-clock budget for the whole run, e.g. 10m")] = "10m",
     out: Annotated[str, typer.Option(help="output directory: model/, report.html, report.md, results.json")] = "slimkit-out",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out")] = False,
+    compiled: Annotated[bool | None, typer.Option("--compile/--no-compile", help="benchmark candidates through torch.compile (default: for the latency target)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of every candidate's recipe: the same seed gives the same candidates")] = 0,
     threads: Threads = None,
     max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
     """Search for the fastest / smallest model within a quality budget, and report."""
+    import time
+
     from slimkit.optimize import OptimizeConfig, optimize, parse_duration, parse_fraction
     from slimkit.progress import search_progress
 
-    config = OptimizeConfig(target=target, max_quality_drop=parse_fraction(max_quality_drop), preset=preset,
-                            runtime=runtime, time_budget_s=parse_duration(time_budget), threads=threads)
+    started = time.perf_counter()
+    config = OptimizeConfig(target=target, max_quality_drop=parse_fraction(max_quality_drop), preset=preset, runtime=runtime,
+                            time_budget_s=parse_duration(time_budget), threads=threads, seed=seed, compile=compiled)
     _guard("optimize", model, max_memory)
     lm = _load(model, "auto", threads)
     with search_progress() as progress:
-        results = optimize(lm, config, out, overwrite=overwrite, on_progress=progress)
+        results = optimize(lm, config, out, overwrite=overwrite, on_progress=progress, started=started)
     from slimkit.report import recommendation
 
     if as_json:

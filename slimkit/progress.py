@@ -61,6 +61,8 @@ def search_progress():
             if event == "candidate":
                 best = info.get("best") or "none yet"
                 live.update(f"candidate {info['index'] + 1}/{info['total']}: {name}  |  {info['left']:.0f} s left  |  best: {best}")
+            elif event == "reference":
+                live.update(f"measuring {name}")
             else:
                 live.update(f"confirming {name} on the full evaluation split")
 

@@ -63,4 +63,4 @@ def test_generate_compiled_gives_the_eager_text(tiny):
 def test_encoder_latency_through_compile(tiny):
     config = BenchConfig(batch_sizes=(1,), seq_len=16, min_iters=2, min_seconds=0, threads=1, measure_size=False, compile=True)
     result = benchmark(tiny("bert"), config)
-    assert result.latency_ms.p50 > 0 and result.decode_runtime is None
+    assert result.latency_ms.p50 > 0 and result.decode_runtime is None and result.compile_seconds > 0

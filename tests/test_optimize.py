@@ -109,3 +109,146 @@ def test_confirmation_estimate_scales_with_the_evaluation(tiny):
     small = O.confirmation_seconds(lm, 1.0, O.OptimizeConfig(proxy_tokens=200, full_tokens=400))
     large = O.confirmation_seconds(lm, 1.0, O.OptimizeConfig(proxy_tokens=200, full_tokens=1600))
     assert 15 < small < large
+
+
+# --------------------------------------------------------------------------- search logic, with an in-process benchmark
+
+
+@pytest.fixture
+def fake_bench(monkeypatch):
+    """Stands in for the benchmark process (seconds each): size on disk is real, speed follows
+    size, times `jitter` — a random relative error like a shared machine's, unseeded on purpose."""
+    import random
+
+    from slimkit.benchmark import dir_size_mb
+
+    state = {"jitter": 0.0, "calls": []}
+    noise = random.Random()
+
+    def bench(path, threads, compile=False):
+        size = dir_size_mb(path)
+        speed = 100 / size * (1 + noise.uniform(-state["jitter"], state["jitter"]))
+        state["calls"].append(compile)
+        return {"latency_ms_p50": 1000 / speed, "decode_tokens_per_s": speed, "prefill_tokens_per_s": speed, "throughput_tokens_per_s": speed,
+                "peak_memory_mb": 100.0, "size_on_disk_mb": size, "runtime": "torch.compile" if compile else "eager",
+                "decode_runtime": "torch.compile" if compile else "eager", "compile_seconds": 1.0 if compile else None,
+                "bench_seconds": 0.01, "environment": {"cpu": "test"}}
+
+    monkeypatch.setattr(O, "bench_in_subprocess", bench)
+    return state
+
+
+def test_ties_go_to_the_smaller_quality_drop_then_the_name():
+    def c(name, speed, drop):
+        return {"name": name, "passed": True, "metrics": {"decode_tokens_per_s": speed, "quality_drop": drop}}
+
+    latency = O.target_for("latency", "causal-lm")
+    cands = [c("b", 100.0, 0.004), c("a", 98.0, 0.004), c("fast-bad", 101.0, 0.009), c("slow", 90.0, 0.0), c("x", 200.0, 0.0)]
+    cands.append({"name": "failed", "passed": False, "metrics": {"decode_tokens_per_s": 999.0, "quality_drop": 0.5}})
+    order = [x["name"] for x in O.ranked(cands, latency, 0.03)]
+    assert order == ["x", "a", "b", "fast-bad", "slow"]  # a, b, fast-bad within 3% of 101: by drop, then name
+    assert [x["name"] for x in O.ranked(cands, latency, 0.0)] == ["x", "fast-bad", "b", "a", "slow"]
+    size = O.target_for("size", "causal-lm")  # exact: no tolerance
+    sized = [{"name": n, "passed": True, "metrics": {"size_on_disk_mb": s, "quality_drop": d}} for n, s, d in [("p", 100.0, 0.01), ("q", 101.0, 0.0)]]
+    assert [x["name"] for x in O.ranked(sized, size, 0.03)] == ["p", "q"]
+
+
+def test_same_seed_same_winner_despite_speed_noise(techniques, tiny, tmp_path, monkeypatch, fake_bench, one_thread):
+    """Three candidates equally fast within the noise: the smallest quality drop wins, every time."""
+    fake_bench["jitter"] = 0.01
+    monkeypatch.setitem(O.PRESETS, "test", [[("test-noise", {"scale": 0.002})], [("test-noise", {"scale": 0.001})], [("test-noise", {})]])
+    monkeypatch.setattr(O, "target_for", lambda name, kind: O.Target("latency", "decode_tokens_per_s", "decode tokens/s", True))
+    lm = slimkit.load(tiny("llama"))
+    runs = []
+    for i in range(2):
+        cfg = O.OptimizeConfig(target="latency", max_quality_drop=0.05, preset="test", proxy_tokens=200, full_tokens=400, seed=3, compile=False)
+        runs.append(O.optimize(lm, cfg, tmp_path / f"out{i}"))
+    a, b = runs
+    smallest = min(a["candidates"], key=lambda c: c["metrics"]["proxy_quality_drop"])["name"]
+    assert a["winner"] == b["winner"] == smallest == "test-noise(scale=0.002)"  # noise made this random model's perplexity lower
+    assert [c["metrics"]["quality_drop"] for c in a["candidates"]] == [c["metrics"]["quality_drop"] for c in b["candidates"]]
+    assert [c["recipe"] for c in a["candidates"]] == [c["recipe"] for c in b["candidates"]] and a["candidates"][0]["recipe"]["seed"] == 3
+    assert fake_bench["calls"] == [False] * 8  # --no-compile: eager everywhere
+
+
+def test_near_miss_rolls_back_to_higher_precision(tiny, tmp_path, monkeypatch, fake_bench, one_thread):
+    """int4 misses a 0.12% budget by less than 2x: its sensitive blocks go back to int8-wo, and that passes."""
+    from slimkit.recipe import Recipe
+
+    monkeypatch.setitem(O.PRESETS, "test", [[("int4", {})]])
+    lm = slimkit.load(tiny("llama"))
+    cfg = O.OptimizeConfig(target="size", max_quality_drop=0.0012, preset="test", proxy_tokens=200, full_tokens=400)
+    results = O.optimize(lm, cfg, tmp_path / "out")
+    source, rolled = results["candidates"]
+    assert source["name"] == "int4" and not source["passed"]
+    assert 0.0012 < source["metrics"]["proxy_quality_drop"] <= 0.0024
+    assert rolled["name"] == "int4 + rollback" and rolled["rollback"]["of"] == "int4" and rolled["rollback"]["high"] == "int8-wo"
+    (step,) = rolled["recipe"]["steps"]
+    assert step["method"] == "mixed" and step["low"] == "int4" and step["high"] == "int8-wo" and step["high_layers"]
+    assert rolled["rollback"]["probe_bound"] < source["rollback"]["probe_score"]  # asks the probe for less loss than int4's
+    assert results["winner"] == "int4 + rollback" and rolled["stage"] == "full"
+    assert rolled["metrics"]["full_quality_drop"] <= 0.0012 and rolled["metrics"]["proxy_quality_drop"] < source["metrics"]["proxy_quality_drop"]
+    out = tmp_path / "out"
+    saved = slimkit.load(str(out / "model"))
+    recipe = (out / "report.md").read_text().split("```yaml\n")[1].split("```")[0]
+    (tmp_path / "recipe.yaml").write_text(recipe)  # the report's recipe, as a user would copy it
+    rebuilt = Recipe.load(tmp_path / "recipe.yaml").apply(lm)  # high_layers recorded: no search, the same model
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(saved.model(input_ids=ids).logits, rebuilt.model(input_ids=ids).logits)
+    assert "rollback of int4" in (out / "report.md").read_text()
+
+
+def test_compiled_candidates_against_the_eager_baseline(techniques, tiny, tmp_path, monkeypatch, fake_bench, one_thread):
+    """Latency: candidates benchmarked compiled, the baseline eager, the original compiled as a reference."""
+    monkeypatch.setitem(O.PRESETS, "test", [[("test-bf16", {})]])
+    cfg = O.OptimizeConfig(target="latency", max_quality_drop=0.05, preset="test", proxy_tokens=200, full_tokens=400)
+    results = O.optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
+    assert fake_bench["calls"] == [False, True, True]  # baseline eager, candidate compiled, reference compiled
+    assert results["baseline"]["runtime"] == "eager" and results["baseline_compiled"]["runtime"] == "torch.compile"
+    (cand,) = results["candidates"]
+    assert cand["metrics"]["runtime"] == "torch.compile" and results["winner"] == "test-bf16"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| original, torch.compile |" in md and "torch.compile (1 s)" in md
+    assert "Serve it compiled" in md and "torch.compile alone" in md
+    proxy, full = cand["metrics"]["proxy_quality_drop"], cand["metrics"]["full_quality_drop"]
+    assert f"{100 * proxy:+.2f}% → {100 * full:+.2f}%" in md
+
+
+def test_onnxruntime_candidates_for_an_encoder(tiny, tmp_path, monkeypatch, fake_bench, one_thread):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setitem(O.PRESETS, "test", [])
+    monkeypatch.setitem(O.ORT_PRESETS, "test", ["int8"])
+    cfg = O.OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", runtime="onnxruntime", proxy_passages=16)
+    results = O.optimize(slimkit.load(tiny("bert")), cfg, tmp_path / "out")
+    (cand,) = results["candidates"]
+    assert results["winner"] == "onnxruntime int8", cand["reason"]
+    assert cand["export"]["quantize"] == "int8" and fake_bench["calls"] == [False, False]
+    assert slimkit.load(str(tmp_path / "out" / "model")).manifest["runtime"] == "onnxruntime"
+    assert "slimkit export MODEL --format onnxruntime --quantize int8" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--max-quality-drop", "150%"], "between 0 and 100%"), (["--time-budget", "soon"], "duration"),
+     (["--target", "speed"], "unknown target"), (["--runtime", "onnxruntime", "--compile"], "--runtime torch"),
+     (["--runtime", "onnxruntime"], "encoders and classifiers"), (["--runtime", "tvm"], "not available")],
+)
+def test_cli_refuses_impossible_arguments(tiny, tmp_path, args, message):
+    from conftest import assert_user_error, invoke_cli
+
+    proc = invoke_cli("optimize", str(tiny("llama")), "--out", str(tmp_path / "o"), *args)
+    assert_user_error(proc, message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_rollback_when_a_passing_candidate_already_beats_its_source(tiny, tmp_path, monkeypatch, fake_bench, one_thread):
+    """Memory: every model peaks at 100 MiB here, so int8-wo matches int4 and a rollback of int4 cannot do better."""
+    monkeypatch.setitem(O.PRESETS, "test", [[("int8-wo", {"embeddings": False})], [("int4", {})]])
+    cfg = O.OptimizeConfig(target="memory", max_quality_drop=0.0012, preset="test", proxy_tokens=200, full_tokens=400)
+    results = O.optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
+    names = [c["name"] for c in results["candidates"]]
+    assert names == ["int8-wo(embeddings=False)", "int4", "int4 + rollback"]
+    rolled = results["candidates"][2]
+    assert rolled["stage"] == "skipped" and "already beats int4" in rolled["reason"]
+    assert results["winner"] == "int8-wo(embeddings=False)"

@@ -5,9 +5,12 @@
     model, kind, target, target_metric, target_label, higher_is_better,
     quality_metric, quality_label, max_quality_drop,
     baseline:   {metric: value}                      the original model
+    baseline_compiled (optional): {metric: value}    the original through torch.compile
     candidates: [{name, recipe, metrics, passed, reason}]
                 metrics hold the target metric, quality_drop (a fraction),
-                latency_ms_p50, size_on_disk_mb, peak_memory_mb, ...
+                latency_ms_p50, size_on_disk_mb, peak_memory_mb, runtime
+                (eager, torch.compile, onnxruntime), compile_seconds,
+                proxy_quality_drop and full_quality_drop, ...
     winner:     a candidate name, or None (the original is kept)
     sensitivity (optional): [{layer, delta}]         per-layer quality change
     sparsity (optional):    [{layer, sparsity}]
@@ -61,16 +64,39 @@ def recommendation(results: dict) -> str:
             f"{results['quality_label']}), so the original model is kept. Tried: {tried}."
         )
     m = winner["metrics"]
-    ratio = m[target] / base[target] if results["higher_is_better"] else base[target] / m[target]
+    ratio = _ratio(results, m)
+    runtime = m.get("runtime")
+    measured = base_runtime = ""
+    if results["target"] in ("latency", "throughput") and runtime and runtime != base.get("runtime", "eager"):
+        measured, base_runtime = f" ({runtime})", f" ({base.get('runtime', 'eager')})"
+    compiled = results.get("baseline_compiled")
+    alone = ""
+    if runtime == "torch.compile" and compiled and compiled.get(target) is not None:
+        alone = f"; the original through torch.compile alone: {_ratio(results, compiled):.2f}x"
+    serve = ""
+    if runtime == "torch.compile":
+        how_compiled = ("`slimkit generate --compile`, or torch.compile with a static KV cache" if results.get("kind") == "causal-lm"
+                        else "wrap the model in torch.compile")
+        serve = f" Serve it compiled to get this speed ({how_compiled})."
+    proxy, full = m.get("proxy_quality_drop"), m.get("full_quality_drop")
+    checks = f" (proxy {100 * proxy:+.2f}%, full evaluation split {100 * full:+.2f}%)" if proxy is not None and full is not None else ""
     size = ""
-    if m.get("size_on_disk_mb") and base.get("size_on_disk_mb"):
-        size = f" It is {m['size_on_disk_mb']:.0f} MiB on disk against {base['size_on_disk_mb']:.0f} MiB."
+    if target != "size_on_disk_mb" and m.get("size_on_disk_mb") and base.get("size_on_disk_mb"):
+        size = f" It is {_num(m['size_on_disk_mb'])} MiB on disk against {_num(base['size_on_disk_mb'])} MiB."
+    how = "`slimkit run` on the recipe below (also in the model's manifest)"
+    if winner.get("export"):
+        e = winner["export"]
+        how = f"`slimkit export MODEL --format {e['format']}" + (f" --quantize {e['quantize']}`" if e.get("quantize") else "`")
     return (
-        f"Use {winner['name']}: {label} {_num(m[target])} against {_num(base[target])} for the original "
-        f"({ratio:.2f}x better), with {results['quality_label']} {100 * m['quality_drop']:+.2f}% "
-        f"(budget {100 * results['max_quality_drop']:.1f}%).{size} Reproduce it with "
-        f"`slimkit run` on the recipe saved next to the model."
+        f"Use {winner['name']}: {label} {_num(m[target])}{measured} against {_num(base[target])}{base_runtime} for the original "
+        f"({ratio:.2f}x better{alone}), with {results['quality_label']} {100 * m['quality_drop']:+.2f}%{checks} "
+        f"(budget {100 * results['max_quality_drop']:.1f}%).{size}{serve} Reproduce it with {how}."
     )
+
+
+def _ratio(results: dict, m: dict) -> float:
+    base, target = results["baseline"][results["target_metric"]], m[results["target_metric"]]
+    return target / base if results["higher_is_better"] else base / target
 
 
 # --------------------------------------------------------------------------- markdown
@@ -80,19 +106,52 @@ def _columns(results: dict) -> list[tuple[str, str]]:
     return [
         ("quality_value", results["quality_label"]),
         ("quality_drop", "quality drop"),
+        ("proxy_vs_full", "proxy → full drop"),
         (results["target_metric"], results["target_label"]),
+        ("runtime", "runtime"),
         ("latency_ms_p50", "p50 latency ms"),
         ("size_on_disk_mb", "size MiB"),
         ("peak_memory_mb", "peak RSS MiB"),
     ]
 
 
-def _cell(key: str, value) -> str:
+def _cell(key: str, m: dict) -> str:
+    """One table cell of metrics `m`."""
+    if key == "proxy_vs_full":
+        proxy, full = m.get("proxy_quality_drop"), m.get("full_quality_drop")
+        if proxy is None:
+            return "-"
+        return f"{100 * proxy:+.2f}% → {100 * full:+.2f}%" if full is not None else f"{100 * proxy:+.2f}% (proxy)"
+    value = m.get(key)
     if value is None:
         return "-"
+    if key == "quality_value" and m.get("full_quality_drop") is None and (m.get("proxy_quality_drop") is not None or m.get("quality_on") == "proxy"):
+        return f"{_num(value)} (proxy)"  # on the proxy slice, not comparable with full-split values
+    if key == "runtime" and m.get("compile_seconds") is not None:
+        return f"{value} ({m['compile_seconds']:.0f} s)"
     if key == "quality_drop":
         return f"{100 * value:+.2f}%"
     return _num(value)
+
+
+def _note(c: dict) -> str:
+    """A candidate's reason, and where a rollback came from or why there was none."""
+    rb = c.get("rollback") or {}
+    if rb.get("kept_high"):
+        return f"{c.get('reason', '')}; rollback of {rb['of']}: {rb['kept_high']} at {rb['high']}"
+    if rb.get("skipped"):
+        return f"{c.get('reason', '')}; {rb['skipped']}"
+    return c.get("reason", "")
+
+
+def _rows(results: dict) -> list[tuple[str, dict, str]]:
+    """(name, metrics, note) of the baseline rows: the original, and compiled where measured."""
+    rows = [("original", results["baseline"], "baseline")]
+    compiled = results.get("baseline_compiled")
+    if compiled:
+        same = {"quality_value": results["baseline"].get("quality_value"), "quality_drop": 0.0}
+        rows.append(("original, torch.compile", {**compiled, **same}, "reference: compiling alone"))
+    return rows
 
 
 def _num(v) -> str:
@@ -117,15 +176,43 @@ def render_markdown(results: dict) -> str:
         "",
         "| candidate | passed | " + " | ".join(c[1] for c in cols) + " | frontier | note |",
         "|---|---|" + "---|" * len(cols) + "---|---|",
-        "| original | - | " + " | ".join(_cell(k, results["baseline"].get(k)) for k, _ in cols) + " | - | baseline |",
     ]
+    for name, m, note in _rows(results):
+        lines.append(f"| {name} | - | " + " | ".join(_cell(k, m) for k, _ in cols) + f" | - | {note} |")
     for c in results["candidates"]:
-        cells = " | ".join(_cell(k, c["metrics"].get(k)) for k, _ in cols)
-        lines.append(f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {cells} | {'yes' if c.get('on_frontier') else ''} | {c.get('reason', '')} |")
+        cells = " | ".join(_cell(k, c["metrics"]) for k, _ in cols)
+        lines.append(f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {cells} | {'yes' if c.get('on_frontier') else ''} | {_note(c)} |")
+    recipe = winner_recipe(results)
+    if recipe:
+        lines += ["", "## Recipe", "", "```yaml", recipe.rstrip(), "```"]
+    if results.get("timings"):
+        lines += ["", "## Time", "", timing_line(results)]
     env = results.get("environment", {})
     if env:
         lines += ["", "## Environment", "", ", ".join(f"{k}: {v}" for k, v in env.items())]
     return "\n".join(lines) + "\n"
+
+
+def winner_recipe(results: dict) -> str:
+    """The winner's recipe as YAML for `slimkit run` (empty without a winner, or for an export)."""
+    import yaml
+
+    winner = next((c for c in results["candidates"] if c["name"] == results.get("winner")), None)
+    if winner is None or not winner.get("recipe", {}).get("steps") or winner.get("export"):
+        return ""
+    return yaml.safe_dump({"model": results["model"], **winner["recipe"]}, sort_keys=False)
+
+
+def timing_line(results: dict) -> str:
+    """Where the run's wall time went, against its budget."""
+    t = results["timings"]
+    if "seconds" not in t:
+        return ""
+    parts = [f"{label} {t[k]:.0f} s" for k, label in (("baseline_s", "measuring the original"), ("proxy_s", "its proxy quality"),
+                                                       ("reference_s", "the original compiled"), ("confirm_s", "confirmation")) if t.get(k)]
+    parts += [f"{c['name']} {c['seconds']:.0f} s" for c in results["candidates"] if c.get("seconds") is not None]
+    budget = f" of a {t['time_budget_s']:.0f} s budget" if t.get("time_budget_s") else ""
+    return f"{t['seconds']:.0f} s{budget}" + (f": {', '.join(parts)}." if parts else ".")
 
 
 # --------------------------------------------------------------------------- html
@@ -151,13 +238,14 @@ def render_html(results: dict) -> str:
     cols = _columns(results)
     head = "".join(f"<th>{esc(label)}</th>" for _, label in cols)
     rows = [
-        "<tr><td>original</td><td>-</td>" + "".join(f"<td>{esc(_cell(k, results['baseline'].get(k)))}</td>" for k, _ in cols) + "<td></td><td class='note'>baseline</td></tr>"
+        f"<tr><td>{esc(name)}</td><td>-</td>" + "".join(f"<td>{esc(_cell(k, m))}</td>" for k, _ in cols) + f"<td></td><td class='note'>{esc(note)}</td></tr>"
+        for name, m, note in _rows(results)
     ]
     for c in results["candidates"]:
         cls = " class='win'" if c["name"] == results.get("winner") else ""
         ok = "<td class='pass'>yes</td>" if c["passed"] else "<td class='fail'>no</td>"
-        cells = "".join(f"<td>{esc(_cell(k, c['metrics'].get(k)))}</td>" for k, _ in cols)
-        rows.append(f"<tr{cls}><td>{esc(c['name'])}</td>{ok}{cells}<td>{'&#9733;' if c.get('on_frontier') else ''}</td><td class='note'>{esc(c.get('reason', ''))}</td></tr>")
+        cells = "".join(f"<td>{esc(_cell(k, c['metrics']))}</td>" for k, _ in cols)
+        rows.append(f"<tr{cls}><td>{esc(c['name'])}</td>{ok}{cells}<td>{'&#9733;' if c.get('on_frontier') else ''}</td><td class='note'>{esc(_note(c))}</td></tr>")
     env = results.get("environment", {})
     plots_html = "".join(f"<div class='plot' id='{fid}'>{svg}</div>" for fid, svg in figures)
     return f"""<!doctype html>
@@ -170,6 +258,8 @@ def render_html(results: dict) -> str:
 <h2>Plots</h2><div class="plots">{plots_html}</div>
 <h2>Candidates</h2><table id="candidates"><thead><tr><th>candidate</th><th>passed</th>{head}<th>frontier</th><th>note</th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
+{f"<h2>Recipe</h2><pre id='recipe'>{esc(winner_recipe(results))}</pre>" if winner_recipe(results) else ""}
+<h2>Time</h2><p class="env" id="time">{esc(timing_line(results)) if results.get('timings') else ''}</p>
 <h2>Environment</h2><p class="env">{esc(', '.join(f'{k}: {v}' for k, v in env.items()))}</p>
 </body></html>
 """

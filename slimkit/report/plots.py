@@ -51,6 +51,9 @@ def quality_vs_target(results: dict) -> str:
     base = results["baseline"].get(target)
     if base is not None:
         ax.scatter([base], [0.0], marker="s", s=50, color=BASE, label="original", zorder=4)
+    compiled = (results.get("baseline_compiled") or {}).get(target)
+    if compiled is not None:
+        ax.scatter([compiled], [0.0], marker="s", s=50, facecolors="none", edgecolors=BASE, label="original, torch.compile", zorder=4)
     ax.axhline(100 * results["max_quality_drop"], color=FAIL, lw=1, ls=":", label="quality budget")
     winner = next((c for c in cands if c["name"] == results.get("winner")), None)
     if winner is not None:
