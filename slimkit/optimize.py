@@ -322,7 +322,7 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
     `started`: the `time.perf_counter()` at which the time budget began
     (default: now); the CLI passes its own start, model loading included.
     """
-    from slimkit.artifacts import check_destination, save
+    from slimkit.artifacts import check_destination, replace_dir, save
     from slimkit.report import write_report
 
     started = time.perf_counter() if started is None else started
@@ -405,9 +405,7 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
         shutil.copytree(winner["artifact"] if winner is not None else base_artifact, staging / "model")
         results["timings"]["seconds"] = round(time.perf_counter() - started, 1)  # the report's own few seconds aside
         write_report(results, staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        replace_dir(staging, out)  # a kill mid-way never leaves a half-deleted result in OUT
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)

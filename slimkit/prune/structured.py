@@ -28,8 +28,15 @@ one-shot as one of three kv groups per layer plus MLP channels gave perplexity
 group is a coarse, costly unit in a small model. `uniform=True` prunes every layer alike, so the smaller model is described
 by its config alone and loads with plain `from_pretrained`; `uniform=False`
 ranks units across layers (at least one head group and one channel stay per
-layer) and the artifact records the per-layer shapes. Quality drops at once;
-recovery training (`recover_minutes`) wins most of it back.
+layer) and the artifact records the per-layer shapes.
+
+Refit (`refit=True`, the default): the projection that loses inputs (the MLP's
+output projection, `o_proj` when heads go) is refitted by ridge least squares
+on the calibration activations, so the kept channels stand in for the removed
+ones. It costs one more calibration pass and wins most of the one-shot damage
+back: MiniLM with 30% of MLP channels cut, embedding cosine 0.822 -> 0.966;
+SmolLM2 with 25% of parameters cut, perplexity 34.6 -> 20.3 (fp32 14.4).
+Recovery training (`recover_minutes`) can follow.
 """
 
 from __future__ import annotations
