@@ -204,6 +204,25 @@ def test_refit_solves_the_least_squares_problem():
     torch.testing.assert_close(layer.bias.double(), best[4], rtol=1e-5, atol=1e-6)
 
 
+def test_obs_removes_the_feature_the_others_can_take_over():
+    """A feature that duplicates another costs nothing once the refit moves its weight
+    over: OBS removes it (or its twin) first, even though its weights are the largest."""
+    from slimkit.prune.structured import obs_keep, refit_inputs
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 5)
+    x = torch.cat([x, 2 * x[:, :1]], 1)  # feature 5 = 2 * feature 0
+    layer = torch.nn.Linear(6, 4)
+    with torch.no_grad():
+        layer.weight[:, 5] *= 10  # the largest weights: magnitude would keep it
+    target = layer(x).detach()
+    xa = torch.cat([x, torch.ones(300, 1)], 1).double()
+    keep = obs_keep(layer, xa.T @ xa, 1, damping=1e-9)
+    assert 0 not in keep.tolist() or 5 not in keep.tolist()
+    refit_inputs(layer, keep, xa.T @ xa, damping=1e-9)
+    torch.testing.assert_close(layer(x[:, keep]), target, rtol=1e-4, atol=1e-4)
+
+
 def test_structured_sparsity_is_the_fraction_of_parameters_removed(tiny):
     lm = slimkit.load(tiny("llama"))
     pruned = slimkit.prune(lm, "structured", sparsity=0.25, units=["heads", "mlp"])
