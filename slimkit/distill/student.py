@@ -103,7 +103,6 @@ def most_similar_run(model: nn.Module, n_keep: int, batches: list[dict]) -> list
     if n_drop <= 0:
         return list(range(n_layers))
     angle = torch.zeros(n_layers - n_drop + 1, dtype=torch.float64)
-    count = 0
     was_training = model.training
     model.eval()
     try:
@@ -114,7 +113,6 @@ def most_similar_run(model: nn.Module, n_keep: int, batches: list[dict]) -> list
             for start in range(len(angle)):
                 cos = torch.nn.functional.cosine_similarity(hs[start][mask].float(), hs[start + n_drop][mask].float(), dim=-1)
                 angle[start] += torch.arccos(cos.clamp(-1, 1)).sum().double()
-            count += int(mask.sum())
     finally:
         model.train(was_training)
     start = int(angle.argmin())  # ties: the earliest run

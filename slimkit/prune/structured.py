@@ -168,6 +168,16 @@ def keep_inputs(module: nn.Module, idx: torch.Tensor) -> None:
             module.in_features = len(idx)
 
 
+def _augmented(module: nn.Module, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(weight with the bias as a last column, (out, in [+ 1]); the Gram over the same
+    features; in_features), in float64: the bias is the weight of the constant feature."""
+    w = common.weight_2d(module).detach().double()  # (out, in)
+    n_in = w.shape[1]
+    if module.bias is None:
+        return w, gram[:n_in, :n_in], n_in
+    return torch.cat([w, module.bias.detach().double()[:, None]], 1), gram, n_in
+
+
 def refit_inputs(module: nn.Module, idx: torch.Tensor, gram: torch.Tensor, damping: float = REFIT_DAMPING) -> None:
     """Keep input features `idx` of a Linear/Conv1D and refit its weight (and bias)
     so its outputs on the calibration inputs change as little as possible.
@@ -187,11 +197,9 @@ def refit_inputs(module: nn.Module, idx: torch.Tensor, gram: torch.Tensor, dampi
         keep_inputs(module, idx)
         return
     with torch.no_grad():
-        w = common.weight_2d(module).double()  # (out, in)
+        w_aug, g, _ = _augmented(module, gram)
         has_bias = module.bias is not None
         cols = torch.cat([idx, torch.tensor([n_in])]) if has_bias else idx
-        g = gram if has_bias else gram[:n_in, :n_in]
-        w_aug = torch.cat([w, module.bias.double()[:, None]], 1) if has_bias else w
         a = g[cols][:, cols].clone()
         lam = damping * a.diagonal()[: len(idx)].mean().clamp(min=1e-12)
         a.diagonal()[: len(idx)] += lam
@@ -213,14 +221,10 @@ def obs_keep(module: nn.Module, gram: torch.Tensor, n_remove: int, damping: floa
     The error is measured where it matters, at the module's output, so a channel
     whose work its neighbours can take over goes before one that is merely small.
     """
-    n_in = common.weight_2d(module).shape[1]
-    has_bias = module.bias is not None
-    h = (gram if has_bias else gram[:n_in, :n_in]).clone()
+    w, g, n_in = _augmented(module, gram)
+    h = g.clone()
     h.diagonal()[:n_in] += damping * h.diagonal()[:n_in].mean().clamp(min=1e-12)
     h_inv = torch.linalg.inv(h)
-    w = common.weight_2d(module).detach().double()  # (out, in)
-    if has_bias:
-        w = torch.cat([w, module.bias.detach().double()[:, None]], 1)
     alive = torch.ones(n_in, dtype=torch.bool)
     for _ in range(n_remove):
         error = w[:, :n_in].pow(2).sum(0) / h_inv.diagonal()[:n_in]
