@@ -59,8 +59,13 @@ def save(
     recipe: dict | list | None = None,
     metrics: dict | None = None,
     overwrite: bool = False,
+    keep: tuple[str, ...] | list[str] = (),
 ) -> Path:
-    """Write `model` as an artifact directory at `out`, atomically; return its path."""
+    """Write `model` as an artifact directory at `out`, atomically; return its path.
+
+    `keep`: entries of an existing `out` to carry into the new artifact
+    (training logs or checkpoints a recipe wrote there); they are not hashed.
+    """
     quiet_transformers()
     out = check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +92,9 @@ def save(
         }
         manifest.update(_pruned_entry(model))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        for name in keep:
+            if (out / name).is_dir() and not (tmp / name).exists():
+                shutil.copytree(out / name, tmp / name, symlinks=True)
         replace_dir(tmp, out)
     except (OSError, SafetensorError) as exc:
         raise SlimkitError(f"cannot write the artifact to {out} ({short_reason(exc)}): free disk space or choose another --out") from exc

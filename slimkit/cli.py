@@ -196,14 +196,16 @@ def run_cmd(
     from slimkit.recipe import Recipe
 
     plan = Recipe.load(recipe)
+    confined = plan.confined(out)  # logs and checkpoints go inside OUT, never elsewhere
     check_destination(out, overwrite)
     _guard("run", model or plan.model or DEFAULT_MODEL, max_memory)
     original = _load(model or plan.model or DEFAULT_MODEL, "auto", threads)
-    compressed = plan.apply(original)
+    compressed = confined.apply(original)
     quality = evaluate(compressed, original, config=EvalConfig(max_tokens=max_tokens))
     speed = benchmark(compressed, _bench_config(128, "1,4,8", 64, threads))
     metrics = {"eval": quality.to_dict(), "bench": speed.to_dict()}
-    path = save(compressed, out, recipe=plan.to_dict(), metrics=metrics, overwrite=overwrite)
+    kept = confined.written(out)  # OUT may now hold them: checked empty (or --overwrite) above
+    path = save(compressed, out, recipe=plan.to_dict(), metrics=metrics, overwrite=overwrite or bool(kept), keep=kept)
     _emit(as_json, {"artifact": str(path), **metrics}, [table(f"{plan.label} -> {path}", eval_rows(quality) + bench_rows(speed))])
 
 

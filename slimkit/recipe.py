@@ -29,6 +29,7 @@ from slimkit import registry
 from slimkit.errors import SlimkitError
 
 _TOP_KEYS = {"model", "seed", "steps", "name"}
+WRITES = ("checkpoint_dir", "log_dir", "cache_teacher")  # config fields naming a place a step writes to
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,35 @@ class Recipe:
             args = ", ".join(f"{k}={v}" for k, v in changed.items())
             parts.append(f"{s.method}({args})" if args else s.method)
         return " -> ".join(parts)
+
+    def confined(self, out: str | Path) -> "Recipe":
+        """This recipe with every place a step writes to (`WRITES`) moved inside `out`.
+
+        Such paths must be relative and stay inside `out` once resolved (no
+        `..`, absolute path or symlink leading out of it), so a recipe from
+        elsewhere cannot write outside the output directory.
+        """
+        root = Path(out).expanduser().resolve()
+        steps = []
+        for i, step in enumerate(self.steps):
+            moved = {}
+            for name in WRITES:
+                value = getattr(step.config, name, None)
+                if value is None:
+                    continue
+                target = (root / value).resolve()
+                if Path(value).is_absolute() or target == root or not target.is_relative_to(root):
+                    raise SlimkitError(f"steps[{i}].{name}: '{value}' is not inside the output directory {out}: "
+                                       f"give a relative path below it, e.g. {name}: {name.removesuffix('_dir')}")
+                moved[name] = str(target)
+            steps.append(Step(step.method, dataclasses.replace(step.config, **moved)) if moved else step)
+        return dataclasses.replace(self, steps=tuple(steps))
+
+    def written(self, out: str | Path) -> list[str]:
+        """The top-level entries of `out` that this (confined) recipe's steps write to."""
+        root = Path(out).expanduser().resolve()
+        paths = [Path(v).resolve() for s in self.steps for n in WRITES if (v := getattr(s.config, n, None)) is not None]
+        return sorted({p.relative_to(root).parts[0] for p in paths if p.is_relative_to(root)})
 
     # ------------------------------------------------------------------ running
 
