@@ -88,6 +88,23 @@ def encoder_part(args) -> dict:
     return res
 
 
+def speed_only(args) -> None:
+    """Decode tokens/s and encoder p50 of teacher and student, interleaved, on students rebuilt from `--speed-only`."""
+    previous = json.loads(open(args.speed_only).read())
+    rows = ["| model | metric | teacher | student | ratio | target |", "|---|---|---|---|---|---|"]
+    parts = ((args.lm_teacher, previous["lm"]["kd_training"]["teacher_layers"], "decode tok/s", lambda r: r.decode_tokens_per_s, 1.7),
+             (args.enc_teacher, previous["encoder"]["training"]["teacher_layers"], "p50 ms (128 tokens)", lambda r: r.latency_ms.p50, 1.8))
+    for name, layers, label, metric, target in parts:
+        teacher = slimkit.load(name)
+        student = slimkit.distill.make_student(teacher, layers)
+        bench = BenchConfig(seq_len=128, batch_sizes=(1,), new_tokens=args.new_tokens, threads=args.threads, measure_size=False)
+        log(f"{name}: teacher and {len(layers)}-layer student in turn, {args.rounds} rounds")
+        speeds = {k: statistics.median(v) for k, v in interleaved({"teacher": teacher, "student": student}, bench, args.rounds, metric).items()}
+        ratio = speeds["student"] / speeds["teacher"] if "tok/s" in label else speeds["teacher"] / speeds["student"]
+        rows.append(f"| {name} → {len(layers)} layers | {label} | {speeds['teacher']:.1f} | {speeds['student']:.1f} | {ratio:.2f}x | ≥ {target}x |")
+    print("\n".join(rows) + f"\n\nrounds {args.rounds}, threads {args.threads}\n\nenvironment: {json.dumps(environment(args.threads))}")
+
+
 def render(lm: dict, enc: dict, args, env: dict, seconds: float) -> str:
     ppl_gain = 1 - lm["kd_heldout_ppl"] / lm["ce_heldout_ppl"]
     decode = lm["kd_decode_tok_s"] / lm["teacher_decode_tok_s"]
@@ -130,8 +147,12 @@ def main() -> None:
     ap.add_argument("--enc-teacher", default="minilm-l6")
     ap.add_argument("--enc-layers", type=int, default=3)
     ap.add_argument("--layer-choice", default="similarity", choices=["similarity", "spread"])
+    ap.add_argument("--speed-only", metavar="JSON", help="re-measure only the speeds, of students built from the teacher "
+                    "layers a previous run's --json-out recorded (speed does not depend on trained weights)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.speed_only:
+        return speed_only(args)
     started = time.time()
     lm = lm_part(args)
     enc = encoder_part(args)

@@ -235,9 +235,8 @@ def optimize_cmd(
     config = OptimizeConfig(target=target, max_quality_drop=parse_fraction(max_quality_drop), preset=preset, runtime=runtime,
                             time_budget_s=parse_duration(time_budget), threads=threads, seed=seed, compile=compiled)
     _guard("optimize", model, max_memory)
-    lm = _load(model, "auto", threads)
-    with search_progress() as progress:
-        results = optimize(lm, config, out, overwrite=overwrite, on_progress=progress, started=started)
+    with search_progress() as progress:  # the model is not kept here, so the search can drop it from memory
+        results = optimize(_load(model, "auto", threads), config, out, overwrite=overwrite, on_progress=progress, started=started)
     from slimkit.report import recommendation
 
     if as_json:

@@ -90,6 +90,7 @@ class LoadedModel:
     source: str
     path: Path | None = None  # local directory the weights were read from
     manifest: dict = field(default_factory=dict)  # slimkit.json of an artifact
+    donated: bool = False  # the caller gave it away: the next technique changes it in place (see `copy_model`)
 
     @property
     def config(self):
@@ -114,9 +115,16 @@ class LoadedModel:
 
 
 def copy_model(lm: LoadedModel, suffix: str) -> LoadedModel:
-    """A deep copy for a technique to change; the caller's model is never touched."""
+    """A deep copy for a technique to change; the caller's model is never touched.
+
+    A `donated` model, one its caller no longer uses, is changed in place
+    instead: one fp32 copy of the model in memory, not two.
+    """
     import copy
 
+    if lm.donated:
+        lm.donated, lm.source, lm.path = False, f"{lm.source}+{suffix}", None
+        return lm
     return LoadedModel(
         model=copy.deepcopy(lm.model),
         tokenizer=lm.tokenizer,

@@ -55,6 +55,7 @@ and OUT/report.md, the measurements to OUT/results.json.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -70,6 +71,7 @@ from slimkit import registry
 from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM, ENCODER, LoadedModel, load
 from slimkit.recipe import Recipe
+from slimkit.resources import peak_memory, release_memory
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,9 @@ ORT_PRESETS: dict[str, list[str | None]] = {
 # alias, gptq, qat, int8-static) would recalibrate once per block.
 ROLLBACK_HIGH = {"int4": "int8-wo", "int4-wo": "int8-wo", "nf4": "int8-wo", "int8-wo": "none", "int8-dynamic": "none"}
 ROLLBACK_MARGIN = 0.7  # aim the rollback's probe loss at 70% of what the proportional reduction asks
+# techniques whose apply reads its input model only to copy it (`copy_model`): a candidate of one of them
+# can be built on its own load of the original, changed in place (`LoadedModel.donated`)
+DONATABLE = {"int4", "int8", "bf16", "fp16", "int4-wo", "int8-wo", "nf4", "awq", "gptq", "int8-dynamic", "int8-static"}
 NEAR_MISS = 2.0  # a proxy drop up to 2x the budget is rolled back
 BENCH_WITHIN = 3.0  # a proxy drop up to 3x the budget is still benchmarked (for the report and its rollback)
 
@@ -242,7 +247,7 @@ def check_runtime(kind: str, config: OptimizeConfig) -> None:
 # --------------------------------------------------------------------------- measuring
 
 
-def quality(lm: LoadedModel, original: LoadedModel, tokens: int | None, passages: int, baseline: float | None = None) -> dict:
+def quality(lm: LoadedModel, original: LoadedModel | None, tokens: int | None, passages: int, baseline: float | None = None) -> dict:
     """Quality value and drop vs the original (perplexity ratio, or 1 - cosine)."""
     from slimkit.evaluate import EvalConfig, evaluate
 
@@ -347,7 +352,12 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
         timings["baseline_s"], timings["proxy_s"] = t1 - t0, time.perf_counter() - t1
         reserve = timings["reserve_s"] = confirmation_seconds(original, timings["proxy_s"], config)
         baseline.update(quality_value=proxy_base["quality_value"], quality_on="proxy")
-        search = _Search(original, config, target, work, proxy_base, compiled)
+        search = _Search(original, config, target, work, proxy_base, compiled, base_artifact)
+        name, kind = original.name, original.kind
+        if kind == CAUSAL_LM:  # its proxy needs only the original's perplexity: hold one fp32 model at a time
+            search.release()
+        model = original = None  # a causal LM's search holds the original only when it needs it (the caller may still hold it)
+        release_memory()
         spent: list[float] = []  # seconds per tried candidate
         index = 0
         while queue:
@@ -369,6 +379,9 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
             follow_up = search.run(plan, index)
             if follow_up is not None:
                 queue.append(follow_up)
+            if kind == CAUSAL_LM:
+                search.release()  # a rollback may have loaded the original again
+            release_memory()  # the candidate's float weights, before the next one is built
             spent.append(time.perf_counter() - tried_at)
             search.candidates[-1]["seconds"] = round(spent[-1], 1)
             index += 1
@@ -379,15 +392,15 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
             reference = _compiled_reference(search.candidates, base_artifact, config, deadline - reserve, notify)
             timings["reference_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        winner = _confirm(ranked(search.candidates, target, config.tie_tolerance), original, config, notify)
+        winner = _confirm(ranked(search.candidates, target, config.tie_tolerance), search.original, config, notify)
         timings["confirm_s"] = time.perf_counter() - t0
         if winner is not None:  # the original's perplexity on the full split, computed alongside the winner's
-            baseline.update(quality_value=_full_baseline_quality(original, winner), quality_on="full")
+            baseline.update(quality_value=_full_baseline_quality(kind, winner), quality_on="full")
         results = {
-            "model": original.name, "kind": original.kind, "target": config.target, "target_metric": target.metric,
+            "model": name, "kind": kind, "target": config.target, "target_metric": target.metric,
             "target_label": target.label, "higher_is_better": target.higher_is_better,
-            "quality_metric": "perplexity" if original.kind == CAUSAL_LM else "embedding cosine" if original.kind == ENCODER else "agreement",
-            "quality_label": "perplexity" if original.kind == CAUSAL_LM else "1 - cosine" if original.kind == ENCODER else "1 - agreement",
+            "quality_metric": "perplexity" if kind == CAUSAL_LM else "embedding cosine" if kind == ENCODER else "agreement",
+            "quality_label": "perplexity" if kind == CAUSAL_LM else "1 - cosine" if kind == ENCODER else "1 - agreement",
             "max_quality_drop": config.max_quality_drop, "preset": preset, "runtime": config.runtime, "compiled": compiled,
             "config": asdict(config),
             "baseline": {k: v for k, v in baseline.items() if k != "environment"},
@@ -396,6 +409,7 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
             "winner": winner["name"] if winner else None,
             "environment": baseline.get("environment", {}),
             "timings": {"seconds": 0.0, "time_budget_s": config.time_budget_s, **{k: round(v, 1) for k, v in timings.items()}},
+            "memory": {**peak_memory(), "fp32_model_mib": round(search.fp32_bytes / 2**20, 1)},
         }
         for c in results["candidates"]:
             c["metrics"].pop("environment", None)
@@ -414,11 +428,42 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
 class _Search:
     """Builds, measures and records candidates; proposes rollbacks of near misses."""
 
-    def __init__(self, original: LoadedModel, config: OptimizeConfig, target: Target, work: Path, proxy_base: dict, compiled: bool):
-        self.original, self.config, self.target, self.work = original, config, target, work
+    def __init__(self, original: LoadedModel, config: OptimizeConfig, target: Target, work: Path, proxy_base: dict, compiled: bool,
+                 saved: Path):
+        self._original, self.saved, self.config, self.target, self.work = original, saved, config, target, work
+        self.name, self.kind, self._manifest = original.name, original.kind, original.manifest
+        self.fp32_bytes = 4 * original.num_parameters()
         self.proxy_base, self.compiled = proxy_base, compiled
         self.candidates: list[dict] = []
         self._probe = None
+
+    @property
+    def original(self) -> LoadedModel:
+        """The original, loaded again from its saved copy if `release` dropped it."""
+        if self._original is None:
+            self._original = self._load_saved()
+        return self._original
+
+    def release(self) -> None:
+        """Drop the original (and the rollback probe's outputs); `original` loads it again when asked."""
+        self._original = self._probe = None
+
+    def _load_saved(self) -> LoadedModel:
+        from slimkit.models import load_dir
+
+        lm = load_dir(self.saved, source=self.name)
+        lm.manifest = copy.deepcopy(self._manifest)
+        return lm
+
+    def _source(self, plan: Plan) -> LoadedModel:
+        """What `plan` is applied to: its own load of the original when the original is not held and the
+        technique reads its input only to copy it, so it may change that load in place."""
+        steps = plan.recipe.steps
+        if self._original is None and len(steps) == 1 and steps[0].method in DONATABLE:
+            lm = self._load_saved()
+            lm.donated = True
+            return lm
+        return self.original
 
     def run(self, plan: Plan, index: int) -> Plan | None:
         """Try `plan`; return a rollback plan when it narrowly misses the budget."""
@@ -432,8 +477,10 @@ class _Search:
         lm, follow_up = None, None
         try:
             lm, path = self._build(plan, cand, index)
-            base_value = self.proxy_base["quality_value"] if self.original.kind == CAUSAL_LM else None
-            cand["metrics"].update(quality(lm, self.original, config.proxy_tokens, config.proxy_passages, baseline=base_value))
+            if self.kind == CAUSAL_LM:  # compared with the original's perplexity, a number: the original need not be loaded
+                cand["metrics"].update(quality(lm, None, config.proxy_tokens, config.proxy_passages, baseline=self.proxy_base["quality_value"]))
+            else:
+                cand["metrics"].update(quality(lm, self.original, config.proxy_tokens, config.proxy_passages))
             drop = cand["metrics"]["proxy_quality_drop"] = cand["metrics"]["quality_drop"]
             if budget < drop <= NEAR_MISS * budget and config.rollback:
                 follow_up = self._rollback_plan(plan, lm, drop, cand)
@@ -474,10 +521,10 @@ class _Search:
         if plan.export is not None:
             from slimkit.export import export
 
-            path = export(plan.recipe.apply(self.original), self.work / f"cand-{index}", plan.export)
+            path = export(plan.recipe.apply(self._source(plan)), self.work / f"cand-{index}", plan.export)
             return load(str(path)), path
         if plan.rollback is None:
-            return plan.recipe.apply(self.original), None
+            return plan.recipe.apply(self._source(plan)), None
         from slimkit.quantize.mixed import fallback
 
         rb = plan.rollback
@@ -592,9 +639,9 @@ def _confirm(order: list[dict], original: LoadedModel, config: OptimizeConfig, n
     return None
 
 
-def _full_baseline_quality(original: LoadedModel, winner: dict) -> float:
+def _full_baseline_quality(kind: str, winner: dict) -> float:
     """The original's quality on the winner's full evaluation."""
-    return winner["metrics"]["reference_quality"] if original.kind == CAUSAL_LM else 1.0  # cosine / agreement with itself
+    return winner["metrics"]["reference_quality"] if kind == CAUSAL_LM else 1.0  # cosine / agreement with itself
 
 
 def _proxy_baseline(original: LoadedModel, config: OptimizeConfig) -> dict:

@@ -51,9 +51,11 @@ on the high side.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,3 +243,31 @@ def available() -> int | None:
     except (OSError, ValueError):
         pass
     return free
+
+
+def release_memory() -> None:
+    """Free what Python no longer references, and hand the C heap's free pages back to the system.
+
+    glibc keeps freed blocks below its mmap threshold (which grows up to 32 MiB
+    as big blocks are freed: a layer's weights qualify) for reuse, so a
+    process that built and dropped a model copy stays that much larger; `malloc_trim`
+    returns them.
+    """
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def peak_memory() -> dict:
+    """Peak resident memory so far, in MiB: this process, and the largest child process it waited for."""
+    import resource
+
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit
+    return {"peak_rss_mib": round(own / 2**20, 1), "peak_child_rss_mib": round(child / 2**20, 1)}

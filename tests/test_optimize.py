@@ -252,3 +252,20 @@ def test_no_rollback_when_a_passing_candidate_already_beats_its_source(tiny, tmp
     rolled = results["candidates"][2]
     assert rolled["stage"] == "skipped" and "already beats int4" in rolled["reason"]
     assert results["winner"] == "int8-wo(embeddings=False)"
+
+
+def test_causal_candidates_are_built_on_their_own_load(tiny, tmp_path, monkeypatch, fake_bench, one_thread):
+    """The search drops a causal LM while it builds candidates in place on fresh loads of its saved copy:
+    the caller's model is untouched, the winner names the model it came from, and peak memory is reported."""
+    monkeypatch.setitem(O.PRESETS, "test", [[("int4", {})], [("bf16", {})]])
+    lm = slimkit.load(tiny("llama"))
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    cfg = O.OptimizeConfig(target="size", max_quality_drop=0.5, preset="test", proxy_tokens=200, full_tokens=400)
+    results = O.optimize(lm, cfg, tmp_path / "out")
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert results["winner"] == "int4"
+    saved = slimkit.load(str(tmp_path / "out" / "model"))
+    assert saved.source.endswith("model") and saved.manifest["source"] == f"{lm.source}+int4-wo"
+    memory = results["memory"]
+    assert memory["peak_rss_mib"] > 0 and memory["fp32_model_mib"] == round(4 * lm.num_parameters() / 2**20, 1)
+    assert "Peak resident memory" in (tmp_path / "out" / "report.md").read_text()

@@ -212,7 +212,12 @@ def timing_line(results: dict) -> str:
                                                        ("reference_s", "the original compiled"), ("confirm_s", "confirmation")) if t.get(k)]
     parts += [f"{c['name']} {c['seconds']:.0f} s" for c in results["candidates"] if c.get("seconds") is not None]
     budget = f" of a {t['time_budget_s']:.0f} s budget" if t.get("time_budget_s") else ""
-    return f"{t['seconds']:.0f} s{budget}" + (f": {', '.join(parts)}." if parts else ".")
+    line = f"{t['seconds']:.0f} s{budget}" + (f": {', '.join(parts)}." if parts else ".")
+    m = results.get("memory")
+    if m:
+        line += (f" Peak resident memory: {m['peak_rss_mib']:.0f} MiB in the search's process, {m['peak_child_rss_mib']:.0f} MiB "
+                 f"in the largest process it started (the fp32 model: {m['fp32_model_mib']:.0f} MiB).")
+    return line
 
 
 # --------------------------------------------------------------------------- html
