@@ -47,6 +47,8 @@ import numpy as np
 
 from slimkit.errors import SlimkitError, short_reason
 from slimkit.export.onnx import GRAPH, GraphSpec, check_parity, export_graph, graph_spec, onnx_modules
+from slimkit.export.smoothquant import SAMPLES as SMOOTH_SAMPLES
+from slimkit.export.smoothquant import smooth
 from slimkit.models import CAUSAL_LM, LoadedModel
 
 FP32_TOLERANCE = 1e-3  # of max(1, |reference|): fp32 graphs must match PyTorch
@@ -81,6 +83,19 @@ def build(lm: LoadedModel, out: Path, config) -> dict:
         if fusions:
             parity["optimized"] = check_parity(lm, graph, spec, tol, what="optimized ONNX").to_dict()
     precision = "float32"
+    smoothing = {}
+    if config.quantize == "int8" and spec.kind != CAUSAL_LM:
+        feeds = calibration_feeds(lm, spec, SMOOTH_SAMPLES, config.calibration_seq_len)
+        try:
+            smoothing = smooth(graph, work / "smoothed.onnx", feeds)
+        except SlimkitError:
+            raise
+        except Exception as exc:  # ONNX Runtime raises its own types
+            raise SlimkitError(f"SmoothQuant calibration failed on {lm.name} ({short_reason(exc)}): "
+                               "try --quantize int8-static") from exc
+        if smoothing:
+            graph = work / "smoothed.onnx"
+            parity["smoothed"] = check_parity(lm, graph, spec, tol, what="smoothed ONNX").to_dict()
     if config.quantize:
         graph = quantize(lm, spec, graph, work / f"{config.quantize}.onnx", config)
         qtol = config.tolerance or QUANT_TOLERANCE[config.quantize]
@@ -96,6 +111,8 @@ def build(lm: LoadedModel, out: Path, config) -> dict:
               "exporter": "dynamo" if dynamo else "torchscript", "opset": config.opset}
     if config.quantize == "int4":
         export["block_size"] = config.block_size
+    if smoothing:
+        export["smoothing"] = smoothing | {"samples": SMOOTH_SAMPLES}
     return {"runtime": "onnxruntime", "export": export, "weights": [GRAPH], "precision": precision}
 
 
