@@ -1,4 +1,4 @@
-"""SmoothQuant on an ONNX graph, for ONNX Runtime's dynamic int8 (`--quantize int8`, encoders and classifiers).
+"""SmoothQuant on an ONNX graph, for ONNX Runtime's dynamic int8 (`--quantize int8` of encoders).
 
 The problem. ONNX Runtime's dynamic int8 quantizes each MatMul's input per
 tensor at run time: one uint8 step and zero point for the whole
@@ -30,6 +30,10 @@ that smoothing divides by little, and one padded row then sets the step for
 the batch: on padded batches of 32, MiniLM's cosine with smoothing fell back
 to 0.9940 (0.9978 one passage at a time). So padded rows are zeroed
 (x * attention_mask) before quantization; no real token's output changes.
+That holds for encoders, whose padded outputs are discarded (mean pooling
+over the mask), not for classifiers: under left padding the pooled first
+token is a padded position. Classifiers and decoders keep plain dynamic int8
+(smoothing without the mask was no better than none on padded batches).
 
 alpha = 0.7 was chosen on the held-out split (cosine at 0.6 / 0.7 / 0.8:
 0.9960 / 0.9974 / 0.9967). The usual 0.5 is worse than no smoothing here
