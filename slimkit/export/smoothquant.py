@@ -56,12 +56,12 @@ SAMPLES = 256  # calibration passages
 MASK = "smoothquant_row_mask"  # (B, T, 1) float: 1 for real tokens, 0 for padding
 
 
-def weight_matmuls(model, exclude=()) -> dict[str, list]:
+def weight_matmuls(model) -> dict[str, list]:
     """Input tensor -> the MatMul nodes that read it with a constant weight, in graph order."""
     inits = {i.name for i in model.graph.initializer}
     groups: dict[str, list] = {}
     for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits and node.name not in exclude:
+        if node.op_type == "MatMul" and node.input[1] in inits:
             groups.setdefault(node.input[0], []).append(node)
     return groups
 
@@ -129,10 +129,11 @@ def insert_smoothing_(model, groups: dict[str, list], scales: dict[str, np.ndarr
         s = scales[x]  # (K,)
         inv = f"{x}_smooth_inv"
         model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
-        new = [helper.make_node("Mul", [x, inv], [f"{x}_smoothed"], name=f"{readers[0].name}_smooth")]
+        new, src = [], x
         if x in masked:
-            new.insert(0, helper.make_node("Mul", [x, MASK], [f"{x}_masked"], name=f"{readers[0].name}_mask"))
-            new[1].input[0] = f"{x}_masked"
+            new.append(helper.make_node("Mul", [x, MASK], [f"{x}_masked"], name=f"{readers[0].name}_mask"))
+            src = f"{x}_masked"
+        new.append(helper.make_node("Mul", [src, inv], [f"{x}_smoothed"], name=f"{readers[0].name}_smooth"))
         at = list(nodes).index(readers[0])
         for node in reversed(new):
             nodes.insert(at, node)
@@ -143,14 +144,18 @@ def insert_smoothing_(model, groups: dict[str, list], scales: dict[str, np.ndarr
             node.input[0], node.input[1] = f"{x}_smoothed", name
 
 
-def smooth(src: Path, dst: Path, feeds, *, alpha: float = ALPHA, exclude=(), mask_input: str = "attention_mask") -> dict:
-    """Write the smoothed graph of `src` to `dst`, calibrated on `feeds`; return what was done."""
+def smooth(src: Path, dst: Path, feeds, *, alpha: float = ALPHA, mask_input: str = "attention_mask") -> dict:
+    """Write the smoothed graph of `src` to `dst`, calibrated on `feeds` (ONNX Runtime input dicts).
+
+    Returns what was done (alpha, inputs smoothed, MatMuls reading them, inputs masked), or {} when
+    the graph has no weight MatMul and `dst` was not written.
+    """
     import onnx
 
     from slimkit.export.onnxruntime import prune_unused
 
     model = onnx.load(str(src))
-    groups = weight_matmuls(model, exclude)
+    groups = weight_matmuls(model)
     if not groups:
         return {}
     absmax, masked = activation_absmax(model, list(groups), feeds, mask_input)
