@@ -17,12 +17,17 @@ Steps, each checked before the next:
      differs a little everywhere; the quality is what `slimkit eval` measures):
        int8         dynamic: int8 weights per output channel, activations
                     quantized per tensor at run time (MatMulInteger; the
-                    VNNI fast path on x86). No calibration, but per-tensor
-                    uint8 activations are coarse where a few channels hold
-                    outliers, so a decoder's lm_head stays fp32. Measured:
-                    all-MiniLM-L6-v2 keeps embedding cosine 0.994 (short of
-                    0.995); SmolLM2-135M fails the parity check (relative L2
-                    error 0.41 > 0.25), the per-tensor activation problem the
+                    VNNI fast path on x86). Per-tensor uint8 activations are
+                    coarse where a few channels hold outliers, so encoders
+                    are first smoothed (`smoothquant.py`: outlier range moved
+                    into the weights, calibrated on the calibration split,
+                    padded rows zeroed; the smoothed fp32 graph is checked
+                    for parity before quantizing) and a decoder's lm_head
+                    stays fp32. Measured on all-MiniLM-L6-v2: embedding
+                    cosine 0.9936 -> 0.9970, top-10 overlap 0.923 -> 0.947,
+                    for about 5% more latency than unsmoothed int8.
+                    SmolLM2-135M fails the parity check (relative L2 error
+                    0.41 > 0.25), the per-tensor activation problem the
                     design notes saw in PyTorch; use int4 for decoders.
        int8-static  QDQ: activation ranges fixed ahead of time from the
                     calibration split (never the evaluation split); no
@@ -47,7 +52,9 @@ import numpy as np
 
 from slimkit.errors import SlimkitError, short_reason
 from slimkit.export.onnx import GRAPH, GraphSpec, check_parity, export_graph, graph_spec, onnx_modules
-from slimkit.models import CAUSAL_LM, LoadedModel
+from slimkit.export.smoothquant import SAMPLES as SMOOTH_SAMPLES
+from slimkit.export.smoothquant import smooth
+from slimkit.models import CAUSAL_LM, ENCODER, LoadedModel
 
 FP32_TOLERANCE = 1e-3  # of max(1, |reference|): fp32 graphs must match PyTorch
 QUANT_TOLERANCE = {"int8": 0.25, "int8-static": 0.5, "int4": 0.5}  # relative L2 error; quality is measured by eval
@@ -81,6 +88,19 @@ def build(lm: LoadedModel, out: Path, config) -> dict:
         if fusions:
             parity["optimized"] = check_parity(lm, graph, spec, tol, what="optimized ONNX").to_dict()
     precision = "float32"
+    smoothing = {}
+    if config.quantize == "int8" and spec.kind == ENCODER:  # smoothquant.py says why only encoders
+        feeds = calibration_feeds(lm, spec, SMOOTH_SAMPLES, config.calibration_seq_len)
+        try:
+            smoothing = smooth(graph, work / "smoothed.onnx", feeds)
+        except SlimkitError:
+            raise
+        except Exception as exc:  # ONNX Runtime raises its own types
+            raise SlimkitError(f"SmoothQuant calibration failed on {lm.name} ({short_reason(exc)}): "
+                               "try --quantize int8-static") from exc
+        if smoothing:
+            graph = work / "smoothed.onnx"
+            parity["smoothed"] = check_parity(lm, graph, spec, tol, what="smoothed ONNX").to_dict()
     if config.quantize:
         graph = quantize(lm, spec, graph, work / f"{config.quantize}.onnx", config)
         qtol = config.tolerance or QUANT_TOLERANCE[config.quantize]
@@ -96,6 +116,8 @@ def build(lm: LoadedModel, out: Path, config) -> dict:
               "exporter": "dynamo" if dynamo else "torchscript", "opset": config.opset}
     if config.quantize == "int4":
         export["block_size"] = config.block_size
+    if smoothing:
+        export["smoothing"] = smoothing | {"samples": SMOOTH_SAMPLES}
     return {"runtime": "onnxruntime", "export": export, "weights": [GRAPH], "precision": precision}
 
 
