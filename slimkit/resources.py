@@ -264,10 +264,12 @@ def release_memory() -> None:
 
 
 def peak_memory() -> dict:
-    """Peak resident memory so far, in MiB: this process, and the largest child process it waited for."""
+    """Peak resident memory of this process so far, in MiB.
+
+    (Not its children's: a forked child's peak counts the parent's pages it
+    shared before `exec`, so `RUSAGE_CHILDREN` overstates a benchmark process.)
+    """
     import resource
 
     unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
-    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit
-    return {"peak_rss_mib": round(own / 2**20, 1), "peak_child_rss_mib": round(child / 2**20, 1)}
+    return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20, 1)}

@@ -215,8 +215,8 @@ def timing_line(results: dict) -> str:
     line = f"{t['seconds']:.0f} s{budget}" + (f": {', '.join(parts)}." if parts else ".")
     m = results.get("memory")
     if m:
-        line += (f" Peak resident memory: {m['peak_rss_mib']:.0f} MiB in the search's process, {m['peak_child_rss_mib']:.0f} MiB "
-                 f"in the largest process it started (the fp32 model: {m['fp32_model_mib']:.0f} MiB).")
+        line += (f" Peak resident memory of the search's process: {m['peak_rss_mib']:.0f} MiB "
+                 f"({m['peak_rss_mib'] / m['fp32_model_mib']:.1f}x the fp32 model's {m['fp32_model_mib']:.0f} MiB).")
     return line
 
 
