@@ -1,0 +1,305 @@
+"""slimkit's quantized weights carried into an onnxruntime-genai graph, exactly.
+
+onnxruntime-genai's model builder quantizes with its own round-to-nearest, so
+handing it a slimkit int4 model (or its dequantized weights) serves the
+builder's weights, not slimkit's. Instead, the export builds the graph in fp32
+from a *float twin* of the model, every quantized layer dequantized in fp32,
+then turns each MatMul whose weight is a quantized layer (or several layers
+the builder fused: q/k/v, gate/up) into a MatMulNBits node (the ONNX Runtime
+contrib op genai's int4 graphs use) holding that layer's own integers:
+
+    MatMulNBits     w[n, k] = (u[n, k] - z[n, k // b]) * s[n, k // b],   u, z in [0, 2^bits)
+
+slimkit's grids map onto it with u = q - lo (q the signed value stored):
+    symmetric                    z = 2^(bits-1)       (w = q * s)
+    zero_point="integer"         z as stored          (w = (u - z) * s)
+    float offset m (the default) not expressible: m is not a whole number of steps
+A group larger than the kernel's blocks (per channel, or 512 columns) is cut
+into blocks that repeat its scale and zero point, which is exact. The int8
+embedding becomes the fp32 Gather table it dequantizes to (q * s per row); its
+tied head, int8 rows with one scale each, a MatMulNBits with 8 bits (z = 128).
+
+Which layers a MatMul holds is found by content, not by node names: the twin's
+dequantized weights are what the builder wrote, bit for bit, so the columns of
+each MatMul weight are matched, block by block, against them. A layout the
+builder changed (weights it scaled or split) matches nothing and fails loudly.
+
+What cannot be carried exactly (float offsets, NF4, int8 activations, an AWQ
+input scale left unfolded) is refused with the fix, or with `--quantize int4`
+re-quantized from its dequantized weight by slimkit's own int4 round-to-nearest
+with integer zero points, and reported as such.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimkit.errors import SlimkitError
+from slimkit.quantize import formats as Q
+from slimkit.quantize.modules import Int8DynamicLinear, Int8Embedding, NF4Linear, StaticInt8Linear, TiedInt8Head, WeightOnlyLinear
+
+BLOCKS = (256, 128, 64, 32, 16)  # MatMulNBits block sizes, largest first
+
+
+@dataclass
+class Codes:
+    """One layer's integer weight in MatMulNBits' terms: w = (u - z) * s, group-wise.
+
+    u (N, K) uint8 in [0, 2^bits); scale (N, K // group) fp32; zero (N, K // group) uint8."""
+
+    u: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group: int
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.u.shape
+        w = (self.u.float().reshape(n, k // self.group, self.group) - self.zero.float()[..., None]) * self.scale[..., None]
+        return w.reshape(n, k)
+
+
+def layer_codes(module: nn.Module) -> Codes | str:
+    """The codes of a quantized linear layer, or why MatMulNBits cannot hold them exactly."""
+    if isinstance(module, TiedInt8Head):
+        emb = module._embedding[0]
+        n = emb.weight_q.shape[0]
+        return Codes((emb.weight_q.to(torch.int16) + 128).to(torch.uint8), emb.weight_scale.float()[:, None],
+                     torch.full((n, 1), 128, dtype=torch.uint8), 8, emb.weight_q.shape[1])
+    if isinstance(module, WeightOnlyLinear):
+        if module.inv_input_scale is not None:
+            return "its AWQ input scale could not be folded into the layer before it"
+        if module.offset is not None:
+            return "its asymmetric grid has float offsets (zero_point='float')"
+        lo = Q.qrange(module.bits)[0]
+        u = (module.q_values().to(torch.int16) - lo).to(torch.uint8)  # (N, K)
+        group = Q.check_group(module.in_features, module.group_size)
+        if module.zero_point is not None:
+            zero = module.zero_point
+        else:
+            zero = torch.full(module.scale.shape, -lo, dtype=torch.uint8)  # symmetric: w = q s = (u + lo) s
+        return Codes(u, module.scale.float(), zero, module.bits, group)
+    if isinstance(module, NF4Linear):
+        return "NF4 is a code book, not an integer grid"
+    if isinstance(module, (Int8DynamicLinear, StaticInt8Linear)):
+        return "it quantizes activations too (int8 x int8), which MatMulNBits does not"
+    return f"{type(module).__name__} is not a format slimkit exports"
+
+
+def block_size(group: int, k: int) -> int | None:
+    """The largest MatMulNBits block that tiles `group` (and K), or None."""
+    return next((b for b in BLOCKS if group % b == 0 and k % b == 0), None)
+
+
+# --------------------------------------------------------------------------- MatMulNBits tensors
+
+
+def nbits_tensors(codes: Codes, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MatMulNBits' B (N, K // block, block * bits // 8) uint8, scales (N, K // block) fp32 and
+    zero_points (N, ceil(K // block * bits / 8)) uint8, from codes whose group is a multiple of `block`.
+
+    4-bit values are packed two per byte, the even index in the low nibble, in B and zero_points alike."""
+    n, k = codes.u.shape
+    if codes.group % block or k % block:
+        raise ValueError(f"block {block} does not tile groups of {codes.group} in K = {k}")
+    repeat = codes.group // block
+    scale = codes.scale.repeat_interleave(repeat, dim=1).contiguous()  # (N, K // block)
+    zero = codes.zero.repeat_interleave(repeat, dim=1)  # (N, K // block)
+    if codes.bits == 4:
+        b = Q.pack_int4(codes.u).reshape(n, k // block, block // 2)
+        if zero.shape[1] % 2:
+            zero = torch.cat([zero, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
+        zero = Q.pack_int4(zero)
+    else:
+        b = codes.u.reshape(n, k // block, block)
+    return b.contiguous().numpy(), scale.numpy().astype(np.float32), zero.contiguous().numpy()
+
+
+def nbits_dequantize(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int, k: int) -> torch.Tensor:
+    """What a MatMulNBits node computes with: its (N, K) weight, for checking a written graph."""
+    n, blocks = scales.shape[0], b.shape[1]
+    b, zp = torch.from_numpy(np.array(b)).reshape(n, -1), torch.from_numpy(np.array(zero_points)).reshape(n, -1)
+    if bits == 4:
+        b, zp = Q.unpack_int4(b), Q.unpack_int4(zp)
+    u = b[:, :k].float().reshape(n, blocks, k // blocks)
+    s = torch.from_numpy(np.array(scales, dtype=np.float32)).reshape(n, blocks)
+    return ((u - zp[:, :blocks].float()[..., None]) * s[..., None]).reshape(n, k)
+
+
+# --------------------------------------------------------------------------- the float twin
+
+
+@dataclass
+class Plan:
+    """What the export carries: per quantized layer, its codes (or why not) and its twin weight."""
+
+    codes: dict[str, Codes]  # layers carried exactly
+    refused: dict[str, str]  # layer -> why its codes cannot be carried
+    weights: dict[str, torch.Tensor]  # layer -> (N, K) fp32 weight the twin holds
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> every slimkit module that stands for a linear layer (the head included)."""
+    from slimkit.quantize.modules import LINEAR_FORMATS
+
+    kinds = tuple(LINEAR_FORMATS.values()) + (TiedInt8Head,)
+    return {n: m for n, m in model.named_modules() if n and isinstance(m, kinds)}
+
+
+def float_twin(model: nn.Module) -> tuple[nn.Module, Plan]:
+    """An fp32 copy of `model` with every quantized module replaced by the float module it stands for.
+
+    Exact layers hold their codes' dequantized weight (what MatMulNBits computes with); the
+    embedding holds the rows Int8Embedding returns; other layers their best float weight."""
+    from slimkit.quantize.common import set_module
+
+    plan = Plan({}, {}, {})
+    for name, module in quantized_layers(model).items():
+        codes = layer_codes(module)
+        if isinstance(codes, Codes):
+            plan.codes[name], plan.weights[name] = codes, codes.dequantize()
+        else:
+            plan.refused[name], plan.weights[name] = codes, _float_weight(module)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in list(twin.named_modules()):
+            if isinstance(module, Int8Embedding):
+                emb = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx)
+                table = module.weight_q.float() * module.weight_scale[:, None]  # (V, D), as forward() computes rows
+                emb.weight.copy_(table if module.inv_column_scale is None else table * module.inv_column_scale)
+                set_module(twin, name, emb)
+            elif name in plan.weights:
+                w = plan.weights[name]
+                bias = getattr(module, "bias", None)
+                linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+                linear.weight.copy_(w)
+                if bias is not None:
+                    linear.bias.copy_(bias.float())
+                set_module(twin, name, linear)
+    twin = twin.float()
+    twin.config.dtype = torch.float32
+    return twin, plan
+
+
+def _float_weight(module: nn.Module) -> torch.Tensor:
+    """(N, K) fp32: the weight a layer that cannot be carried exactly multiplies its input by."""
+    if isinstance(module, WeightOnlyLinear):
+        w = module.dequantize(torch.float32)
+        return w if module.inv_input_scale is None else w * module.inv_input_scale[None, :]
+    if isinstance(module, NF4Linear):
+        return module.dequantize(torch.float32)
+    w = module.weight_q.float() * module.weight_scale.float().reshape(-1, 1)  # int8 x int8 layers
+    return w if module.inv_smooth is None else w * module.inv_smooth[None, :]
+
+
+def requantize(w: torch.Tensor, block: int) -> Codes:
+    """slimkit's int4 round-to-nearest with integer zero points, for a layer whose codes do not fit."""
+    qt = Q.quantize_int(w, 4, block, symmetric=False, zero_point="integer")
+    return Codes((qt.q.to(torch.int16) + 8).to(torch.uint8), qt.scale, qt.zero_point, 4, block)
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+@dataclass
+class Carried:
+    """What `carry_codes` did to the graph."""
+
+    nodes: dict[str, list[str]]  # MatMulNBits node -> the layers it holds, in column order
+    bits: dict[str, int]  # node -> bits
+    max_weight_diff: float  # between each written node's weight and its layers' codes, dequantized
+
+
+def carry_codes(onnx_path, plan: Plan, accuracy_level: int = 4) -> Carried:
+    """Replace every MatMul whose weight is made of quantized layers by a MatMulNBits holding their codes.
+
+    `plan.codes` must cover every quantized layer (re-quantize or refuse the others first). The
+    graph and its external data file are rewritten in place."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = onnx_path
+    model = onnx.load(str(path))  # with its external data, in memory
+    inits = {t.name: t for t in model.graph.initializer}
+    index = _first_rows(plan)
+    carried = Carried({}, {}, 0.0)
+    found: set[str] = set()
+    nodes = list(model.graph.node)
+    for i, node in enumerate(nodes):
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        wt = numpy_helper.to_array(inits[node.input[1]])  # (K, N)
+        members = _match(wt, plan, index, node.name)
+        if not members:
+            continue
+        codes = [plan.codes[m] for m in members]
+        if len({c.bits for c in codes}) != 1:
+            raise SlimkitError(f"the builder fused {', '.join(members)} into one MatMul, but they have different bit widths: "
+                               "quantize them alike (or export with --quantize int4)")
+        k = wt.shape[0]
+        block = next((b for b in BLOCKS if all(c.group % b == 0 for c in codes) and k % b == 0), None)
+        if block is None:
+            raise SlimkitError(f"{members[0]}: groups of {codes[0].group} over {k} inputs fit no MatMulNBits block "
+                               f"({', '.join(map(str, BLOCKS))}): quantize with group_size 32 or 64")
+        parts = [nbits_tensors(c, block) for c in codes]
+        b, s, z = (np.concatenate([p[j] for p in parts]) for j in range(3))  # along N
+        bits, w_name = codes[0].bits, node.input[1]
+        names = [f"{w_name}_Q{bits}", f"{w_name}_scales", f"{w_name}_zero_points"]
+        replacement = helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=f"{node.name}_Q{bits}",
+                                       domain="com.microsoft", K=k, N=wt.shape[1], bits=bits, block_size=block,
+                                       accuracy_level=accuracy_level)
+        nodes[i] = replacement
+        model.graph.initializer.remove(inits.pop(w_name))
+        model.graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip((b, s, z), names))
+        written = nbits_dequantize(b, s, z, bits, k)  # (N, K): what the kernel will compute with
+        expected = torch.cat([c.dequantize() for c in codes])
+        carried.max_weight_diff = max(carried.max_weight_diff, float((written - expected).abs().max()))
+        carried.nodes[replacement.name], carried.bits[replacement.name] = members, bits
+        found.update(members)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    missing = sorted(set(plan.codes) - found)
+    if missing:
+        raise SlimkitError(f"onnxruntime-genai's builder wrote {missing[0]} in a form slimkit does not recognise (its weight "
+                           "is not among the graph's MatMuls): export with --quantize int4 to let the builder re-quantize")
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                    size_threshold=1024)
+    return carried
+
+
+def _first_rows(plan: Plan) -> dict[bytes, list[str]]:
+    """Each exact layer's first output row, as bytes -> the layers that start with it."""
+    index: dict[bytes, list[str]] = {}
+    for name, w in plan.weights.items():
+        if name in plan.codes:
+            index.setdefault(w[0].numpy().tobytes(), []).append(name)
+    return index
+
+
+def _match(wt: np.ndarray, plan: Plan, index: dict[bytes, list[str]], node: str) -> list[str]:
+    """The layers whose weights, side by side, are this MatMul's weight wt (K, N); [] for a float MatMul."""
+    members, col = [], 0
+    while col < wt.shape[1]:
+        hit = None
+        for name in index.get(np.ascontiguousarray(wt[:, col]).tobytes(), []):
+            w = plan.weights[name]  # (N_m, K)
+            if w.shape[1] == wt.shape[0] and col + w.shape[0] <= wt.shape[1] and np.array_equal(wt[:, col : col + w.shape[0]], w.numpy().T):
+                hit = name
+                break
+        if hit is None:
+            break
+        members.append(hit)
+        col += plan.weights[hit].shape[0]
+    if members and col != wt.shape[1]:
+        raise SlimkitError(f"onnxruntime-genai's builder fused {', '.join(members)} with a float layer in {node}: "
+                           "quantize all of them (or none), or export with --quantize int4")
+    return members
