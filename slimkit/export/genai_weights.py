@@ -64,7 +64,18 @@ class Codes:
         return w.reshape(n, k)
 
 
-def layer_codes(module: nn.Module) -> Codes | str:
+@dataclass(frozen=True)
+class Refusal:
+    """Why a layer's weight cannot be carried exactly, and how to quantize it so that it can."""
+
+    reason: str
+    fix: str
+
+
+IZP = "quantize with -o zero_point=integer (int4, int4-wo, awq, gptq)"
+
+
+def layer_codes(module: nn.Module) -> Codes | Refusal:
     """The codes of a quantized linear layer, or why MatMulNBits cannot hold them exactly."""
     if isinstance(module, TiedInt8Head):
         emb = module._embedding[0]
@@ -73,9 +84,9 @@ def layer_codes(module: nn.Module) -> Codes | str:
                      torch.full((n, 1), 128, dtype=torch.uint8), 8, emb.weight_q.shape[1])
     if isinstance(module, WeightOnlyLinear):
         if module.inv_input_scale is not None:
-            return "its AWQ input scale could not be folded into the layer before it"
+            return Refusal("its AWQ input scale could not be folded into the layer before it", "quantize it with gptq or int4 instead")
         if module.offset is not None:
-            return "its asymmetric grid has float offsets (zero_point='float')"
+            return Refusal("its asymmetric grid has float offsets, not whole steps", IZP)
         lo = Q.qrange(module.bits)[0]
         u = (module.q_values().to(torch.int16) - lo).to(torch.uint8)  # (N, K)
         group = Q.check_group(module.in_features, module.group_size)
@@ -85,10 +96,10 @@ def layer_codes(module: nn.Module) -> Codes | str:
             zero = torch.full(module.scale.shape, -lo, dtype=torch.uint8)  # symmetric: w = q s = (u + lo) s
         return Codes(u, module.scale.float(), zero, module.bits, group)
     if isinstance(module, NF4Linear):
-        return "NF4 is a code book, not an integer grid"
+        return Refusal("NF4 is a code book, not an integer grid", IZP.replace("(int4,", "(int4 instead of nf4,"))
     if isinstance(module, (Int8DynamicLinear, StaticInt8Linear)):
-        return "it quantizes activations too (int8 x int8), which MatMulNBits does not"
-    return f"{type(module).__name__} is not a format slimkit exports"
+        return Refusal("it quantizes activations too, which MatMulNBits does not", "quantize with int8-wo or int4 -o zero_point=integer")
+    return Refusal(f"{type(module).__name__} has no MatMulNBits form", IZP)
 
 
 def block_size(group: int, k: int) -> int | None:
@@ -139,7 +150,7 @@ class Plan:
     """What the export carries: per quantized layer, its codes (or why not) and its twin weight."""
 
     codes: dict[str, Codes]  # layers carried exactly
-    refused: dict[str, str]  # layer -> why its codes cannot be carried
+    refused: dict[str, Refusal]  # layer -> why its codes cannot be carried
     weights: dict[str, torch.Tensor]  # layer -> (N, K) fp32 weight the twin holds
 
 
@@ -163,7 +174,7 @@ def float_twin(model: nn.Module) -> tuple[nn.Module, Plan]:
         codes = layer_codes(module)
         if isinstance(codes, Codes):
             plan.codes[name], plan.weights[name] = codes, codes.dequantize()
-        else:
+        else:  # a Refusal
             plan.refused[name], plan.weights[name] = codes, _float_weight(module)
     twin = copy.deepcopy(model)
     with torch.no_grad():
@@ -234,7 +245,7 @@ def carry_codes(onnx_path, plan: Plan, accuracy_level: int = 4) -> Carried:
         if node.op_type != "MatMul" or node.input[1] not in inits:
             continue
         wt = numpy_helper.to_array(inits[node.input[1]])  # (K, N)
-        members = _match(wt, plan, index, node.name)
+        members = _match(wt, plan, index, node.name, found)
         if not members:
             continue
         codes = [plan.codes[m] for m in members]
@@ -285,12 +296,13 @@ def _first_rows(plan: Plan) -> dict[bytes, list[str]]:
     return index
 
 
-def _match(wt: np.ndarray, plan: Plan, index: dict[bytes, list[str]], node: str) -> list[str]:
+def _match(wt: np.ndarray, plan: Plan, index: dict[bytes, list[str]], node: str, found: set[str]) -> list[str]:
     """The layers whose weights, side by side, are this MatMul's weight wt (K, N); [] for a float MatMul."""
     members, col = [], 0
     while col < wt.shape[1]:
         hit = None
-        for name in index.get(np.ascontiguousarray(wt[:, col]).tobytes(), []):
+        candidates = index.get(np.ascontiguousarray(wt[:, col]).tobytes(), [])
+        for name in sorted(candidates, key=lambda n: n in found or n in members):  # equal weights: each layer once
             w = plan.weights[name]  # (N_m, K)
             if w.shape[1] == wt.shape[0] and col + w.shape[0] <= wt.shape[1] and np.array_equal(wt[:, col : col + w.shape[0]], w.numpy().T):
                 hit = name

@@ -95,9 +95,8 @@ def build_carried(lm: LoadedModel, out: Path, config) -> dict:
     if plan.refused and config.quantize != "int4":
         name, why = next(iter(plan.refused.items()))
         more = f" (and {len(plan.refused) - 1} more layers)" if len(plan.refused) > 1 else ""
-        raise SlimkitError(f"{name}{more} cannot be exported to onnxruntime-genai exactly: {why}; quantize with "
-                           "-o zero_point=integer (int4, int4-wo, awq, gptq), or export with --quantize int4 to "
-                           "re-quantize such layers")
+        raise SlimkitError(f"{name}{more} cannot be exported to onnxruntime-genai exactly ({why.reason}): {why.fix}, "
+                           "or export with --quantize int4 to re-quantize such layers")
     requantized = sorted(plan.refused)
     for name in requantized:
         plan.codes[name] = requantize(plan.weights[name], config.block_size)
