@@ -104,6 +104,9 @@ def test_carried_int4_reproduces_the_artifact_exactly(int4_integer, tmp_path):
     written = nbits_dequantize(*(inits[i] for i in head.input[1:]), 8, 64)
     assert torch.equal(written, emb.weight_q.float() * emb.weight_scale[:, None])  # the int8 head, exactly
     assert not any(n.op_type == "MatMul" and n.input[1] in inits for n in _graph_nodes(out))  # every MatMul carried
+    lookup = next(n for n in _graph_nodes(out) if n.op_type == "GatherBlockQuantized")  # the int8 rows, shared with the head
+    assert info["carried"]["int8_embeddings"] == {"model.embed_tokens": lookup.name} and lookup.input[2] == head.input[2]
+    assert "model.embed_tokens.weight" not in inits  # no fp32 table
     served = slimkit.load(str(out))
     ids = torch.randint(5, 500, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -128,10 +131,24 @@ def test_gptq_and_symmetric_int4_are_carried(tiny, tmp_path, method, options):
     info = json.loads((out / "slimkit.json").read_text())["export"]
     assert info["carried"]["max_weight_diff"] == 0.0 and info["carried"]["accuracy_level"] == 4
     assert info["parity"]["int4"]["rel_l2"] < 0.03  # int8 activations in MatMulNBits, nothing else
-    if method == "awq":  # the tied head's AWQ scale: the Gather table holds E diag(s) / s, the head E diag(s)
+    if method == "awq":  # the tied head's AWQ scale: the lookup reads E diag(s), then * 1 / s
         assert q.model.model.embed_tokens.inv_column_scale is not None
+        assert any(n.op_type == "Mul" and n.name.startswith("/model/embed_tokens/") for n in _graph_nodes(out))
     heads = [n for n in _graph_nodes(out) if n.name.startswith("/lm_head/")]
     assert [n.op_type for n in heads] == (["MatMul"] if method == "int4-wo" else ["MatMulNBits"])  # a float head stays float
+
+
+def test_untied_int8_embedding_and_float_head(tiny, tmp_path):
+    lm = slimkit.load(tiny("llama"))
+    lm.model.lm_head.weight = torch.nn.Parameter(lm.model.lm_head.weight.detach() * 0.5)  # untied, left float
+    lm.model.config.tie_word_embeddings = False
+    q = slimkit.quantize(lm, "int4", zero_point="integer")
+    out = export(q, tmp_path / "untied", ExportConfig("ort-genai", accuracy_level=0))
+    info = json.loads((out / "slimkit.json").read_text())["export"]
+    assert info["parity"]["int4"]["max_abs_diff"] < 1e-4 and info["carried"]["layers"] == 14
+    nodes = {n.op_type: n for n in _graph_nodes(out)}
+    assert nodes["GatherBlockQuantized"].input[0] == "model.embed_tokens.weight_Q8"
+    assert [n.op_type for n in _graph_nodes(out) if n.name.startswith("/lm_head/")] == ["MatMul"]
 
 
 def test_float_offsets_are_refused_in_one_line(tiny, tmp_path):

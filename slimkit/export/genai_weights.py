@@ -33,7 +33,7 @@ with integer zero points, and reported as such.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ def layer_codes(module: nn.Module) -> Codes | Refusal:
             zero = torch.full(module.scale.shape, -lo, dtype=torch.uint8)  # symmetric: w = q s = (u + lo) s
         return Codes(u, module.scale.float(), zero, module.bits, group)
     if isinstance(module, NF4Linear):
-        return Refusal("NF4 is a code book, not an integer grid", IZP.replace("(int4,", "(int4 instead of nf4,"))
+        return Refusal("NF4 is a code book, not an integer grid", "quantize with int4 -o zero_point=integer instead of nf4")
     if isinstance(module, (Int8DynamicLinear, StaticInt8Linear)):
         return Refusal("it quantizes activations too, which MatMulNBits does not", "quantize with int8-wo or int4 -o zero_point=integer")
     return Refusal(f"{type(module).__name__} has no MatMulNBits form", IZP)
@@ -152,6 +152,17 @@ class Plan:
     codes: dict[str, Codes]  # layers carried exactly
     refused: dict[str, Refusal]  # layer -> why its codes cannot be carried
     weights: dict[str, torch.Tensor]  # layer -> (N, K) fp32 weight the twin holds
+    tables: dict[str, "Table"] = field(default_factory=dict)  # int8 embeddings
+
+
+@dataclass
+class Table:
+    """An int8 embedding: its rows as codes (8 bits, one group per row) and what a lookup returns."""
+
+    codes: Codes
+    weight: torch.Tensor  # (V, D) fp32, the twin's table: the rows Int8Embedding.forward returns
+    inv_column_scale: torch.Tensor | None  # (D,) AWQ's 1 / s, applied after the lookup
+    head: str | None  # the tied head that reads the same codes
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -176,13 +187,21 @@ def float_twin(model: nn.Module) -> tuple[nn.Module, Plan]:
             plan.codes[name], plan.weights[name] = codes, codes.dequantize()
         else:  # a Refusal
             plan.refused[name], plan.weights[name] = codes, _float_weight(module)
+    heads = {m.embedding_name: n for n, m in quantized_layers(model).items() if isinstance(m, TiedInt8Head)}
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Embedding):
+            v, d = module.weight_q.shape
+            codes = Codes((module.weight_q.to(torch.int16) + 128).to(torch.uint8), module.weight_scale.float()[:, None],
+                          torch.full((v, 1), 128, dtype=torch.uint8), 8, d)
+            table = module.weight_q.float() * module.weight_scale[:, None]  # (V, D), as forward() computes rows
+            inv = module.inv_column_scale
+            plan.tables[name] = Table(codes, table if inv is None else table * inv, inv, heads.get(name))
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for name, module in list(twin.named_modules()):
             if isinstance(module, Int8Embedding):
                 emb = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx)
-                table = module.weight_q.float() * module.weight_scale[:, None]  # (V, D), as forward() computes rows
-                emb.weight.copy_(table if module.inv_column_scale is None else table * module.inv_column_scale)
+                emb.weight.copy_(plan.tables[name].weight)
                 set_module(twin, name, emb)
             elif name in plan.weights:
                 w = plan.weights[name]
@@ -224,6 +243,7 @@ class Carried:
     nodes: dict[str, list[str]]  # MatMulNBits node -> the layers it holds, in column order
     bits: dict[str, int]  # node -> bits
     max_weight_diff: float  # between each written node's weight and its layers' codes, dequantized
+    tables: dict[str, str] = field(default_factory=dict)  # int8 embedding -> its GatherBlockQuantized node
 
 
 def carry_codes(onnx_path, plan: Plan, accuracy_level: int = 4) -> Carried:
@@ -272,6 +292,17 @@ def carry_codes(onnx_path, plan: Plan, accuracy_level: int = 4) -> Carried:
         carried.max_weight_diff = max(carried.max_weight_diff, float((written - expected).abs().max()))
         carried.nodes[replacement.name], carried.bits[replacement.name] = members, bits
         found.update(members)
+    inputs = {members[0]: (node.input[1:], node.attribute) for node in nodes if node.name in carried.nodes
+              for members in [carried.nodes[node.name]] if len(members) == 1}
+    for i, node in enumerate(list(nodes)):
+        if node.op_type == "Gather" and node.input[0] in inits:
+            table = numpy_helper.to_array(inits[node.input[0]])  # (V, D)
+            name = next((n for n, t in plan.tables.items() if t.weight.shape == table.shape
+                         and np.array_equal(t.weight.numpy(), table)), None)
+            if name is not None:
+                lookup = _quantized_lookup(node, plan.tables[name], inputs, model.graph.initializer, inits)
+                nodes[i : i + 1] = lookup
+                carried.tables[name] = lookup[-1].name
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     missing = sorted(set(plan.codes) - found)
@@ -285,6 +316,39 @@ def carry_codes(onnx_path, plan: Plan, accuracy_level: int = 4) -> Carried:
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
                     size_threshold=1024)
     return carried
+
+
+def _quantized_lookup(gather, table: Table, inputs: dict, initializers, inits: dict) -> list:
+    """The nodes that replace an fp32 embedding Gather: a GatherBlockQuantized on the int8 rows
+    (the tied head's own MatMulNBits tensors, reshaped, when it is carried), then * 1 / s for AWQ."""
+    from onnx import helper, numpy_helper
+
+    v, d = table.weight.shape
+    base = gather.input[0]
+    nodes = []
+    shared = inputs.get(table.head)
+    if shared is not None:
+        (b_name, scale_name, zero_name), attrs = shared
+        block = next(a.i for a in attrs if a.name == "block_size")
+        initializers.append(numpy_helper.from_array(np.array([v, d], dtype=np.int64), f"{base}_shape"))
+        data = f"{base}_Q8"
+        nodes.append(helper.make_node("Reshape", [b_name, f"{base}_shape"], [data], name=f"{gather.name}_Reshape"))
+    else:
+        block = block_size(d, d)
+        if block is None:
+            raise SlimkitError(f"the embedding's width {d} fits no GatherBlockQuantized block: quantize with embeddings=false")
+        b, s, z = nbits_tensors(table.codes, block)
+        data, scale_name, zero_name = f"{base}_Q8", f"{base}_scales", f"{base}_zero_points"
+        initializers.extend(numpy_helper.from_array(a, n) for a, n in ((b.reshape(v, d), data), (s, scale_name), (z, zero_name)))
+    out = gather.output[0] if table.inv_column_scale is None else f"{gather.output[0]}_rows"
+    nodes.append(helper.make_node("GatherBlockQuantized", [data, gather.input[1], scale_name, zero_name], [out],
+                                  name=f"{gather.name}BlockQuantized", domain="com.microsoft", bits=8, block_size=block,
+                                  gather_axis=0, quantize_axis=1))
+    if table.inv_column_scale is not None:
+        initializers.append(numpy_helper.from_array(table.inv_column_scale.float().numpy(), f"{base}_inv_column_scale"))
+        nodes.append(helper.make_node("Mul", [out, f"{base}_inv_column_scale"], [gather.output[0]], name=f"{gather.name}_Mul"))
+    initializers.remove(inits.pop(base))
+    return nodes
 
 
 def _first_rows(plan: Plan) -> dict[bytes, list[str]]:
