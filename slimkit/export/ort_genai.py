@@ -89,7 +89,8 @@ def build(lm: LoadedModel, out: Path, config) -> dict:
 
 def build_carried(lm: LoadedModel, out: Path, config) -> dict:
     """A slimkit-quantized model: the builder's fp32 graph with slimkit's codes in MatMulNBits (genai_weights.py)."""
-    from slimkit.export.genai_weights import carry_codes, float_twin, requantize
+    from slimkit.export.genai_graph import carry_codes
+    from slimkit.export.genai_weights import float_twin, requantize
 
     twin, plan = float_twin(lm.model)
     if plan.refused and config.quantize != "int4":
