@@ -6,9 +6,15 @@ all-MiniLM-L6-v2: PyTorch fp32, ORT fp32 (fused), ORT int8 (dynamic), ORT
 int8-static (QDQ): latency at batch 1 x 128 tokens, and the embeddings'
 cosine to PyTorch fp32 on the evaluation split.
 SmolLM2-135M: PyTorch fp32, ORT fp32, ORT int8, ORT int4, genai fp32 and
-genai int4: decode tokens/s (greedy, KV cache, after a 64-token prompt),
-perplexity on the evaluation split, KL and top-1 agreement to PyTorch fp32,
-size on disk.
+genai int4 (the builder's own round-to-nearest), slimkit's int4 with integer
+zero points (round-to-nearest, AWQ, GPTQ; group 32, the int8 embedding with
+its tied head) carried exactly into genai, and llama.cpp on the packaged Q4_1
+GGUF (llama-cpp-python, when installed): decode tokens/s (greedy, KV cache,
+after a 64-token prompt), perplexity on the evaluation split, KL and top-1
+agreement to PyTorch fp32, size on disk. A second table puts the 4-bit
+decoders side by side: speed as a ratio to genai's own int4 and to llama.cpp.
+
+    .venv/bin/python benchmarks/bench_export.py --only 4bit   # just the 4-bit decoder rows (and PyTorch fp32)
 
 Every speed number comes from `slimkit bench DIR --json` in a fresh process
 (so peak memory is that model's alone), quality from `slimkit.evaluate`
@@ -49,6 +55,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64, help="decode tokens per run")
     ap.add_argument("--work", default=None, help="where exports go (default: a temporary directory)")
     ap.add_argument("--skip", default="", help="comma-separated row names to skip")
+    ap.add_argument("--only", default="", help="comma-separated row names to run (or '4bit': the 4-bit decoder rows)")
     ap.add_argument("--reuse", action="store_true", help="measure exports already in --work instead of exporting again")
     args = ap.parse_args()
     import torch
@@ -56,8 +63,34 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work or tempfile.mkdtemp(prefix="slimkit-bench-export-"))
     skip = set(filter(None, args.skip.split(",")))
+    only = set(filter(None, args.only.replace("4bit", ",".join(FOUR_BIT)).split(",")))
+    wanted = lambda key: key not in skip and (not only or key in only)  # noqa: E731
     rows, started = [], time.time()
+    if not only or any(k.startswith("minilm-") for k in only):
+        _encoder_rows(rows, work, args, wanted)
+    _decoder_rows(rows, work, args, wanted)
 
+    env = environment(args.threads)
+    import onnxruntime
+    import onnxruntime_genai
+
+    env.update(onnxruntime=onnxruntime.__version__, onnxruntime_genai=onnxruntime_genai.__version__,
+               load_average=[round(x, 1) for x in __import__("os").getloadavg()])
+    if (llama := _llama_cpp_version()) is not None:
+        env["llama_cpp_python"] = llama
+    print(render(rows, env, args, time.time() - started))
+
+
+FOUR_BIT = ["smollm2-genai-int4", "smollm2-genai-slimkit-rtn", "smollm2-genai-slimkit-awq", "smollm2-genai-slimkit-gptq",
+            "smollm2-llamacpp-q4_1"]
+SLIMKIT_INT4 = {  # row -> quantize method and options: group 32 and integer zero points, as MatMulNBits stores them
+    "rtn": ("int4", {"zero_point": "integer"}),
+    "awq": ("awq", {"group_size": 32, "zero_point": "integer"}),
+    "gptq": ("gptq", {"group_size": 32, "zero_point": "integer"}),
+}
+
+
+def _encoder_rows(rows, work, args, wanted) -> None:
     enc = slimkit.load(ENCODER)
     enc_bench = ["--seq-len", "128", "--batch-sizes", "1"]
     base = bench(ENCODER, args, *enc_bench)
@@ -66,14 +99,15 @@ def main() -> None:
         for name, cfg in [("ORT", ExportConfig("onnxruntime")), ("ORT", ExportConfig("onnxruntime", quantize="int8")),
                           ("ORT", ExportConfig("onnxruntime", quantize="int8-static"))]:
             label = cfg.quantize or "fp32"
-            if f"minilm-{label}" in skip:
+            if not wanted(f"minilm-{label}"):
                 continue
             out, seconds = _export(enc, work / f"minilm-{label}", cfg, args.reuse)
             q = slimkit.evaluate(str(out), enc, config=slimkit.EvalConfig(max_passages=256))
             rows.append(_enc_row(name, label, bench(str(out), args, *enc_bench), base, q, seconds))
             print(render(rows[-1:], None, args, 0).splitlines()[2], file=sys.stderr, flush=True)
-    del enc
 
+
+def _decoder_rows(rows, work, args, wanted) -> None:
     dec = slimkit.load(DECODER)
     dec_bench = ["--seq-len", "64", "--batch-sizes", "1", "--new-tokens", str(args.new_tokens)]
     eval_cfg = slimkit.EvalConfig(max_tokens=args.max_tokens)
@@ -87,22 +121,46 @@ def main() -> None:
     with reuse_graphs():
         for name, label, cfg in candidates:
             key = f"smollm2-{'genai-' if cfg.format == 'ort-genai' else ''}{label}"
-            if key in skip:
+            if not wanted(key):
                 continue
             out, seconds = _export(dec, work / key, cfg, args.reuse)
             if label == "fp32" and cfg.format == "onnxruntime":
                 seed_graph(dec, out)
             q = slimkit.evaluate(str(out), dec, config=eval_cfg)
+            label = "int4 (builder: symmetric RTN, g32)" if label == "int4" and cfg.format == "ort-genai" else label
             rows.append(_dec_row(name, label, bench(str(out), args, *dec_bench), base, q, seconds))
             print(render(rows[-1:], None, args, 0).splitlines()[2], file=sys.stderr, flush=True)
+    for variant, (method, options) in SLIMKIT_INT4.items():
+        key = f"smollm2-genai-slimkit-{variant}"
+        if not wanted(key):
+            continue
+        artifact = work / f"smollm2-{variant}-int4-izp"
+        if not (args.reuse and (artifact / "slimkit.json").exists()):
+            slimkit.save(slimkit.quantize(dec, method, **options), artifact, overwrite=True)
+        out, seconds = _export(str(artifact), work / key, ExportConfig("ort-genai"), args.reuse)
+        q = slimkit.evaluate(str(out), dec, config=eval_cfg)
+        label = f"slimkit int4 {variant.upper()} (integer zero points, g32; int8 head)"
+        rows.append(_dec_row("onnxruntime-genai", label, bench(str(out), args, *dec_bench), base, q, seconds))
+        print(render(rows[-1:], None, args, 0).splitlines()[2], file=sys.stderr, flush=True)
+    if wanted("smollm2-llamacpp-q4_1") and _llama_cpp_version() is not None:
+        from llamacpp_model import load_gguf, packaged_gguf
 
-    env = environment(args.threads)
-    import onnxruntime
-    import onnxruntime_genai
+        q = slimkit.evaluate(load_gguf(packaged_gguf(), args.threads), dec, config=eval_cfg)
+        cmd = [sys.executable, str(Path(__file__).with_name("llamacpp_model.py")), "--threads", str(args.threads),
+               "--new-tokens", str(args.new_tokens)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"llama.cpp bench failed: {proc.stderr.strip()[-500:]}")
+        rows.append(_dec_row("llama.cpp", "Q4_1 (packaged GGUF)", json.loads(proc.stdout), base, q, None))
+        print(render(rows[-1:], None, args, 0).splitlines()[2], file=sys.stderr, flush=True)
 
-    env.update(onnxruntime=onnxruntime.__version__, onnxruntime_genai=onnxruntime_genai.__version__,
-               load_average=[round(x, 1) for x in __import__("os").getloadavg()])
-    print(render(rows, env, args, time.time() - started))
+
+def _llama_cpp_version() -> str | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp.__version__
 
 
 def _export(lm, out: Path, cfg, reuse: bool):
@@ -128,7 +186,8 @@ def _dec_row(runtime, precision, b, base, q, seconds):
         quality += f", KL {q.kl_divergence:.4f}, top-1 {q.top1_agreement:.3f}"
     return {"model": "SmolLM2-135M", "runtime": runtime, "precision": precision, "speed": f"{tps:.1f} tok/s",
             "vs_torch": f"{tps / base['decode_tokens_per_s']:.2f}x", "quality": quality,
-            "size": b["size_on_disk_mb"], "peak": b["peak_memory_mb"], "export_s": seconds}
+            "size": b["size_on_disk_mb"], "peak": b["peak_memory_mb"], "export_s": seconds,
+            "tokens_per_s": tps, "perplexity": q.perplexity, "fp32_perplexity": q.reference_perplexity}
 
 
 def render(rows, env, args, seconds) -> str:
@@ -140,11 +199,29 @@ def render(rows, env, args, seconds) -> str:
                      f"| {r['size']:.1f} | {r['peak']:.0f} | {export_s} |")
     if env is None:
         return "\n".join(lines)
+    lines += _four_bit_table(rows)
     lines += ["", "Speed: MiniLM latency p50 at batch 1 x 128 tokens; SmolLM2 greedy decode tokens/s with a KV cache "
               f"after a 64-token prompt, {args.new_tokens} new tokens, median of 3 runs. Perplexity over "
               f"{args.max_tokens} tokens of the evaluation split (window 512, stride 256).",
               "", f"Environment: {json.dumps(env)}", f"Wall time of the run: {seconds / 60:.1f} min"]
     return "\n".join(lines)
+
+
+def _four_bit_table(rows) -> list[str]:
+    """The 4-bit decoders side by side: decode speed against genai's own int4 and llama.cpp, perplexity against fp32."""
+    four = [r for r in rows if "int4" in r["precision"] or r["runtime"] == "llama.cpp"]
+    four = [r for r in four if r["runtime"] in ("onnxruntime-genai", "llama.cpp")]
+    if not four:
+        return []
+    builder = next((r["tokens_per_s"] for r in four if r["precision"].startswith("int4 (builder")), None)
+    llama = next((r["tokens_per_s"] for r in four if r["runtime"] == "llama.cpp"), None)
+    ratio = lambda r, ref: "-" if ref is None else f"{r['tokens_per_s'] / ref:.2f}x"  # noqa: E731
+    out = ["", "| 4-bit decoder | runtime | decode tok/s | vs genai int4 | vs llama.cpp Q4_1 | perplexity | vs fp32 |",
+           "|---|---|---|---|---|---|---|"]
+    for r in four:
+        out.append(f"| {r['precision']} | {r['runtime']} | {r['tokens_per_s']:.1f} | {ratio(r, builder)} | {ratio(r, llama)} "
+                   f"| {r['perplexity']:.3f} | {100 * (r['perplexity'] / r['fp32_perplexity'] - 1):+.2f}% |")
+    return out
 
 
 if __name__ == "__main__":

@@ -318,6 +318,7 @@ def export_cmd(
     fmt: Annotated[str, typer.Option("--format", "-f", help="onnx, onnxruntime, ort-genai or tensorrt")] = "onnx",
     quantize: Annotated[str | None, typer.Option(help="onnxruntime: int8, int8-static, int4; ort-genai: int4")] = None,
     block_size: Annotated[int, typer.Option(help="int4: weights per quantization block")] = 32,
+    accuracy_level: Annotated[int, typer.Option(help="ort-genai int4/int8: 4 = int8 activations (fast), 0 = fp32 (exact)")] = 4,
     optimize: Annotated[bool, typer.Option(help="onnxruntime: apply transformer fusions")] = True,
     exporter: Annotated[str, typer.Option(help="auto, dynamo (torch.export) or torchscript")] = "auto",
     tolerance: Annotated[float | None, typer.Option(help="parity tolerance (default: the format's)")] = None,
@@ -331,7 +332,8 @@ def export_cmd(
     from slimkit.display import table
     from slimkit.export import ExportConfig, export, summary
 
-    config = ExportConfig(fmt, quantize, exporter=exporter, tolerance=tolerance, optimize=optimize, block_size=block_size)
+    config = ExportConfig(fmt, quantize, exporter=exporter, tolerance=tolerance, optimize=optimize, block_size=block_size,
+                          accuracy_level=accuracy_level)
     _guard("export", model, max_memory)
     lm = _load(model, "auto", threads, trust_remote_code)
     info = summary(export(lm, out_dir, config, overwrite=overwrite))

@@ -66,3 +66,134 @@ def test_builder_failure_is_one_line(tiny, tmp_path):
     with pytest.raises(SlimkitError, match="model builder cannot export"):
         export(tiny("gpt2"), tmp_path / "o", ExportConfig("ort-genai"))
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- slimkit's own codes in MatMulNBits
+
+
+def _graph(path):
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "MatMulNBits"], inits
+
+
+@pytest.fixture(scope="module")
+def int4_integer(tiny):
+    return slimkit.quantize(tiny("llama"), "int4", zero_point="integer")
+
+
+def test_carried_int4_reproduces_the_artifact_exactly(int4_integer, tmp_path):
+    from onnx.helper import get_attribute_value
+
+    from slimkit.export.genai_weights import nbits_dequantize
+
+    out = export(int4_integer, tmp_path / "exact", ExportConfig("ort-genai", accuracy_level=0))
+    manifest = json.loads((out / "slimkit.json").read_text())
+    info = manifest["export"]
+    assert manifest["dtypes"] == ["int4"] and info["carried"]["requantized"] == []
+    assert info["carried"]["layers"] == 15 and info["carried"]["max_weight_diff"] == 0.0  # 14 linears + the tied head
+    assert info["parity"]["int4"]["max_abs_diff"] < 1e-4  # fp32 rounding: the genai graph computes with slimkit's weights
+    nodes, inits = _graph(out)
+    attrs = {n.name: {a.name: get_attribute_value(a) for a in n.attribute} for n in nodes}
+    assert attrs["/lm_head/MatMul_Q8"]["bits"] == 8 and attrs["/model/layers.0/attn/qkv_proj/MatMul_Q4"]["N"] == 128
+    head = next(n for n in nodes if n.name == "/lm_head/MatMul_Q8")
+    emb = int4_integer.model.model.embed_tokens
+    written = nbits_dequantize(*(inits[i] for i in head.input[1:]), 8, 64)
+    assert torch.equal(written, emb.weight_q.float() * emb.weight_scale[:, None])  # the int8 head, exactly
+    assert not any(n.op_type == "MatMul" and n.input[1] in inits for n in _graph_nodes(out))  # every MatMul carried
+    lookup = next(n for n in _graph_nodes(out) if n.op_type == "GatherBlockQuantized")  # the int8 rows, shared with the head
+    assert info["carried"]["int8_embeddings"] == {"model.embed_tokens": lookup.name} and lookup.input[2] == head.input[2]
+    assert "model.embed_tokens.weight" not in inits  # no fp32 table
+    served = slimkit.load(str(out))
+    ids = torch.randint(5, 500, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = int4_integer.model(input_ids=ids).logits
+    got = served.model(input_ids=ids).logits
+    assert (got - want).norm() / want.norm() < 0.02  # the artifact itself runs bf16 activations in its kernels
+
+
+def _graph_nodes(path):
+    import onnx
+
+    return list(onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node)
+
+
+@pytest.mark.parametrize("method,options", [("gptq", {"group_size": 32, "n_samples": 2, "seq_len": 32}),
+                                            ("awq", {"group_size": 32, "n_samples": 2, "seq_len": 32, "grid": 4}),
+                                            ("int4-wo", {"symmetric": True, "group_size": 64, "embeddings": False})])
+def test_gptq_and_symmetric_int4_are_carried(tiny, tmp_path, method, options):
+    zero_point = {} if options.get("symmetric") else {"zero_point": "integer"}
+    q = slimkit.quantize(tiny("llama"), method, **options, **zero_point)
+    out = export(q, tmp_path / method, ExportConfig("ort-genai"))
+    info = json.loads((out / "slimkit.json").read_text())["export"]
+    assert info["carried"]["max_weight_diff"] == 0.0 and info["carried"]["accuracy_level"] == 4
+    assert info["parity"]["int4"]["rel_l2"] < 0.03  # int8 activations in MatMulNBits, nothing else
+    if method == "awq":  # the tied head's AWQ scale: the lookup reads E diag(s), then * 1 / s
+        assert q.model.model.embed_tokens.inv_column_scale is not None
+        assert any(n.op_type == "Mul" and n.name.startswith("/model/embed_tokens/") for n in _graph_nodes(out))
+    heads = [n for n in _graph_nodes(out) if n.name.startswith("/lm_head/")]
+    assert [n.op_type for n in heads] == (["MatMul"] if method == "int4-wo" else ["MatMulNBits"])  # a float head stays float
+
+
+def test_untied_int8_embedding_and_float_head(tiny, tmp_path):
+    lm = slimkit.load(tiny("llama"))
+    lm.model.lm_head.weight = torch.nn.Parameter(lm.model.lm_head.weight.detach() * 0.5)  # untied, left float
+    lm.model.config.tie_word_embeddings = False
+    q = slimkit.quantize(lm, "int4", zero_point="integer")
+    out = export(q, tmp_path / "untied", ExportConfig("ort-genai", accuracy_level=0))
+    info = json.loads((out / "slimkit.json").read_text())["export"]
+    assert info["parity"]["int4"]["max_abs_diff"] < 1e-4 and info["carried"]["layers"] == 14
+    nodes = {n.op_type: n for n in _graph_nodes(out)}
+    assert nodes["GatherBlockQuantized"].input[0] == "model.embed_tokens.weight_Q8"
+    assert [n.op_type for n in _graph_nodes(out) if n.name.startswith("/lm_head/")] == ["MatMul"]
+
+
+def test_float_offsets_are_refused_in_one_line(tiny, tmp_path):
+    q = slimkit.quantize(tiny("llama"), "int4")  # zero_point="float": offsets that are no whole number of steps
+    with pytest.raises(SlimkitError, match=r"float offsets.*-o zero_point=integer.*--quantize int4") as err:
+        export(q, tmp_path / "o", ExportConfig("ort-genai"))
+    assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
+
+
+def test_quantize_int4_requantizes_what_cannot_be_carried(tiny, tmp_path):
+    q = slimkit.quantize(tiny("llama"), "nf4", embeddings=True)
+    out = export(q, tmp_path / "nf4", ExportConfig("ort-genai", quantize="int4"))
+    info = json.loads((out / "slimkit.json").read_text())["export"]
+    assert len(info["carried"]["requantized"]) == 14 and info["carried"]["layers"] == 1  # the int8 head is exact
+    assert info["parity"]["int4"]["tolerance"] == 0.5 and info["block_size"] == 32
+
+
+@pytest.mark.parametrize("bits,group,k", [(4, 32, 96), (4, None, 128), (8, None, 96), (8, 64, 128)])
+def test_matmulnbits_layout_matches_the_kernel(bits, group, k):
+    """The packing (B, scales, zero points), checked against ONNX Runtime's own MatMulNBits at fp32 accuracy."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimkit.export.genai_weights import block_size, layer_codes, nbits_dequantize, nbits_tensors
+    from slimkit.quantize.modules import WeightOnlyLinear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(k, 48, bias=False)
+    q = WeightOnlyLinear.from_float(layer, bits=bits, group_size=group, symmetric=group is None,
+                                    zero_point="float" if group is None else "integer")
+    codes = layer_codes(q)
+    block = block_size(codes.group, k)
+    b, s, z = nbits_tensors(codes, block)
+    assert torch.equal(nbits_dequantize(b, s, z, bits, k), q.dequantize())
+    node = helper.make_node("MatMulNBits", ["X", "B", "S", "Z"], ["Y"], domain="com.microsoft", K=k, N=48, bits=bits,
+                            block_size=block, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 48])],
+                              [numpy_helper.from_array(a, n) for a, n in ((b, "B"), (s, "S"), (z, "Z"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    x = torch.randn(3, k)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), x @ q.dequantize().T, atol=1e-5)
+
+
+def test_bad_accuracy_level_names_the_fix():
+    with pytest.raises(SlimkitError, match="use 4 .* or 0"):
+        ExportConfig("ort-genai", accuracy_level=7)

@@ -162,3 +162,10 @@ def test_cli_options_reach_int8_per_channel():
     from slimkit.quantize import parse_options
 
     assert parse_options("awq", ["bits=8", "group_size=none", "symmetric=true", "grid=10"]) == {"bits": 8, "group_size": None, "symmetric": True, "grid": 10}
+
+
+def test_awq_with_integer_zero_points_on_tiny_llama(tiny):
+    q = slimkit.quantize(tiny("llama"), "awq", group_size=32, zero_point="integer", n_samples=2, seq_len=32, grid=4)
+    layer = q.model.model.layers[0].mlp.down_proj
+    assert layer.spec()["zero_point"] == "integer" and layer.offset is None
+    assert q.manifest["recipe"][-1]["zero_point"] == "integer"

@@ -117,3 +117,43 @@ def test_scales_double_quant_round_trip():
 def test_bad_arguments_name_the_fix(call, fragment):
     with pytest.raises(SlimkitError, match=fragment):
         call()
+
+
+def test_integer_zero_point_reproduces_a_weight_on_its_grid():
+    u = torch.arange(32) % 16  # every level 0..15 used
+    w = ((u - 5) * 0.125).float()[None, :]  # (1, 32): w = (u - 5) * s, s a power of two
+    qt = F.quantize_int(w, 4, 32, symmetric=False, zero_point="integer")
+    assert qt.offset is None and qt.zero_point.dtype == torch.uint8
+    assert int(qt.zero_point) == 5 and float(qt.scale) == 0.125
+    assert torch.equal(qt.q.long() + 8, u[None])  # stored signed: u = q - lo
+    assert torch.equal(qt.dequantize(), w)
+
+
+def test_integer_zero_point_grid_holds_zero_and_stays_in_range():
+    w = _w()
+    w[0, :32] = torch.linspace(1.0, 2.0, 32)  # a group that does not straddle 0
+    w[1, :32] = -torch.linspace(1.0, 2.0, 32)
+    qt = F.quantize_int(w, 4, 32, symmetric=False, zero_point="integer")
+    assert int(qt.zero_point[0, 0]) == 0 and int(qt.zero_point[1, 0]) == 15
+    assert int(qt.zero_point.max()) <= 15 and int(qt.q.min()) >= -8 and int(qt.q.max()) <= 7
+    deq = qt.dequantize()
+    lo = F.qrange(4)[0]
+    explicit = (qt.q.float() - lo - qt.zero_point.float().repeat_interleave(32, 1)) * qt.scale.repeat_interleave(32, 1)
+    assert torch.equal(deq, explicit)
+    assert F.sqnr_db(w[:2, :32], deq[:2, :32]) > 25
+    assert torch.equal(F.quantize_int(torch.zeros(2, 64), 4, 32, False, "integer").dequantize(), torch.zeros(2, 64))
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 64)])
+def test_integer_zero_point_is_as_accurate_as_the_float_offset(bits, group):
+    w = _w()
+    integer = F.sqnr_db(w, F.quantize_int(w, bits, group, False, "integer").dequantize())
+    assert integer > F.sqnr_db(w, F.quantize_int(w, bits, group, False).dequantize()) - 0.5
+    assert integer > F.sqnr_db(w, F.quantize_int(w, bits, group, True).dequantize())
+
+
+def test_integer_zero_point_options_name_the_fix():
+    with pytest.raises(SlimkitError, match="use 'float'.*or 'integer'"):
+        F.quantize_int(_w(), 4, 32, False, "int")
+    with pytest.raises(SlimkitError, match="set symmetric=false"):
+        F.quantize_int(_w(), 4, 32, True, "integer")

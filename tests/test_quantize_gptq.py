@@ -77,3 +77,15 @@ def test_calibrates_on_the_users_file(tiny, tmp_path):
     empty.write_text("\n")
     with pytest.raises(SlimkitError, match="shorter than one sequence of 32 tokens"):
         slimkit.quantize(tiny("llama"), "gptq", data=str(empty), group_size=32, n_samples=2, seq_len=32)
+
+
+def test_gptq_with_integer_zero_points():
+    w, h = _problem()
+    g = gptq_quantize(w, h, 4, 32, False, zero_point="integer")
+    r = F.quantize_int(w, 4, 32, False, "integer")
+    assert g.offset is None and g.zero_point.shape == g.scale.shape and int(g.zero_point.max()) <= 15
+    assert layer_loss(w, g.dequantize(), h) < 0.5 * layer_loss(w, r.dequantize(), h)
+    module = WeightOnlyLinear(128, 64, False, 4, 32, False, zero_point="integer")
+    module.set_quantized(g)
+    stored = F.dequantize_int(g.q, g.scale.half().float(), None, 32, 4, zero_point=g.zero_point)  # scales kept in fp16
+    assert torch.equal(module.dequantize(), stored)

@@ -94,3 +94,16 @@ def test_int8_embedding_and_tied_head():
     x = torch.randn(3, 64)
     assert F.sqnr_db(x @ emb.weight.T, head(x)) > 30
     assert list(head.state_dict()) == []  # the tie stores nothing twice
+
+
+def test_integer_zero_point_module_round_trip_and_kernel():
+    q = WeightOnlyLinear.from_float(_linear(n=64, k=256), bits=4, group_size=32, symmetric=False, zero_point="integer")
+    assert q.spec()["zero_point"] == "integer" and q.offset is None and q.zero_point.dtype == torch.uint8
+    assert set(q.state_dict()) == {"bias", "qweight", "scale", "zero_point"}
+    assert q.kernel() == "int4pack"
+    x = _x(k=256)[0]
+    expected = x.bfloat16().float() @ q.dequantize().T + q.bias
+    assert F.sqnr_db(expected, q(x)) > 35
+    fresh = WeightOnlyLinear.from_spec(q.spec())
+    fresh.load_state_dict(q.state_dict(), strict=True)
+    assert torch.equal(fresh(x), q(x)) and torch.equal(fresh.dequantize(), q.dequantize())

@@ -8,7 +8,9 @@ Formats
   onnxruntime  the same graph with ONNX Runtime's offline fusions, optionally
                quantized: int8 (dynamic), int8-static (QDQ, calibrated), int4
                (MatMulNBits, block-wise weight-only); see `onnxruntime.py`
-  ort-genai    a decoder LLM as an onnxruntime-genai model directory (fp32, int4)
+  ort-genai    a decoder LLM as an onnxruntime-genai model directory: fp32, the
+               builder's int4, or a slimkit-quantized model's own codes carried
+               exactly into MatMulNBits (see `genai_weights.py`)
   tensorrt     a TensorRT engine (needs CUDA and TensorRT)
 
 An exported directory is a slimkit artifact whose manifest (`slimkit.json`,
@@ -56,6 +58,7 @@ class ExportConfig:
     tolerance: float | None = None  # parity tolerance (None: the format's default)
     optimize: bool = True  # onnxruntime: offline transformer fusions
     block_size: int = 32  # int4: weights per quantization block
+    accuracy_level: int = 4  # ort-genai MatMulNBits: 4 = int8 activations (fast on CPU), 0 = fp32 activations (exact)
     calibration_samples: int = 16  # int8-static: calibration sequences
     calibration_seq_len: int = 128
 
@@ -71,6 +74,9 @@ class ExportConfig:
             raise SlimkitError(f"unknown exporter '{self.exporter}': use one of {', '.join(EXPORTERS)}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise SlimkitError(f"block size {self.block_size} is not supported: use 16, 32, 64, 128 or 256")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise SlimkitError(f"accuracy level {self.accuracy_level} is not supported: use 4 (int8 activations, "
+                               "fastest on CPU) or 0 (fp32 activations, exact)")
         if self.tolerance is not None and not self.tolerance > 0:
             raise SlimkitError(f"tolerance must be positive, got {self.tolerance}")
         if self.calibration_samples < 1 or self.calibration_seq_len < 2:

@@ -1,16 +1,27 @@
 """Decoder LLMs through onnxruntime-genai: export, parity check, and serving.
 
-Export. The model (whatever slimkit did to it: pruned, distilled, or fp32)
-is saved as a Hugging Face directory and handed to onnxruntime-genai's model
-builder, run as its own process. The builder writes a graph built for
+Export. A float model (whatever slimkit did to it: pruned, distilled, or
+fp32) is saved as a Hugging Face directory and handed to onnxruntime-genai's
+model builder, run as its own process. The builder writes a graph built for
 decoding (GroupQueryAttention with a shared past/present buffer, rotary
 caches, fused QKV and MLP MatMuls) plus `genai_config.json`; `--quantize
 int4` makes it quantize every MatMul, the lm_head included, to block-wise
-4-bit (MatMulNBits, symmetric, accuracy level 4: int8 compute with VNNI).
+4-bit (MatMulNBits, symmetric round-to-nearest, accuracy level 4: int8
+compute with VNNI).
+
+A slimkit-quantized model (int4-wo, awq, gptq, the int8 embedding and its
+tied head) keeps its own weights: the builder writes the fp32 graph of its
+float twin and `genai_weights.py` puts the codes into MatMulNBits nodes,
+exactly. Codes MatMulNBits cannot hold (float offsets, NF4, ...) are refused
+with the fix, or re-quantized with `--quantize int4` and reported.
 
 Parity. The genai runtime's logits for the whole prompt (a single sequence,
 a batch of two, and a KV-cached decode step) are compared with PyTorch's:
-max difference for fp32, relative L2 error for int4.
+max difference for fp32, relative L2 error for int4. For carried codes the
+reference is the float twin (the artifact's weights, dequantized, in fp32):
+at accuracy level 0 the difference is fp32 rounding, at level 4 it is the
+int8 activations of MatMulNBits (about 1% of the logits). The written
+weights are also decoded and compared with the codes (`max_weight_diff`, 0).
 
 Serving. `GenaiModel` drives an `onnxruntime_genai.Generator` behind the
 call signature `slimkit.evaluate` and `slimkit.benchmark` use: a call
@@ -40,6 +51,7 @@ from slimkit.models import CAUSAL_LM, LoadedModel
 
 FP32_TOLERANCE = 1e-3  # of max(1, |reference|)
 INT4_TOLERANCE = 0.5  # relative L2 error of the logits; quality is what `slimkit eval` measures
+CARRIED_TOLERANCE = 0.05  # slimkit's own codes: only MatMulNBits' int8 activations (accuracy level 4) differ
 
 
 def genai_module():
@@ -54,29 +66,77 @@ def build(lm: LoadedModel, out: Path, config) -> dict:
     genai_module()
     if lm.kind != CAUSAL_LM:
         raise SlimkitError(f"--format ort-genai serves causal LMs, and {lm.name} is a {lm.kind}: use --format onnxruntime")
+    from slimkit.export.genai_weights import quantized_layers
+
+    if quantized_layers(lm.model):
+        return build_carried(lm, out, config)
     work = out / ".work"
     (work / "hf").mkdir(parents=True)
     lm.model.save_pretrained(work / "hf", safe_serialization=True)
     lm.tokenizer.save_pretrained(work / "hf")
     precision = "int4" if config.quantize == "int4" else "fp32"
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "hf"), "-o", str(out),
-           "-p", precision, "-e", "cpu", "-c", str(work / "cache")]
-    if precision == "int4":
-        cmd += ["--extra_options", f"int4_block_size={config.block_size}", "int4_accuracy_level=4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if proc.returncode != 0 or not (out / "genai_config.json").is_file():
-        lines = [l for l in (proc.stderr or proc.stdout).strip().splitlines() if l.strip()]
-        reason = lines[-1] if lines else f"exit code {proc.returncode}"
-        raise SlimkitError(f"onnxruntime-genai's model builder cannot export {lm.name} ({reason[:200]}): "
-                           "it supports Llama, Mistral, Phi, Qwen, Gemma and similar decoders; use --format onnxruntime")
+    extra = ["--extra_options", f"int4_block_size={config.block_size}", f"int4_accuracy_level={max(config.accuracy_level, 1)}"] if precision == "int4" else []
+    run_builder(lm.name, work / "hf", out, precision, extra)
     _rmtree(work)
     metric, tol = ("rel_l2", config.tolerance or INT4_TOLERANCE) if precision == "int4" else ("max_abs", config.tolerance or FP32_TOLERANCE)
     parity = check_parity(lm, out, tol, metric)
-    weights = sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".data"))
     export = {"format": "ort-genai", "precision": "int4" if precision == "int4" else "float32",
               "quantize": config.quantize, "parity": {precision: parity.to_dict()}}
     if precision == "int4":
         export["block_size"] = config.block_size
+    return _info(out, export)
+
+
+def build_carried(lm: LoadedModel, out: Path, config) -> dict:
+    """A slimkit-quantized model: the builder's fp32 graph with slimkit's codes in MatMulNBits (genai_weights.py)."""
+    from slimkit.export.genai_graph import carry_codes
+    from slimkit.export.genai_weights import float_twin, requantize
+
+    twin, plan = float_twin(lm.model)
+    if plan.refused and config.quantize != "int4":
+        name, why = next(iter(plan.refused.items()))
+        more = f" (and {len(plan.refused) - 1} more layers)" if len(plan.refused) > 1 else ""
+        raise SlimkitError(f"{name}{more} cannot be exported to onnxruntime-genai exactly ({why.reason}): {why.fix}, "
+                           "or export with --quantize int4 to re-quantize such layers")
+    requantized = sorted(plan.refused)
+    for name in requantized:
+        plan.codes[name] = requantize(plan.weights[name], config.block_size)
+    work = out / ".work"
+    (work / "hf").mkdir(parents=True)
+    twin.save_pretrained(work / "hf", safe_serialization=True)
+    lm.tokenizer.save_pretrained(work / "hf")
+    run_builder(lm.name, work / "hf", out, "fp32", [])
+    _rmtree(work)
+    carried = carry_codes(out / "model.onnx", plan, config.accuracy_level)
+    reference = LoadedModel(twin, lm.tokenizer, lm.kind, lm.name)
+    exact = not requantized and config.accuracy_level == 0
+    tol = config.tolerance or (INT4_TOLERANCE if requantized else FP32_TOLERANCE if exact else CARRIED_TOLERANCE)
+    parity = check_parity(reference, out, tol, "max_abs" if exact else "rel_l2")
+    precision = "int4" if 4 in carried.bits.values() else "int8"
+    export = {"format": "ort-genai", "precision": precision, "quantize": config.quantize,
+              "carried": {"layers": len(plan.codes) - len(requantized), "nodes": len(carried.nodes),
+                          "max_weight_diff": carried.max_weight_diff, "accuracy_level": config.accuracy_level,
+                          "requantized": requantized, "int8_embeddings": carried.tables},
+              "parity": {precision: parity.to_dict()}}
+    if requantized:
+        export["block_size"] = config.block_size
+    return _info(out, export)
+
+
+def run_builder(name: str, hf_dir: Path, out: Path, precision: str, extra: list[str]) -> None:
+    """onnxruntime-genai's model builder, in its own process; its failure is one line."""
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+           "-p", precision, "-e", "cpu", "-c", str(hf_dir.parent / "cache"), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0 or not (out / "genai_config.json").is_file():
+        lines = [l for l in (proc.stderr or proc.stdout).strip().splitlines() if l.strip()]
+        reason = lines[-1] if lines else f"exit code {proc.returncode}"
+        raise SlimkitError(f"onnxruntime-genai's model builder cannot export {name} ({reason[:200]}): "
+                           "it supports Llama, Mistral, Phi, Qwen, Gemma and similar decoders; use --format onnxruntime")
+
+
+def _info(out: Path, export: dict) -> dict:
+    weights = sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".data"))
     return {"runtime": "ort-genai", "export": export, "weights": weights, "precision": export["precision"],
             "versions": {"onnxruntime-genai": genai_module().__version__}}
 

@@ -9,7 +9,10 @@ returns a new model, registered by name (see `slimkit quantize --list`):
   int8-static         int8 weights x int8 activations with scales fixed from
                       calibration by an observer: minmax, percentile, entropy
                       (KL), mse (static_int8.py, observers.py)
-  int8-wo, int4-wo    weight-only integers, group-wise, packed (weight_only.py)
+  int8-wo, int4-wo    weight-only integers, group-wise, packed (weight_only.py);
+                      asymmetric grids take a float offset or, with
+                      zero_point=integer (also awq, gptq), an integer zero
+                      point, which the ort-genai export carries exactly
   nf4                 4-bit NormalFloat code book, double quant (weight_only.py)
   gptq                weight-only int4/int8 with Hessian error compensation
                       (gptq.py; the math in gptq_math.py)

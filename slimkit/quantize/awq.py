@@ -44,7 +44,7 @@ from slimkit.progress import track
 from slimkit.quantize.awq_math import search_scale
 from slimkit.quantize.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_int_format, check_patterns, copy_model, record, select_linears, set_module
 from slimkit.quantize.embedding import quantize_embeddings, tied_head
-from slimkit.quantize.formats import check_group, sqnr_db
+from slimkit.quantize.formats import check_group, check_zero_point, sqnr_db
 from slimkit.quantize.modules import WeightOnlyLinear, linear_weight
 from slimkit.quantize.smoothing import require_batches
 from slimkit.registry import register
@@ -67,6 +67,7 @@ class AWQConfig:
     bits: int = 4
     group_size: int | None = 64  # int8 with the fast kernel: group_size=None, symmetric=True
     symmetric: bool = False
+    zero_point: str = "float"  # or "integer": w = (u - z) * s, exportable to MatMulNBits exactly
     n_samples: int = 16
     seq_len: int = 512
     grid: int = 20
@@ -78,6 +79,7 @@ class AWQConfig:
     def __post_init__(self):
         check_compute_dtype(self.compute_dtype)
         check_int_format("awq", self.bits, self.group_size)
+        check_zero_point(self.zero_point, self.symmetric)
         if self.group_size is None and self.bits == 4:
             raise SlimkitError("awq int4 needs groups: use group_size 32, 64, 128 or 256")
         if self.n_samples < 1 or self.seq_len < 8:
@@ -258,8 +260,8 @@ def scale_model_(lm, config: AWQConfig, data: D.TextSource | None = None) -> tup
                 if rows is not None:
                     stat = _tie(stat, rows, model.get_submodule(rp).weight.shape[0])
             w = torch.cat([linear_weight(model.get_submodule(m)).float() for m in members])  # (sum N, K)
-            bits, group, sym = (8, None, True) if is_head else (config.bits, config.group_size, config.symmetric)
-            s = search_scale(w, g.inputs(), bits, group, sym, config.grid, stat).scale
+            bits, group, sym, zp = (8, None, True, "float") if is_head else (config.bits, config.group_size, config.symmetric, config.zero_point)
+            s = search_scale(w, g.inputs(), bits, group, sym, config.grid, stat, zp).scale
             if is_head:
                 if producer is not None and _try_head_fold(model, producer, head, s, probe, causal, reference):
                     head_scale = s
@@ -306,7 +308,8 @@ def apply(model, config: AWQConfig = AWQConfig(), data: D.TextSource | None = No
             layer = lm.model.get_submodule(name)
             w = linear_weight(layer).float()  # (N, K)
             s = explicit.get(name)
-            module = WeightOnlyLinear(w.shape[1], w.shape[0], getattr(layer, "bias", None) is not None, config.bits, config.group_size, config.symmetric, input_scale=s is not None)
+            module = WeightOnlyLinear(w.shape[1], w.shape[0], getattr(layer, "bias", None) is not None, config.bits, config.group_size,
+                                      config.symmetric, input_scale=s is not None, zero_point=config.zero_point)
             if s is not None:
                 w = w * s[None, :]
                 module.inv_input_scale.copy_(1 / s)

@@ -40,17 +40,18 @@ def awq_scales(x_mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, zero_point: str = "float") -> torch.Tensor:
     """Round-to-nearest and back to float: (N, K) -> (N, K)."""
-    return Q.quantize_int(w, bits, group_size, symmetric).dequantize()
+    return Q.quantize_int(w, bits, group_size, symmetric, zero_point).dequantize()
 
 
-def scaled_error(w: torch.Tensor, x: torch.Tensor, s: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> float:
+def scaled_error(w: torch.Tensor, x: torch.Tensor, s: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                 zero_point: str = "float") -> float:
     """Mean squared output error of quantizing W diag(s) and feeding x / s.
 
     w (N, K), x (T, K), s (K,)."""
     ref = x @ w.T  # (T, N)
-    approx = (x / s) @ fake_quantize(w * s, bits, group_size, symmetric).T  # (T, N)
+    approx = (x / s) @ fake_quantize(w * s, bits, group_size, symmetric, zero_point).T  # (T, N)
     return float((ref - approx).pow(2).mean())
 
 
@@ -70,6 +71,7 @@ def search_scale(
     symmetric: bool,
     grid: int = 20,
     x_mean_abs: torch.Tensor | None = None,
+    zero_point: str = "float",
 ) -> ScaleSearch:
     """Best s = m^alpha over alpha in {0, 1/grid, ..., (grid-1)/grid}.
 
@@ -83,7 +85,7 @@ def search_scale(
     for i in range(grid):
         alpha = i / grid
         s = awq_scales(m, alpha)
-        err = scaled_error(w, x, s, bits, group_size, symmetric)
+        err = scaled_error(w, x, s, bits, group_size, symmetric, zero_point)
         if rtn is None:
             rtn = err
         if best is None or err < best[0]:

@@ -11,6 +11,24 @@ asymmetric grid spans exactly [min, max] of its group (the offset is a float,
 as in GGUF's Q4_1 and the CPU int4 kernel, not an integer zero point), so no
 level is wasted on a range the group does not use.
 
+Integer zero point (`zero_point="integer"`): the asymmetric grid with its
+offset constrained to -z * s, z an integer in [0, 2^b - 1], so that
+
+    integer     u = q - lo in [0, 2^b - 1],  w ~ (u - z) * s
+
+the convention of GPTQ and AutoAWQ checkpoints and of ONNX Runtime's
+MatMulNBits kernel (whose float zero points take a slow path). Such a grid
+cannot start exactly at the group's minimum: its levels are multiples of s
+shifted by a whole number of steps, so 0 is always a level. Each group takes
+the (scale, zero point) pair with the least squared error among a few: the
+smallest scales whose grid covers [min, max] for the two zero points next to
+-min / s0 (s0 = (max - min) / (2^b - 1), the range stretched to include 0),
+and s0 shrunk by up to 20%, which clips the extremes a little to step finer
+everywhere else. On random normal weights this is about as accurate as the
+float offset (22.3 vs 22.1 dB SQNR, group 32); on weights shipped in a
+float-offset format (SmolLM2's Q4_1, which the float offset re-finds
+exactly) it is a real loss, measured in benchmarks/RESULTS-export.md.
+
 The scale is shared by a *group* of consecutive input channels of one output
 row: `group_size=None` means one scale per output channel (the whole row),
 `group_size=g` means K / g scales per row. Smaller groups follow the weights'
@@ -80,6 +98,7 @@ class QuantizedInt:
     """An integer-quantized 2-D weight.
 
     q: (N, K) int8 holding values of the grid (unpacked); scale, offset: (N, K // group)
+    zero_point: (N, K // group) uint8 integer zero points z (then offset is None)
     """
 
     q: torch.Tensor
@@ -87,13 +106,31 @@ class QuantizedInt:
     offset: torch.Tensor | None
     bits: int
     group_size: int
+    zero_point: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_int(self.q, self.scale, self.offset, self.group_size, self.bits, dtype)
+        return dequantize_int(self.q, self.scale, self.offset, self.group_size, self.bits, dtype, self.zero_point)
 
 
-def quantize_int(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True) -> QuantizedInt:
-    """Round-to-nearest integer quantization of `w` (N, K) with per-group scales."""
+ZERO_POINTS = ("float", "integer")
+
+
+def check_zero_point(zero_point: str, symmetric: bool) -> None:
+    """Validate a config's zero_point option; errors name the fix."""
+    if zero_point not in ZERO_POINTS:
+        raise SlimkitError(f"zero_point={zero_point!r} is not supported: use 'float' (offset m, w = u * s + m) "
+                           "or 'integer' (w = (u - z) * s, as MatMulNBits and GPTQ checkpoints store it)")
+    if zero_point == "integer" and symmetric:
+        raise SlimkitError("zero_point='integer' shapes the asymmetric grid: set symmetric=false with it "
+                           "(a symmetric grid needs no zero point)")
+
+
+def quantize_int(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                 zero_point: str = "float") -> QuantizedInt:
+    """Round-to-nearest integer quantization of `w` (N, K) with per-group scales.
+
+    zero_point: 'float' or 'integer', the asymmetric grid's offset (see the module docstring)."""
+    check_zero_point(zero_point, symmetric)
     if w.dim() != 2:
         raise SlimkitError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     n, k = w.shape
@@ -114,16 +151,79 @@ def quantize_int(w: torch.Tensor, bits: int, group_size: int | None = None, symm
         if not torch.isfinite((hi - lo) * scale + offset).all():  # the grid's top level, by monotonicity every level
             raise SlimkitError("a group of this weight spans more than float32 can hold (max - min over 3.4e38): "
                                "quantize it with a symmetric grid (symmetric=true)")
+        if zero_point == "integer":
+            scale, z = integer_grid(wg, offset, top, bits)  # (N, G) each
+            q, _ = round_to_grid(wg, scale[..., None], None, z[..., None], bits)
+            return QuantizedInt(q.reshape(n, k).to(torch.int8), scale, None, bits, g, z.to(torch.uint8))
         q = (torch.round((wg - offset[..., None]) / scale[..., None]) + lo).clamp(lo, hi)
     return QuantizedInt(q.reshape(n, k).to(torch.int8), scale, offset, bits, g)
 
 
-def dequantize_int(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group_size: int, bits: int, dtype=torch.float32) -> torch.Tensor:
-    """q * scale (symmetric) or (q - lo) * scale + offset, group-wise:
-    q (N, K), scale/offset (N, K // group) -> (N, K)."""
+SHRINK = torch.linspace(0.8, 1.0, 11).tolist()  # scale factors the integer grid tries below the full range
+
+
+def integer_grid(wg: torch.Tensor, low: torch.Tensor, top: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point of each group, the pair with the least squared error.
+
+    wg (N, G, g); low/top (N, G) the groups' min and max. Candidates: for each
+    of the two zero points next to the ideal (floor, ceil), the smallest scale
+    whose grid covers [low, top]; and scales s0 * f, f in SHRINK, which clip
+    the extremes a little to step finer everywhere else.
+    Returns (scale (N, G) fp32, z (N, G) float holding integers in [0, 2^b - 1])."""
+    levels = 2**bits - 1
+    tiny = torch.finfo(torch.float32).tiny
+    low, top = low.clamp(max=0), top.clamp(min=0)  # 0 must be a level: z is an integer
+    if not torch.isfinite(top - low).all():
+        raise SlimkitError("a group of this weight spans more than float32 can hold (max - min over 3.4e38): "
+                           "quantize it with a symmetric grid (symmetric=true)")
+    s0 = ((top - low) / levels).clamp(min=tiny)  # (N, G)
+    candidates = []
+    for z in ((-low / s0).floor(), (-low / s0).ceil()):
+        z = z.clamp(0, levels)
+        below = torch.where(z > 0, -low / z.clamp(min=1), torch.where(low < 0, torch.inf, 0.0))
+        above = torch.where(z < levels, top / (levels - z).clamp(min=1), torch.where(top > 0, torch.inf, 0.0))
+        candidates.append((torch.maximum(below, above).clamp(min=tiny), z))  # inf where z cannot cover
+    for f in SHRINK:
+        s = s0 * f
+        candidates += [(s, (-low / s).floor().clamp(0, levels)), (s, (-low / s).ceil().clamp(0, levels))]
+    best_err = best_scale = best_z = None
+    for scale, z in candidates:
+        _, deq = round_to_grid(wg, scale[..., None], None, z[..., None], bits)
+        err = torch.where(torch.isfinite(scale), (wg - deq).pow(2).sum(-1), torch.inf)  # (N, G)
+        if best_err is None:
+            best_err, best_scale, best_z = err, scale, z
+            continue
+        take = err < best_err
+        best_err = torch.where(take, err, best_err)
+        best_scale, best_z = torch.where(take, scale, best_scale), torch.where(take, z, best_z)
+    return fit_scale(best_scale, levels), best_z
+
+
+def round_to_grid(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
+                  zero_point: torch.Tensor | None = None, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest level of one grid for each entry of x: (q as stored, in [lo, hi], float; its dequantized value).
+
+    scale, offset, zero_point broadcast against x; neither offset nor zero_point: symmetric."""
+    lo, hi = qrange(bits)
+    if zero_point is not None:
+        q = (torch.round(x / scale) + zero_point + lo).clamp(lo, hi)
+        return q, (q - lo - zero_point) * scale
+    if offset is None:
+        q = torch.round(x / scale).clamp(lo, hi)
+        return q, q * scale
+    q = (torch.round((x - offset) / scale) + lo).clamp(lo, hi)
+    return q, (q - lo) * scale + offset
+
+
+def dequantize_int(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group_size: int, bits: int,
+                   dtype=torch.float32, zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """q * scale (symmetric), (q - lo) * scale + offset, or (q - lo - zero_point) * scale, group-wise:
+    q (N, K), scale/offset/zero_point (N, K // group) -> (N, K)."""
     n, k = q.shape
     qg = q.float().reshape(n, k // group_size, group_size)
-    if offset is None:
+    if zero_point is not None:
+        w = (qg - qrange(bits)[0] - zero_point.float()[..., None]) * scale.float()[..., None]
+    elif offset is None:
         w = qg * scale.float()[..., None]
     else:
         w = (qg - qrange(bits)[0]) * scale.float()[..., None] + offset.float()[..., None]

@@ -25,7 +25,7 @@ from slimkit.models import CAUSAL_LM
 from slimkit.progress import track
 from slimkit.quantize.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_int_format, check_patterns, copy_model, record, select_linears, set_module
 from slimkit.quantize.embedding import quantize_embeddings
-from slimkit.quantize.formats import check_group
+from slimkit.quantize.formats import check_group, check_zero_point
 from slimkit.quantize.gptq_math import gptq_quantize
 from slimkit.quantize.modules import WeightOnlyLinear, linear_weight
 from slimkit.quantize.smoothing import require_batches
@@ -37,6 +37,7 @@ class GPTQConfig:
     bits: int = 4
     group_size: int | None = 64
     symmetric: bool = False
+    zero_point: str = "float"  # or "integer": w = (u - z) * s, exportable to MatMulNBits exactly
     damp: float = 0.01
     n_samples: int = 16
     seq_len: int = 512
@@ -48,6 +49,7 @@ class GPTQConfig:
     def __post_init__(self):
         check_compute_dtype(self.compute_dtype)
         check_int_format("gptq", self.bits, self.group_size)
+        check_zero_point(self.zero_point, self.symmetric)
         if not 0 < self.damp < 1:
             raise SlimkitError(f"damp={self.damp} is out of range: use a fraction such as 0.01")
         if self.n_samples < 1 or self.seq_len < 8:
@@ -108,8 +110,10 @@ def apply(model, config: GPTQConfig = GPTQConfig(), data: D.TextSource | None = 
         for name in track(names, "Quantizing (GPTQ)"):
             layer = lm.model.get_submodule(name)
             w = linear_weight(layer).float()
-            module = WeightOnlyLinear(w.shape[1], w.shape[0], getattr(layer, "bias", None) is not None, config.bits, config.group_size, config.symmetric)
-            module.set_quantized(gptq_quantize(w, hessians.pop(name), config.bits, config.group_size, config.symmetric, config.damp))
+            module = WeightOnlyLinear(w.shape[1], w.shape[0], getattr(layer, "bias", None) is not None, config.bits, config.group_size,
+                                      config.symmetric, zero_point=config.zero_point)
+            module.set_quantized(gptq_quantize(w, hessians.pop(name), config.bits, config.group_size, config.symmetric, config.damp,
+                                               zero_point=config.zero_point))
             if module.bias is not None:
                 module.bias.copy_(layer.bias.float())
             set_module(lm.model, name, module)

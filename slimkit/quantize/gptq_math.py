@@ -30,11 +30,14 @@ def gptq_quantize(
     symmetric: bool = False,
     damp: float = 0.01,
     block: int = 128,
+    zero_point: str = "float",
 ) -> Q.QuantizedInt:
     """Quantize w (N, K) with GPTQ against hessian (K, K); returns the same format as quantize_int."""
     n, k = w.shape
     g = Q.check_group(k, group_size)
-    lo, hi = Q.qrange(bits)
+    Q.qrange(bits)
+    Q.check_zero_point(zero_point, symmetric)
+    integer = zero_point == "integer"
     W = w.detach().float().clone()  # (N, K), updated in place as errors are pushed right
     H = hessian.detach().float().clone()  # (K, K)
     dead = H.diagonal() == 0
@@ -45,31 +48,29 @@ def gptq_quantize(
 
     q = torch.zeros(n, k, dtype=torch.int8)
     scale = torch.zeros(n, k // g)
-    offset = None if symmetric else torch.zeros(n, k // g)
+    offset = None if symmetric or integer else torch.zeros(n, k // g)
+    zeros = torch.zeros(n, k // g) if integer else None
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         errs = torch.zeros(n, b1 - b0)  # (N, block) scaled errors of this block
         for i in range(b0, b1):
             if i % g == 0:  # a new group: its grid from the updated weights
-                grid = Q.quantize_int(W[:, i : i + g], bits, None, symmetric)
+                grid = Q.quantize_int(W[:, i : i + g], bits, None, symmetric, zero_point)
                 scale[:, i // g] = grid.scale[:, 0]
                 if offset is not None:
                     offset[:, i // g] = grid.offset[:, 0]
-            s = scale[:, i // g]
+                if zeros is not None:
+                    zeros[:, i // g] = grid.zero_point[:, 0].float()
             col = W[:, i]  # (N,)
-            if offset is None:
-                qi = torch.round(col / s).clamp(lo, hi)
-                deq = qi * s
-            else:
-                m = offset[:, i // g]
-                qi = (torch.round((col - m) / s) + lo).clamp(lo, hi)
-                deq = (qi - lo) * s + m
+            m = None if offset is None else offset[:, i // g]
+            z = None if zeros is None else zeros[:, i // g]
+            qi, deq = Q.round_to_grid(col, scale[:, i // g], m, z, bits)
             q[:, i] = qi.to(torch.int8)
             err = (col - deq) / U[i, i]  # (N,)
             W[:, i + 1 : b1] -= err[:, None] * U[i, i + 1 : b1][None, :]
             errs[:, i - b0] = err
         W[:, b1:] -= errs @ U[b0:b1, b1:]  # the block's errors onto every later column
-    return Q.QuantizedInt(q, scale, offset, bits, g)
+    return Q.QuantizedInt(q, scale, offset, bits, g, None if zeros is None else zeros.to(torch.uint8))
 
 
 def layer_loss(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -213,7 +213,9 @@ class WeightOnlyLinear(QuantLinear):
     """int8 or int4 weights (group-wise, symmetric or asymmetric), activations in float.
 
     Stored: `qweight` int8 (N, K) for 8 bits, uint8 (N, K // 2) packed for 4;
-    `scale` (N, K // group) fp16 (fp32 per channel); `offset` likewise (asymmetric).
+    `scale` (N, K // group) fp16 (fp32 per channel); asymmetric, either
+    `offset` likewise (float offset) or `zero_point` uint8 (N, K // group),
+    the integer zero points of `zero_point="integer"` (see formats.py).
     Kernels: int8 symmetric per channel -> _weight_int8pack_mm; int4 with
     groups of 32..256 -> _weight_int4pack_mm_for_cpu; otherwise dequantize.
     With `input_scale` (AWQ where the scale cannot be folded into the layer
@@ -223,11 +225,12 @@ class WeightOnlyLinear(QuantLinear):
 
     fmt = "weight-only"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int = 8, group_size: int | None = None, symmetric: bool = True, input_scale: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int = 8, group_size: int | None = None, symmetric: bool = True, input_scale: bool = False, zero_point: str = "float"):
         super().__init__(in_features, out_features, bias)
         self.register_buffer("inv_input_scale", torch.ones(in_features) if input_scale else None)
         Q.qrange(bits)
-        self.bits, self.symmetric = bits, symmetric
+        Q.check_zero_point(zero_point, symmetric)
+        self.bits, self.symmetric, self.zero_point_kind = bits, symmetric, zero_point
         self.group_size = group_size
         g = Q.check_group(in_features, self.group_size)
         n_groups = in_features // g
@@ -235,23 +238,31 @@ class WeightOnlyLinear(QuantLinear):
         cols = in_features if bits == 8 else in_features // 2
         _weight_buffer(self, "qweight", torch.zeros(out_features, cols, dtype=torch.int8 if bits == 8 else torch.uint8), 8 // bits)
         self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=scale_dtype))
-        self.register_buffer("offset", torch.zeros(out_features, n_groups, dtype=scale_dtype) if not symmetric else None)
+        integer = zero_point == "integer"
+        self.register_buffer("offset", torch.zeros(out_features, n_groups, dtype=scale_dtype) if not symmetric and not integer else None)
+        self.register_buffer("zero_point", torch.zeros(out_features, n_groups, dtype=torch.uint8) if integer else None)
         self._kernel: dict = {}
 
     def spec(self) -> dict:
         extra = {"input_scale": True} if self.inv_input_scale is not None else {}  # absent: as before AWQ
+        if self.zero_point is not None:
+            extra["zero_point"] = "integer"  # absent: float offsets, as before
         return {**super().spec(), "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, **extra}
 
     def set_weight(self, w: torch.Tensor) -> None:
-        self.set_quantized(Q.quantize_int(w, self.bits, self.group_size, self.symmetric))
+        self.set_quantized(Q.quantize_int(w, self.bits, self.group_size, self.symmetric, self.zero_point_kind))
 
     def set_quantized(self, qt: Q.QuantizedInt) -> None:
-        """Store an already quantized weight (round-to-nearest, GPTQ, ...)."""
+        """Store an already quantized weight (round-to-nearest, GPTQ, ...) of this module's grid."""
+        if (qt.zero_point is not None) != (self.zero_point is not None) or (qt.offset is None) != (self.offset is None):
+            raise ValueError("the quantized weight's grid (symmetric / float offset / integer zero point) is not this module's")
         q = qt.q if self.bits == 8 else Q.pack_int4((qt.q + 8).to(torch.uint8))  # int4 stored offset to [0, 15]
         self.qweight.copy_(q)
         self.scale.copy_(Q.stored_scales(qt.scale, self.scale.dtype))
         if self.offset is not None:
             self.offset.copy_(Q.stored_scales(qt.offset, self.offset.dtype))
+        if self.zero_point is not None:
+            self.zero_point.copy_(qt.zero_point)
         self._kernel.clear()
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -266,7 +277,8 @@ class WeightOnlyLinear(QuantLinear):
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         g = Q.check_group(self.in_features, self.group_size)
-        return Q.dequantize_int(self.q_values(), self.scale.float(), None if self.offset is None else self.offset.float(), g, self.bits, dtype)
+        offset = None if self.offset is None else self.offset.float()
+        return Q.dequantize_int(self.q_values(), self.scale.float(), offset, g, self.bits, dtype, self.zero_point)
 
     def kernel(self) -> str:
         if self.bits == 8 and self.symmetric and self.group_size is None:
@@ -294,12 +306,16 @@ class WeightOnlyLinear(QuantLinear):
         """The kernel's layout, built once: it computes (u - 8) * s + b for u in [0, 15].
 
         Stored u = q + 8. Symmetric: w = q * s, so b = 0. Asymmetric:
-        w = (q + 8) * s + m = (u - 8) * s + (m + 8 s), so b = m + 8 s.
+        w = (q + 8) * s + m = (u - 8) * s + (m + 8 s), so b = m + 8 s;
+        with an integer zero point z, w = (u - z) * s, so b = (8 - z) s.
         """
         u = Q.unpack_int4(self.qweight).to(torch.int32)  # (N, K) in [0, 15]
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
         scale = self.scale.float()
-        b = self.offset.float() + 8 * scale if self.offset is not None else torch.zeros_like(scale)
+        if self.zero_point is not None:
+            b = (8 - self.zero_point.float()) * scale
+        else:
+            b = self.offset.float() + 8 * scale if self.offset is not None else torch.zeros_like(scale)
         sz = torch.stack([scale, b], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
         return packed, sz.to(KERNEL_DTYPE)
 

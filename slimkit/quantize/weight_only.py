@@ -9,7 +9,9 @@ weights are faster when a kernel reads them directly: int8 per channel
 no CPU kernel and dequantize on each call: smaller, not faster.
 
 Trade-offs: int8 per channel is close to lossless. int4 needs groups (32 or
-64 for small models) and gains from an asymmetric grid; NF4 fits normally
+64 for small models) and gains from an asymmetric grid, whose offset is a
+float by default or, with `zero_point="integer"`, a whole number of steps
+(the form ONNX Runtime's MatMulNBits stores, so the export carries it exactly); NF4 fits normally
 distributed weights better than the even int4 grid at the same size, and
 double quantization trims its scales from 0.5 to about 0.13 bit per weight.
 With `embeddings=True` the input embedding (and a head tied to it) is stored
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from slimkit.errors import SlimkitError
 from slimkit.quantize.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_patterns, copy_model, record, replace_linears
 from slimkit.quantize.embedding import quantize_embeddings
-from slimkit.quantize.formats import GROUP_SIZES
+from slimkit.quantize.formats import GROUP_SIZES, check_zero_point
 from slimkit.quantize.modules import NF4Linear, WeightOnlyLinear
 from slimkit.registry import register
 
@@ -57,6 +59,7 @@ class Int8WeightOnlyConfig:
 class Int4WeightOnlyConfig:
     group_size: int = 32
     symmetric: bool = False
+    zero_point: str = "float"  # or "integer": w = (u - z) * s, exportable to MatMulNBits exactly
     embeddings: bool = True
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
@@ -64,6 +67,7 @@ class Int4WeightOnlyConfig:
 
     def __post_init__(self):
         _check_group(self.group_size, allow_none=False)
+        check_zero_point(self.zero_point, self.symmetric)
         check_patterns(self.targets, self.ignore)
         check_compute_dtype(self.compute_dtype)
 
@@ -101,7 +105,8 @@ def apply_int8(model, config: Int8WeightOnlyConfig = Int8WeightOnlyConfig(), **c
 
 @register("int4-wo", "quantize", Int4WeightOnlyConfig, "int4 weights in groups of 32-256, sym/asym, packed 2 per byte (_weight_int4pack_mm)")
 def apply_int4(model, config: Int4WeightOnlyConfig = Int4WeightOnlyConfig(), **context):
-    make = lambda layer: WeightOnlyLinear.from_float(layer, bits=4, group_size=config.group_size, symmetric=config.symmetric)
+    make = lambda layer: WeightOnlyLinear.from_float(layer, bits=4, group_size=config.group_size, symmetric=config.symmetric,
+                                                     zero_point=config.zero_point)
     return _apply(model, config, "int4-wo", make)
 
 
