@@ -25,7 +25,7 @@ Steps, each checked before the next:
                     for parity before quantizing) and a decoder's lm_head
                     stays fp32. Measured on all-MiniLM-L6-v2: embedding
                     cosine 0.9936 -> 0.9970, top-10 overlap 0.923 -> 0.947,
-                    for about 5% more latency than unsmoothed int8.
+                    for about 5% more CPU time than unsmoothed int8.
                     SmolLM2-135M fails the parity check (relative L2 error
                     0.41 > 0.25), the per-tensor activation problem the
                     design notes saw in PyTorch; use int4 for decoders.

@@ -28,19 +28,29 @@ included. Nothing real reads a padded position (attention masks its key) and
 its output is discarded, but its hidden state holds large values in channels
 that smoothing divides by little, and one padded row then sets the step for
 the batch: on padded batches of 32, MiniLM's cosine with smoothing fell back
-to 0.9940 (0.9978 one passage at a time). So padded rows are zeroed
+to 0.9940 (0.998 one passage at a time). So padded rows are zeroed
 (x * attention_mask) before quantization; no real token's output changes.
 That holds for encoders, whose padded outputs are discarded (mean pooling
 over the mask), not for classifiers: under left padding the pooled first
 token is a padded position. Classifiers and decoders keep plain dynamic int8
-(smoothing without the mask was no better than none on padded batches).
+(without the mask, smoothing gains little on padded batches: 0.9940 against
+0.9936).
 
 alpha = 0.7 was chosen on the held-out split (cosine at 0.6 / 0.7 / 0.8:
-0.9960 / 0.9974 / 0.9967). The usual 0.5 is worse than no smoothing here
-(0.987): GELU outputs are nearly one-sided and sparse, and at 0.5 the scaled
-weights' per-channel steps grow more than the activations' step shrinks.
-The factors come from the max over 256 calibration passages; with 16 the
-max is noisy and the cosine drops to 0.996.
+0.9951 / 0.9974 / 0.9972). The usual 0.5 is worse than no smoothing here
+(0.987): after GELU, the FFN output projection's error grows at 0.5 (the
+scaled weights' per-channel steps grow more than the activations' step
+shrinks). The factors come from the max over 256 calibration passages; with
+16 the max is noisy and the cosine drops to 0.996.
+
+Measured on all-MiniLM-L6-v2 (evaluation split, 256 passages): cosine
+0.9936 -> 0.9970, top-10 overlap 0.923 -> 0.947. Cost: 48 elementwise Muls
+(a mask and a 1/s per MatMul input), about 5% more CPU time per sequence
+than unsmoothed int8 (batch 1 x 128 tokens, one thread: 17.3 against
+16.4 ms; PyTorch fp32 eager 43 ms). Masking only the embeddings' output
+gave the same quality for half the cost in this post-LN model, but pads
+would keep their outliers in a pre-LN residual stream, so every input is
+masked.
 """
 
 from __future__ import annotations
