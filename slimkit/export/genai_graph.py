@@ -10,12 +10,16 @@ it names them; each written node is decoded again and compared with the codes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from slimkit.errors import SlimkitError
 from slimkit.export.genai_weights import BLOCKS, Plan, Table, block_size, nbits_dequantize, nbits_tensors
+
+UNQUANTIZED = "export the model before quantization with --quantize int4 (the builder's own int4)"
+
 
 @dataclass
 class Carried:
@@ -27,7 +31,7 @@ class Carried:
     tables: dict[str, str] = field(default_factory=dict)  # int8 embedding -> its GatherBlockQuantized node
 
 
-def carry_codes(onnx_path, plan: Plan, accuracy_level: int = 4) -> Carried:
+def carry_codes(path: Path, plan: Plan, accuracy_level: int = 4) -> Carried:
     """Replace every MatMul whose weight is made of quantized layers by a MatMulNBits holding their codes.
 
     `plan.codes` must cover every quantized layer (re-quantize or refuse the others first). The
@@ -35,7 +39,6 @@ def carry_codes(onnx_path, plan: Plan, accuracy_level: int = 4) -> Carried:
     import onnx
     from onnx import helper, numpy_helper
 
-    path = onnx_path
     model = onnx.load(str(path))  # with its external data, in memory
     inits = {t.name: t for t in model.graph.initializer}
     index = _first_rows(plan)
@@ -52,7 +55,7 @@ def carry_codes(onnx_path, plan: Plan, accuracy_level: int = 4) -> Carried:
         codes = [plan.codes[m] for m in members]
         if len({c.bits for c in codes}) != 1:
             raise SlimkitError(f"the builder fused {', '.join(members)} into one MatMul, but they have different bit widths: "
-                               "quantize them alike (or export with --quantize int4)")
+                               f"quantize them alike, or {UNQUANTIZED}")
         k = wt.shape[0]
         block = next((b for b in BLOCKS if all(c.group % b == 0 for c in codes) and k % b == 0), None)
         if block is None:
@@ -75,21 +78,25 @@ def carry_codes(onnx_path, plan: Plan, accuracy_level: int = 4) -> Carried:
         found.update(members)
     inputs = {members[0]: (node.input[1:], node.attribute) for node in nodes if node.name in carried.nodes
               for members in [carried.nodes[node.name]] if len(members) == 1}
-    for i, node in enumerate(list(nodes)):
+    rewritten = []
+    for node in nodes:
+        name = None
         if node.op_type == "Gather" and node.input[0] in inits:
             table = numpy_helper.to_array(inits[node.input[0]])  # (V, D)
             name = next((n for n, t in plan.tables.items() if t.weight.shape == table.shape
                          and np.array_equal(t.weight.numpy(), table)), None)
-            if name is not None:
-                lookup = _quantized_lookup(node, plan.tables[name], inputs, model.graph.initializer, inits)
-                nodes[i : i + 1] = lookup
-                carried.tables[name] = lookup[-1].name
+        if name is None:
+            rewritten.append(node)
+            continue
+        lookup = _quantized_lookup(node, plan.tables[name], inputs, model.graph.initializer, inits)
+        rewritten += lookup
+        carried.tables[name] = next(n.name for n in lookup if n.op_type == "GatherBlockQuantized")
     del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    model.graph.node.extend(rewritten)
     missing = sorted(set(plan.codes) - found)
     if missing:
         raise SlimkitError(f"onnxruntime-genai's builder wrote {missing[0]} in a form slimkit does not recognise (its weight "
-                           "is not among the graph's MatMuls): export with --quantize int4 to let the builder re-quantize")
+                           f"is not among the graph's MatMuls): {UNQUANTIZED}")
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     data = path.with_name(path.name + ".data")
@@ -158,5 +165,5 @@ def _match(wt: np.ndarray, plan: Plan, index: dict[bytes, list[str]], node: str,
         col += plan.weights[hit].shape[0]
     if members and col != wt.shape[1]:
         raise SlimkitError(f"onnxruntime-genai's builder fused {', '.join(members)} with a float layer in {node}: "
-                           "quantize all of them (or none), or export with --quantize int4")
+                           f"quantize all of them (or none), or {UNQUANTIZED}")
     return members
