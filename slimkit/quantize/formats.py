@@ -113,6 +113,8 @@ class QuantizedInt:
 
 
 ZERO_POINTS = ("float", "integer")
+SPAN_TOO_WIDE = ("a group of this weight spans more than float32 can hold (max - min over 3.4e38): "
+                 "quantize it with a symmetric grid (symmetric=true)")
 
 
 def check_zero_point(zero_point: str, symmetric: bool) -> None:
@@ -142,20 +144,19 @@ def quantize_int(w: torch.Tensor, bits: int, group_size: int | None = None, symm
         absmax = wg.abs().amax(-1)  # (N, G)
         check_finite(absmax)
         scale = fit_scale((absmax / hi).clamp(min=tiny), hi)  # (N, G)
-        q = torch.round(wg / scale[..., None]).clamp(lo, hi)
+        q, _ = round_to_grid(wg, scale[..., None], bits=bits)
         offset = None
     else:
         offset, top = wg.amin(-1), wg.amax(-1)  # (N, G)
         check_finite(offset, top)
         scale = ((top - offset) / (hi - lo)).clamp(min=tiny)  # (N, G)
         if not torch.isfinite((hi - lo) * scale + offset).all():  # the grid's top level, by monotonicity every level
-            raise SlimkitError("a group of this weight spans more than float32 can hold (max - min over 3.4e38): "
-                               "quantize it with a symmetric grid (symmetric=true)")
+            raise SlimkitError(SPAN_TOO_WIDE)
         if zero_point == "integer":
             scale, z = integer_grid(wg, offset, top, bits)  # (N, G) each
             q, _ = round_to_grid(wg, scale[..., None], None, z[..., None], bits)
             return QuantizedInt(q.reshape(n, k).to(torch.int8), scale, None, bits, g, z.to(torch.uint8))
-        q = (torch.round((wg - offset[..., None]) / scale[..., None]) + lo).clamp(lo, hi)
+        q, _ = round_to_grid(wg, scale[..., None], offset[..., None], bits=bits)
     return QuantizedInt(q.reshape(n, k).to(torch.int8), scale, offset, bits, g)
 
 
@@ -174,8 +175,7 @@ def integer_grid(wg: torch.Tensor, low: torch.Tensor, top: torch.Tensor, bits: i
     tiny = torch.finfo(torch.float32).tiny
     low, top = low.clamp(max=0), top.clamp(min=0)  # 0 must be a level: z is an integer
     if not torch.isfinite(top - low).all():
-        raise SlimkitError("a group of this weight spans more than float32 can hold (max - min over 3.4e38): "
-                           "quantize it with a symmetric grid (symmetric=true)")
+        raise SlimkitError(SPAN_TOO_WIDE)
     s0 = ((top - low) / levels).clamp(min=tiny)  # (N, G)
     candidates = []
     for z in ((-low / s0).floor(), (-low / s0).ceil()):
