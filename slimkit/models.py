@@ -26,6 +26,7 @@ import re
 import shutil
 import socket
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -490,3 +491,22 @@ def _looks_like_path(text: str) -> bool:
         or text.count("/") > 1
         or text.lower().endswith((".gguf", ".safetensors", ".json", ".bin"))
     )
+
+
+@contextmanager
+def attention_implementation(model: nn.Module, name: str | None):
+    """Within the block `model` computes attention with `name` ("eager", "sdpa"), then gets its own back.
+
+    None leaves it as it is. Attention maps need "eager"; so do ONNX Runtime
+    encoder graphs (see `export/onnxruntime.py`).
+    """
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if name is None or before is None or before == name:
+        yield
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
