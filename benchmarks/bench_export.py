@@ -19,6 +19,9 @@ decoders side by side: speed as a ratio to genai's own int4 and to llama.cpp.
 Every speed number comes from `slimkit bench DIR --json` in a fresh process
 (so peak memory is that model's alone), quality from `slimkit.evaluate`
 against the PyTorch original. Ratios are to PyTorch fp32 in this run.
+Speeds are taken last, in `--rounds` rounds: each round benches every row
+once, starting one row later than the round before, so a drift of the host's
+speed hits all rows alike; a row reports its median round.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import slimkit
@@ -40,12 +44,52 @@ ENCODER = "minilm-l6"
 DECODER = "smollm2-135m"
 
 
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def bench(model: str, args, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "slimkit.cli", "bench", model, "--json", "--threads", str(args.threads), *extra]
+    return _run_json(cmd, model)
+
+
+def _run_json(cmd: list[str], what: str) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"bench failed for {model}: {proc.stderr.strip()[-500:]}")
+        raise SystemExit(f"bench failed for {what}: {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout)
+
+
+@dataclass
+class Pending:
+    """A row whose quality is known and whose speed is still to be measured (`measure` benches it once)."""
+
+    make: object  # _enc_row or _dec_row
+    runtime: str
+    precision: str
+    measure: object
+    quality: object
+    seconds: float | None
+    base: "Pending | None" = None  # the PyTorch fp32 row the ratios are to (None: this is it)
+    runs: list = field(default_factory=list)
+
+    def median_run(self) -> dict:
+        key = (lambda b: b["decode_tokens_per_s"]) if self.make is _dec_row else (lambda b: -b["latency_ms"]["p50"])
+        return sorted(self.runs, key=key)[len(self.runs) // 2]
+
+
+def timed_rows(pending: list[Pending], rounds: int) -> list[dict]:
+    """Bench every row `rounds` times, rotating the order each round; rows from each one's median run."""
+    for r in range(rounds):
+        order = pending[r % len(pending):] + pending[:r % len(pending)]
+        for p in order:
+            p.runs.append(p.measure())
+            log(f"round {r + 1}/{rounds}: {p.runtime} {p.precision}")
+    rows = []
+    for p in pending:
+        base = (p.base or p).median_run()
+        rows.append(p.make(p.runtime, p.precision, p.median_run(), base, p.quality, p.seconds))
+    return rows
 
 
 def main() -> None:
@@ -57,6 +101,7 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated row names to skip")
     ap.add_argument("--only", default="", help="comma-separated row names to run (or '4bit': the 4-bit decoder rows)")
     ap.add_argument("--reuse", action="store_true", help="measure exports already in --work instead of exporting again")
+    ap.add_argument("--rounds", type=int, default=3, help="rotated rounds of speed measurement; each row reports its median")
     args = ap.parse_args()
     import torch
 
@@ -65,10 +110,12 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     only = set(filter(None, args.only.replace("4bit", ",".join(FOUR_BIT)).split(",")))
     wanted = lambda key: key not in skip and (not only or key in only)  # noqa: E731
-    rows, started = [], time.time()
+    pending, started = [], time.time()
     if not only or any(k.startswith("minilm-") for k in only):
-        _encoder_rows(rows, work, args, wanted)
-    _decoder_rows(rows, work, args, wanted)
+        _encoder_rows(pending, work, args, wanted)
+    if not only or any(k.startswith("smollm2-") for k in only):
+        _decoder_rows(pending, work, args, wanted)
+    rows = timed_rows(pending, args.rounds)
 
     env = environment(args.threads)
     import onnxruntime
@@ -93,8 +140,8 @@ SLIMKIT_INT4 = {  # row -> quantize method and options: group 32 and integer zer
 def _encoder_rows(rows, work, args, wanted) -> None:
     enc = slimkit.load(ENCODER)
     enc_bench = ["--seq-len", "128", "--batch-sizes", "1"]
-    base = bench(ENCODER, args, *enc_bench)
-    rows.append(_enc_row("PyTorch eager", "fp32", base, base, None, None))
+    base = Pending(_enc_row, "PyTorch eager", "fp32", lambda: bench(ENCODER, args, *enc_bench), None, None)
+    rows.append(base)
     with reuse_graphs():
         for name, cfg in [("ORT", ExportConfig("onnxruntime")), ("ORT", ExportConfig("onnxruntime", quantize="int8")),
                           ("ORT", ExportConfig("onnxruntime", quantize="int8-static"))]:
@@ -103,17 +150,17 @@ def _encoder_rows(rows, work, args, wanted) -> None:
                 continue
             out, seconds = _export(enc, work / f"minilm-{label}", cfg, args.reuse)
             q = slimkit.evaluate(str(out), enc, config=slimkit.EvalConfig(max_passages=256))
-            rows.append(_enc_row(name, label, bench(str(out), args, *enc_bench), base, q, seconds))
-            print(render(rows[-1:], None, args, 0).splitlines()[2], file=sys.stderr, flush=True)
+            rows.append(Pending(_enc_row, name, label, lambda out=out: bench(str(out), args, *enc_bench), q, seconds, base))
+            log(f"MiniLM {name} {label}: cosine {q.cosine_to_reference:.4f}")
 
 
 def _decoder_rows(rows, work, args, wanted) -> None:
     dec = slimkit.load(DECODER)
     dec_bench = ["--seq-len", "64", "--batch-sizes", "1", "--new-tokens", str(args.new_tokens)]
     eval_cfg = slimkit.EvalConfig(max_tokens=args.max_tokens)
-    base = bench(DECODER, args, *dec_bench)
     ref_q = slimkit.evaluate(dec, config=eval_cfg)
-    rows.append(_dec_row("PyTorch eager", "fp32", base, base, ref_q, None))
+    base = Pending(_dec_row, "PyTorch eager", "fp32", lambda: bench(DECODER, args, *dec_bench), ref_q, None)
+    rows.append(base)
     candidates = [("ORT", "fp32", ExportConfig("onnxruntime")), ("ORT", "int8", ExportConfig("onnxruntime", quantize="int8")),
                   ("ORT", "int4", ExportConfig("onnxruntime", quantize="int4")),
                   ("onnxruntime-genai", "fp32", ExportConfig("ort-genai")),
@@ -128,8 +175,8 @@ def _decoder_rows(rows, work, args, wanted) -> None:
                 seed_graph(dec, out)
             q = slimkit.evaluate(str(out), dec, config=eval_cfg)
             label = "int4 (builder: symmetric RTN, g32)" if label == "int4" and cfg.format == "ort-genai" else label
-            rows.append(_dec_row(name, label, bench(str(out), args, *dec_bench), base, q, seconds))
-            print(render(rows[-1:], None, args, 0).splitlines()[2], file=sys.stderr, flush=True)
+            rows.append(Pending(_dec_row, name, label, lambda out=out: bench(str(out), args, *dec_bench), q, seconds, base))
+            log(f"SmolLM2 {name} {label}: ppl {q.perplexity:.3f}")
     for variant, (method, options) in SLIMKIT_INT4.items():
         key = f"smollm2-genai-slimkit-{variant}"
         if not wanted(key):
@@ -140,19 +187,16 @@ def _decoder_rows(rows, work, args, wanted) -> None:
         out, seconds = _export(str(artifact), work / key, ExportConfig("ort-genai"), args.reuse)
         q = slimkit.evaluate(str(out), dec, config=eval_cfg)
         label = f"slimkit int4 {variant.upper()} (integer zero points, g32; int8 head)"
-        rows.append(_dec_row("onnxruntime-genai", label, bench(str(out), args, *dec_bench), base, q, seconds))
-        print(render(rows[-1:], None, args, 0).splitlines()[2], file=sys.stderr, flush=True)
+        rows.append(Pending(_dec_row, "onnxruntime-genai", label, lambda out=out: bench(str(out), args, *dec_bench), q, seconds, base))
+        log(f"SmolLM2 genai {label}: ppl {q.perplexity:.3f}")
     if wanted("smollm2-llamacpp-q4_1") and _llama_cpp_version() is not None:
         from llamacpp_model import load_gguf, packaged_gguf
 
         q = slimkit.evaluate(load_gguf(packaged_gguf(), args.threads), dec, config=eval_cfg)
         cmd = [sys.executable, str(Path(__file__).with_name("llamacpp_model.py")), "--threads", str(args.threads),
                "--new-tokens", str(args.new_tokens)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"llama.cpp bench failed: {proc.stderr.strip()[-500:]}")
-        rows.append(_dec_row("llama.cpp", "Q4_1 (packaged GGUF)", json.loads(proc.stdout), base, q, None))
-        print(render(rows[-1:], None, args, 0).splitlines()[2], file=sys.stderr, flush=True)
+        rows.append(Pending(_dec_row, "llama.cpp", "Q4_1 (packaged GGUF)", lambda: _run_json(cmd, "llama.cpp"), q, None, base))
+        log(f"SmolLM2 llama.cpp Q4_1: ppl {q.perplexity:.3f}")
 
 
 def _llama_cpp_version() -> str | None:
@@ -201,7 +245,8 @@ def render(rows, env, args, seconds) -> str:
         return "\n".join(lines)
     lines += _four_bit_table(rows)
     lines += ["", "Speed: MiniLM latency p50 at batch 1 x 128 tokens; SmolLM2 greedy decode tokens/s with a KV cache "
-              f"after a 64-token prompt, {args.new_tokens} new tokens, median of 3 runs. Perplexity over "
+              f"after a 64-token prompt, {args.new_tokens} new tokens, median of 3 runs; each row's median of "
+              f"{args.rounds} rotated rounds. Perplexity over "
               f"{args.max_tokens} tokens of the evaluation split (window 512, stride 256).",
               "", f"Environment: {json.dumps(env)}", f"Wall time of the run: {seconds / 60:.1f} min"]
     return "\n".join(lines)
