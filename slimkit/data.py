@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -283,6 +284,31 @@ def passages(texts: Iterable[str], min_words: int = 20, max_words: int = 120, li
         if limit is not None and len(out) >= limit:
             return out[:limit]
     return out
+
+
+def passage_views(texts: Iterable[str], views: int, seed: int = 0, min_words: int = 20, max_words: int = 120,
+                  limit: int | None = None) -> list[str]:
+    """`passages()` of `texts`, then `views - 1` further cuts of the same words.
+
+    Each further view starts every text at a random word offset and cuts it at
+    random lengths between `min_words` and `max_words` (seeded), so training
+    that passes over a small split many times meets new passages, and new
+    lengths, rather than the same ones again.
+    """
+    if views < 1:
+        raise SlimkitError(f"text views must be at least 1, got {views}")
+    texts = list(texts)
+    out = passages(texts, min_words, max_words)
+    rng = random.Random(seed)
+    for _ in range(views - 1):
+        for text in texts:
+            words = text.split()
+            i = rng.randrange(min_words)
+            while i + min_words <= len(words):
+                n = rng.randint(min_words, max_words)
+                out.append(" ".join(words[i : i + n]))
+                i += n
+    return out[:limit] if limit is not None else out
 
 
 def calibration_batches(tokenizer, source: TextSource | None = None, seq_len: int = 512, n_samples: int = 64, batch_size: int = 4) -> Iterator[torch.Tensor]:

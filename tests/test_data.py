@@ -81,6 +81,20 @@ def test_passages_merge_short_and_cut_long():
     assert sum(len(p.split()) for p in out) == 282
 
 
+def test_passage_views_add_new_cuts_of_the_same_words():
+    text = " ".join(f"w{i}" for i in range(1000))
+    plain = D.passages([text], min_words=20, max_words=100)
+    views = D.passage_views([text], 3, seed=1, min_words=20, max_words=100)
+    assert views[: len(plain)] == plain  # the first view is the plain cut
+    extra = views[len(plain):]
+    assert extra and all(20 <= len(p.split()) <= 100 for p in extra)
+    assert not set(extra) & set(plain)  # new offsets and lengths, not repeats
+    assert views == D.passage_views([text], 3, seed=1, min_words=20, max_words=100)  # seeded
+    assert D.passage_views([text], 1) == D.passages([text])
+    with pytest.raises(SlimkitError, match="at least 1"):
+        D.passage_views([text], 0)
+
+
 def test_txt_and_jsonl_sources(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("First paragraph.\n\nSecond paragraph here.\n")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from slimkit.distill import losses as L
 from slimkit.distill.student import LAYER_CHOICES, make_student, most_similar_run, num_layers, select_layers
 from slimkit.distill.trainer import Distiller, TrainConfig, train
 from slimkit.errors import SlimkitError
-from slimkit.models import CAUSAL_LM, CLASSIFIER, ENCODER, LoadedModel, load
+from slimkit.models import CAUSAL_LM, CLASSIFIER, ENCODER, LoadedModel, attention_implementation, load
 from slimkit.registry import register
 
 LOSSES = ("kd", "ce")
@@ -54,6 +53,7 @@ class DistillConfig(TrainConfig):
     attention_loss: str = "mse"
     layer_map: tuple[tuple[int, int], ...] | None = None  # (student i, teacher j); default: where i was copied from
     embedding_loss: str = "cosine"
+    text_views: int = 1  # encoders/classifiers: training passages cut this many ways (new offsets and lengths)
     data: str | None = None  # text source: pydoc, .txt/.jsonl, hf:NAME; calibration split trains
 
     def __post_init__(self):
@@ -81,6 +81,8 @@ class DistillConfig(TrainConfig):
             raise SlimkitError("hidden_weight and attention_weight must be >= 0 (0 turns the term off)")
         if self.loss == "ce" and (self.hidden_weight or self.attention_weight):
             raise SlimkitError("loss=ce trains without the teacher: set hidden_weight and attention_weight to 0, or use loss=kd")
+        if self.text_views < 1:
+            raise SlimkitError(f"text_views must be at least 1, got {self.text_views}: 1 cuts the text once")
         if self.hidden_loss not in ("mse", "cosine") or self.attention_loss not in ("mse", "kl") or self.embedding_loss not in ("cosine", "mse"):
             raise SlimkitError("loss kinds: hidden_loss is mse|cosine, attention_loss mse|kl, embedding_loss cosine|mse")
 
@@ -97,11 +99,10 @@ def apply(model: LoadedModel, config: DistillConfig, *, on_step=None, **context)
     eval_batches = make_batches(teacher, dataclasses.replace(source, split="evaluation"), config, limit=config.eval_batches)
     fingerprint = _fingerprint(teacher, config, distiller, source, train_batches)
     eager = "attentions" in distiller.loss.needs
-    with _attention(student.model, eager, restore=False), _attention(teacher.model, eager, restore=True):
+    impl = "eager" if eager else None  # attention maps need the eager implementation
+    with attention_implementation(student.model, impl), attention_implementation(teacher.model, impl):
         result = train(distiller, teacher.model if distiller.loss.uses_teacher or teacher.kind != CAUSAL_LM else None,
                        train_batches, eval_batches, config, fingerprint=fingerprint, on_step=on_step)
-    if eager:
-        student.model.set_attn_implementation("sdpa")
     student.model.eval()
     step = {"method": "distill", **dataclasses.asdict(config)}
     training = {**result.to_dict(), "teacher_layers": keep}  # the blocks the student was copied from
@@ -189,7 +190,8 @@ def make_batches(lm: LoadedModel, source: D.TextSource, cfg: TrainConfig, limit:
                 out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
         return out
     n = limit * bs if limit else cfg.max_samples
-    texts = D.passages(source.texts(), limit=n)
+    views = getattr(cfg, "text_views", 1) if limit is None else 1  # evaluation and probes see the plain passages
+    texts = D.passage_views(source.texts(), views, cfg.seed, limit=n)
     D.require_nonempty(len(texts), source, "passages")
     out = []
     for chunk in D.batched(texts, bs):
@@ -203,18 +205,3 @@ def _fingerprint(teacher: LoadedModel, cfg: DistillConfig, distiller: Distiller,
     first = hashlib.sha256(batches[0]["input_ids"].numpy().tobytes()).hexdigest()[:16] if batches else ""
     return {"teacher": teacher.source, "parameters": teacher.num_parameters(), "needs": sorted(distiller.loss.needs),
             "data": source.name, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "batches": len(batches), "first": first}
-
-
-@contextlib.contextmanager
-def _attention(model, eager: bool, restore: bool):
-    """Attention maps need the eager implementation; the teacher gets its own back afterwards."""
-    if not eager:
-        yield
-        return
-    before = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if restore:
-            model.set_attn_implementation(before)
