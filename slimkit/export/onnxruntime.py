@@ -9,14 +9,16 @@ Steps, each checked before the next:
      `torch.export` graphs, the default for decoders, are already folded by
      onnxscript's optimizer, and every graph gets the fusions ONNX Runtime
      applies when it loads it). Checked again, as strictly: fusions must not
-     change the numbers. Two fusions are left out because they cost time on
-     CPU, measured on all-MiniLM-L6-v2 int8 (one thread, in turns):
-     SkipLayerNormalization ran several times slower than the Add and
-     LayerNormalization it replaces, and the fused Attention (QAttention
-     once quantized; exact only with the raw 2-D mask, the default mask
-     index assumes right padding) was slower than the plain ops. Encoders
-     are traced with eager attention: the SDPA trace guards every softmax
-     with IsNaN/Where. Together: 42.7 -> 35.6 ms per sequence;
+     change the numbers. Attention is fused with the raw 2-D mask (the
+     default mask index assumes right padding and failed parity on a
+     left-padded batch, max difference 2.6); once quantized it becomes
+     QAttention. SkipLayerNormalization is left out, here and when ONNX
+     Runtime loads an encoder graph (`onnx.SLOW_FUSIONS`): its CPU kernel is
+     slower than the Add and LayerNormalization it replaces. Encoders are
+     traced with eager attention (the SDPA trace guards every softmax with
+     IsNaN/Where, and does not match the attention pattern). Measured on
+     all-MiniLM-L6-v2 int8, batch 1 x 128, 2 threads, each graph in its own
+     process, in turns: 10.4 -> 7.3 ms per sequence;
   3. quantize, then check parity by relative L2 error (a quantized graph
      differs a little everywhere; the quality is what `slimkit eval` measures):
        int8         dynamic: int8 weights per output channel, activations
@@ -184,10 +186,9 @@ def optimize(lm: LoadedModel, src: Path, dst: Path) -> tuple[Path, dict]:
 
     cfg = lm.model.config
     options = FusionOptions(model_type)
-    # measured on all-MiniLM-L6-v2, int8, one thread: ORT's CPU SkipLayerNormalization is several times slower
-    # than the Add + LayerNormalization it replaces, and the fused (Q)Attention slower than the plain ops
+    # ORT's CPU SkipLayerNormalization is slower than the Add + LayerNormalization it replaces (onnx.SLOW_FUSIONS)
     options.enable_skip_layer_norm = False
-    options.enable_attention = False
+    options.use_raw_attention_mask(True)  # exact for any padding; the default mask index assumes right padding
     try:
         opt = optimize_model(str(src), model_type=model_type, num_heads=int(getattr(cfg, "num_attention_heads", 0) or 0),
                              hidden_size=int(getattr(cfg, "hidden_size", 0) or 0), opt_level=0,

@@ -57,7 +57,7 @@ class OrtModel(nn.Module):
     def session(self):
         threads = torch.get_num_threads()
         if self._session is None or threads != self._threads:
-            self._session, self._threads = session(self.graph, threads), threads
+            self._session, self._threads = session(self.graph, threads, self.spec.kind), threads
             self._past_type = {i.name: i.type for i in self._session.get_inputs()}.get(
                 self.spec.past_names[0] if self.spec.layers else "", "tensor(float)")
         return self._session

@@ -66,12 +66,15 @@ SAMPLES = 256  # calibration passages
 MASK = "smoothquant_row_mask"  # (B, T, 1) float: 1 for real tokens, 0 for padding
 
 
+WEIGHT_OPS = ("MatMul", "Attention")  # ORT's fused Attention reads x with its (K, 3N) Q/K/V weight as input 1
+
+
 def weight_matmuls(model) -> dict[str, list]:
-    """Input tensor -> the MatMul nodes that read it with a constant weight, in graph order."""
+    """Input tensor -> the MatMul (or fused Attention) nodes that read it with a constant weight, in graph order."""
     inits = {i.name for i in model.graph.initializer}
     groups: dict[str, list] = {}
     for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits:
+        if node.op_type in WEIGHT_OPS and node.input[1] in inits:
             groups.setdefault(node.input[0], []).append(node)
     return groups
 
