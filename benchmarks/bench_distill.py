@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -74,7 +75,10 @@ def interleaved(models: dict, bench: BenchConfig, rounds: int, metric) -> dict[s
 def encoder_part(args) -> dict:
     teacher = slimkit.load(args.enc_teacher)
     log(f"MiniLM embedding distillation for {args.enc_minutes} min")
-    student = slimkit.distill(teacher, student_layers=args.enc_layers, layer_choice=args.layer_choice, minutes=args.enc_minutes, batch_size=32, seq_len=128, lr=args.enc_lr, eval_batches=2)
+    with tempfile.TemporaryDirectory(prefix="slimkit-teacher-cache-") as cache:
+        student = slimkit.distill(teacher, student_layers=args.enc_layers, layer_choice=args.layer_choice, minutes=args.enc_minutes,
+                                  batch_size=32, seq_len=128, lr=args.enc_lr, eval_batches=2, text_views=args.enc_views,
+                                  cache_teacher=cache if args.enc_cache else None)
     init = slimkit.distill.make_student(teacher, student.manifest["training"]["teacher_layers"])
     res = {"training": student.manifest["training"]}
     for name, lm in (("init", init), ("kd", student)):
@@ -92,8 +96,11 @@ def speed_only(args) -> None:
     """Decode tokens/s and encoder p50 of teacher and student, interleaved, on students rebuilt from `--speed-only`."""
     previous = json.loads(open(args.speed_only).read())
     rows = ["| model | metric | teacher | student | ratio | target |", "|---|---|---|---|---|---|"]
-    parts = ((args.lm_teacher, previous["lm"]["kd_training"]["teacher_layers"], "decode tok/s", lambda r: r.decode_tokens_per_s, 1.7),
-             (args.enc_teacher, previous["encoder"]["training"]["teacher_layers"], "p50 ms (128 tokens)", lambda r: r.latency_ms.p50, 1.8))
+    parts = []  # the parts the previous run had
+    if previous.get("lm"):
+        parts.append((args.lm_teacher, previous["lm"]["kd_training"]["teacher_layers"], "decode tok/s", lambda r: r.decode_tokens_per_s, 1.7))
+    if previous.get("encoder"):
+        parts.append((args.enc_teacher, previous["encoder"]["training"]["teacher_layers"], "p50 ms (128 tokens)", lambda r: r.latency_ms.p50, 1.8))
     for name, layers, label, metric, target in parts:
         teacher = slimkit.load(name)
         student = slimkit.distill.make_student(teacher, layers)
@@ -105,25 +112,31 @@ def speed_only(args) -> None:
     print("\n".join(rows) + f"\n\nrounds {args.rounds}, threads {args.threads}\n\nenvironment: {json.dumps(environment(args.threads))}")
 
 
-def render(lm: dict, enc: dict, args, env: dict, seconds: float) -> str:
-    ppl_gain = 1 - lm["kd_heldout_ppl"] / lm["ce_heldout_ppl"]
-    decode = lm["kd_decode_tok_s"] / lm["teacher_decode_tok_s"]
-    speed = enc["teacher_p50_ms"] / enc["kd_p50_ms"]
-    k, c, e = lm["kd_training"], lm["ce_training"], enc["training"]
-    rows = [
-        "| experiment | metric | teacher | CE-only student | KD student | result | target |",
-        "|---|---|---|---|---|---|---|",
-        f"| {args.lm_teacher} → {args.lm_layers} layers | held-out perplexity | {lm['teacher_heldout_ppl']:.2f} | {lm['ce_heldout_ppl']:.2f} | {lm['kd_heldout_ppl']:.2f} | KD {ppl_gain:.1%} lower than CE | ≥ 15% lower |",
-        f"| | decode tok/s (batch 1, {args.new_tokens} tokens) | {lm['teacher_decode_tok_s']:.1f} | | {lm['kd_decode_tok_s']:.1f} | {decode:.2f}x | ≥ 1.7x |",
-        f"| | training steps / seconds | | {c['steps']} / {c['seconds']:.0f} | {k['steps']} / {k['seconds']:.0f} | same steps | |",
-        f"| {args.enc_teacher} → {args.enc_layers} layers | cosine to teacher (evaluation passages) | 1.000 | untrained: {enc['init_cosine']:.3f} | {enc['kd_cosine']:.3f} | | ≥ 0.95 |",
-        f"| | retrieval top-10 overlap | 1.000 | untrained: {enc['init_top10']:.3f} | {enc['kd_top10']:.3f} | | |",
-        f"| | p50 latency ms (128 tokens) | {enc['teacher_p50_ms']:.1f} | | {enc['kd_p50_ms']:.1f} | {speed:.2f}x | ≥ 1.8x |",
-        f"| | training steps / seconds | | | {e['steps']} / {e['seconds']:.0f} | | |",
-    ]
+def render(lm: dict | None, enc: dict | None, args, env: dict, seconds: float) -> str:
+    rows = ["| experiment | metric | teacher | CE-only student | KD student | result | target |",
+            "|---|---|---|---|---|---|---|"]
+    if lm:
+        ppl_gain = 1 - lm["kd_heldout_ppl"] / lm["ce_heldout_ppl"]
+        decode = lm["kd_decode_tok_s"] / lm["teacher_decode_tok_s"]
+        k, c = lm["kd_training"], lm["ce_training"]
+        rows += [
+            f"| {args.lm_teacher} → {args.lm_layers} layers | held-out perplexity | {lm['teacher_heldout_ppl']:.2f} | {lm['ce_heldout_ppl']:.2f} | {lm['kd_heldout_ppl']:.2f} | KD {ppl_gain:.1%} lower than CE | ≥ 15% lower |",
+            f"| | decode tok/s (batch 1, {args.new_tokens} tokens) | {lm['teacher_decode_tok_s']:.1f} | | {lm['kd_decode_tok_s']:.1f} | {decode:.2f}x | ≥ 1.7x |",
+            f"| | training steps / seconds | | {c['steps']} / {c['seconds']:.0f} | {k['steps']} / {k['seconds']:.0f} | same steps | |",
+        ]
+    if enc:
+        speed = enc["teacher_p50_ms"] / enc["kd_p50_ms"]
+        e = enc["training"]
+        rows += [
+            f"| {args.enc_teacher} → {args.enc_layers} layers | cosine to teacher (evaluation passages) | 1.000 | untrained: {enc['init_cosine']:.3f} | {enc['kd_cosine']:.3f} | | ≥ 0.95 |",
+            f"| | retrieval top-10 overlap | 1.000 | untrained: {enc['init_top10']:.3f} | {enc['kd_top10']:.3f} | | |",
+            f"| | p50 latency ms (128 tokens) | {enc['teacher_p50_ms']:.1f} | | {enc['kd_p50_ms']:.1f} | {speed:.2f}x | ≥ 1.8x |",
+            f"| | training steps / seconds | | | {e['steps']} / {e['seconds']:.0f} | | |",
+        ]
     settings = (f"budgets: LM {args.lm_minutes} min, encoder {args.enc_minutes} min; threads {args.threads}; LM seq_len {args.seq_len}, "
                 f"batch {args.batch_size}, lr {args.lr}, T {args.temperature}, alpha {args.alpha}; held-out tokens {args.eval_tokens}; "
-                f"encoder lr {args.enc_lr}, batch 32; total {seconds / 60:.1f} min")
+                f"encoder lr {args.enc_lr}, batch 32, text views {args.enc_views}, teacher cache {'on' if args.enc_cache else 'off'}; "
+                f"total {seconds / 60:.1f} min")
     return "\n".join(rows) + f"\n\n{settings}\n\nenvironment: {json.dumps(env)}\n"
 
 
@@ -138,6 +151,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--enc-lr", type=float, default=2e-4)
+    ap.add_argument("--enc-views", type=int, default=1, help="encoder: cut the calibration passages this many ways (text_views)")
+    ap.add_argument("--enc-cache", action="store_true", help="encoder: cache the teacher's outputs for repeated epochs")
+    ap.add_argument("--only", choices=["all", "lm", "encoder"], default="all", help="run one part")
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per model")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5, help="speed rounds, teacher and student in turn; median reported")
@@ -154,8 +170,8 @@ def main() -> None:
     if args.speed_only:
         return speed_only(args)
     started = time.time()
-    lm = lm_part(args)
-    enc = encoder_part(args)
+    lm = lm_part(args) if args.only in ("all", "lm") else None
+    enc = encoder_part(args) if args.only in ("all", "encoder") else None
     table = render(lm, enc, args, environment(args.threads), time.time() - started)
     print(table)
     if args.json_out:
