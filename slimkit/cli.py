@@ -215,7 +215,8 @@ def optimize_cmd(
     target: Annotated[str, typer.Option(help="latency, throughput, memory or size")] = "latency",
     max_quality_drop: Annotated[str, typer.Option(help="quality budget, e.g. 1% (perplexity ratio, 1 - cosine)")] = "1%",
     preset: Annotated[str | None, typer.Option(help="latency, throughput, memory, size or edge (default: the target's)")] = None,
-    runtime: Annotated[str, typer.Option(help="runtime that will serve the model: torch, or onnxruntime (encoders, classifiers)")] = "torch",
+    runtime: Annotated[str, typer.Option(help="runtime that will serve the model: torch, onnxruntime (encoders, classifiers), "
+                                              "ort-genai (causal LMs) or tensorrt (encoders, classifiers; CUDA)")] = "torch",
     time_budget: Annotated[str, typer.Option(help="wall-clock budget for the whole run, e.g. 10m")] = "10m",
     out: Annotated[str, typer.Option(help="output directory: model/, report.html, report.md, results.json")] = "slimkit-out",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out")] = False,
@@ -228,12 +229,13 @@ def optimize_cmd(
     """Search for the fastest / smallest model within a quality budget, and report."""
     import time
 
-    from slimkit.optimize import OptimizeConfig, optimize, parse_duration, parse_fraction
+    from slimkit.optimize import OptimizeConfig, check_installed, optimize, parse_duration, parse_fraction
     from slimkit.progress import search_progress
 
     started = time.perf_counter()
     config = OptimizeConfig(target=target, max_quality_drop=parse_fraction(max_quality_drop), preset=preset, runtime=runtime,
                             time_budget_s=parse_duration(time_budget), threads=threads, seed=seed, compile=compiled)
+    check_installed(runtime)  # before the model loads: a missing runtime (or GPU) is known without it
     _guard("optimize", model, max_memory)
     with search_progress() as progress:  # the model is not kept here, so the search can drop it from memory
         results = optimize(_load(model, "auto", threads), config, out, overwrite=overwrite, on_progress=progress, started=started)

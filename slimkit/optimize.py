@@ -19,9 +19,21 @@
      torch.compile (`slimkit bench --compile`: a compiled decode step with a
      static KV cache for causal LMs, compiled forwards for encoders), since
      eager PyTorch on a CPU is bound by per-op overhead and hides what
-     quantized weights gain; with `--runtime onnxruntime` (encoders and
-     classifiers), as an ONNX Runtime export (`slimkit.export`). Each
-     candidate records the runtime that measured it and the compile time.
+     quantized weights gain. With another `--runtime`, each candidate is an
+     export (`slimkit.export`), its quality and speed measured through the
+     runtime that serves it:
+       onnxruntime  encoders and classifiers: ONNX Runtime graphs, fp32 with
+                    fusions, int8, int8-static, int4 (ORT_PRESETS)
+       ort-genai    causal LMs: onnxruntime-genai model directories (GENAI_PRESETS):
+                    slimkit's int4 with integer zero points, its codes carried
+                    exactly into MatMulNBits (a recipe step, then the export),
+                    the builder's own int4, and fp32
+       tensorrt     encoders and classifiers on a CUDA GPU with TensorRT: fp16 and
+                    int8 engines (TRT_PRESETS); refused before any work where
+                    `slimkit.export.tensorrt.check` says no engine can be built
+                    (without CUDA or TensorRT, and, in this version, everywhere:
+                    engine building is not implemented yet)
+     Each candidate records the runtime that measured it and the compile time.
 3. Rollback: a candidate whose proxy misses the budget by at most 2x, built
    by one method that `mixed` can apply per layer (ROLLBACK_HIGH), is tried
    again later as "<name> + rollback": `quantize.mixed.fallback` keeps its
@@ -50,7 +62,11 @@
 
 The winner is written to OUT/model (an artifact with its recipe, which the
 report also prints as YAML for `slimkit run`), the report to OUT/report.html
-and OUT/report.md, the measurements to OUT/results.json.
+and OUT/report.md, the measurements to OUT/results.json. An exported winner's
+export is no recipe step: the candidate records it apart (`export`, the
+ExportConfig's fields), its manifest lists it after the recipe's steps, and the
+report reproduces it as `slimkit run` on the recipe (where it has steps), then
+`slimkit export` with the same format and options.
 """
 
 from __future__ import annotations
@@ -98,7 +114,7 @@ def target_for(name: str, kind: str) -> Target:
 
 
 TARGETS = ("latency", "throughput", "memory", "size")
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "ort-genai", "tensorrt")
 
 # Each preset is an ordered list of candidate recipes (as step lists), either
 # for every kind or per model kind ("*": the others). Unregistered methods are
@@ -125,6 +141,24 @@ ORT_PRESETS: dict[str, list[str | None]] = {
     "memory": ["int4", "int8", None],
     "size": ["int4", "int8", None],
     "edge": ["int8", "int4"],
+}
+
+# --runtime ort-genai (causal LMs): (recipe steps applied first, then `slimkit export --format ort-genai
+# --quantize Q`). Measured on SmolLM2-135M (benchmarks/RESULTS-export.md): the builder's int4 and
+# slimkit's carried int4 decode at the same speed, slimkit's with lower perplexity (+19.5% vs +35.9%);
+# fp32 decodes 5.9x faster than eager PyTorch and loses nothing.
+_CARRIED_INT4 = [("int4", {"zero_point": "integer"})]  # integer zero points: MatMulNBits holds the codes exactly
+_GENAI = [(_CARRIED_INT4, None), ([], "int4"), ([], None)]
+GENAI_PRESETS: dict[str, list[tuple[list, str | None]]] = {
+    "latency": _GENAI, "throughput": _GENAI, "memory": _GENAI, "size": _GENAI, "edge": _GENAI[:2]}
+
+# --runtime tensorrt (encoders and classifiers, CUDA): `slimkit export --format tensorrt --quantize Q`.
+TRT_PRESETS: dict[str, list[str | None]] = {
+    "latency": ["fp16", "int8"],
+    "throughput": ["fp16", "int8"],
+    "memory": ["int8", "fp16"],
+    "size": ["int8", "fp16"],
+    "edge": ["int8", "fp16"],
 }
 
 # Methods whose near misses roll back, and to what. Each is cheap to rank per
@@ -163,9 +197,10 @@ class OptimizeConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise SlimkitError(f"unknown preset '{self.preset}': use one of {', '.join(PRESETS)}")
         if self.runtime not in RUNTIMES:
-            raise SlimkitError(f"runtime '{self.runtime}' is not available for optimize: use --runtime torch or onnxruntime (encoders)")
-        if self.runtime == "onnxruntime" and self.compile:
-            raise SlimkitError("--compile is for --runtime torch: an ONNX Runtime export is not compiled by torch")
+            raise SlimkitError(f"runtime '{self.runtime}' is not available for optimize: use --runtime torch, onnxruntime "
+                               "(encoders, classifiers), ort-genai (causal LMs) or tensorrt (encoders, classifiers; CUDA)")
+        if self.runtime != "torch" and self.compile:
+            raise SlimkitError(f"--compile is for --runtime torch: a {self.runtime} export is not compiled by torch")
         if self.time_budget_s <= 0:
             raise SlimkitError(f"time budget must be positive, got {self.time_budget_s:g} s")
         if self.proxy_tokens < 64:
@@ -210,16 +245,14 @@ class Plan:
 
     name: str
     recipe: Recipe
-    export: object | None = None  # an ExportConfig (--runtime onnxruntime)
+    export: object | None = None  # an ExportConfig (--runtime other than torch), applied after the recipe's steps
     rollback: dict | None = None  # {"of", "method", "options", "high", "budget"}: fallback() arguments
 
 
 def candidate_plans(kind: str, preset: str, runtime: str = "torch", seed: int = 0) -> list[Plan]:
     """The preset's candidates for this kind of model, in order."""
-    if runtime == "onnxruntime":
-        from slimkit.export import ExportConfig
-
-        return [Plan(f"onnxruntime {q or 'fp32'}", Recipe(seed=seed), ExportConfig("onnxruntime", q)) for q in ORT_PRESETS[preset]]
+    if runtime != "torch":
+        return export_plans(runtime, preset, seed)
     entries = PRESETS[preset]
     if isinstance(entries, dict):
         entries = entries.get(kind, entries.get("*", []))
@@ -232,16 +265,43 @@ def candidate_plans(kind: str, preset: str, runtime: str = "torch", seed: int = 
     return plans
 
 
+def export_plans(runtime: str, preset: str, seed: int = 0) -> list[Plan]:
+    """Exports to `runtime`: 'onnxruntime int8', or 'int4(zero_point=integer) -> ort-genai' where a recipe comes first."""
+    from slimkit.export import ExportConfig
+
+    if runtime == "ort-genai":
+        entries = GENAI_PRESETS[preset]
+    else:
+        entries = [([], q) for q in (ORT_PRESETS if runtime == "onnxruntime" else TRT_PRESETS)[preset]]
+    plans = []
+    for steps, quantize in entries:
+        recipe = Recipe.of(*steps, seed=seed)
+        name = f"{recipe.label} -> {runtime}" + (f" {quantize}" if quantize else "") if steps else f"{runtime} {quantize or 'fp32'}"
+        plans.append(Plan(name, recipe, ExportConfig(runtime, quantize)))
+    return plans
+
+
+def check_installed(runtime: str) -> None:
+    """Before any work: what `runtime` needs is here (for TensorRT, a CUDA GPU too); the error names the fix."""
+    if runtime == "tensorrt":
+        from slimkit.export.tensorrt import check
+
+        check("--runtime")
+    elif runtime in ("onnxruntime", "ort-genai"):
+        package = "onnxruntime" if runtime == "onnxruntime" else "onnxruntime_genai"
+        try:
+            __import__(package)
+        except ImportError:
+            raise SlimkitError(f"--runtime {runtime} needs {package.replace('_', '-')}: pip install 'slimkit[onnx]'") from None
+
+
 def check_runtime(kind: str, config: OptimizeConfig) -> None:
-    if config.runtime != "onnxruntime":
-        return
-    if kind == CAUSAL_LM:
-        raise SlimkitError("--runtime onnxruntime is for encoders and classifiers here: for a causal LM use --runtime torch, "
-                           "or `slimkit export --format ort-genai` and `slimkit bench` on the export")
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise SlimkitError("--runtime onnxruntime needs ONNX Runtime: pip install 'slimkit[onnx]'") from None
+    """`config.runtime` serves this kind of model (whether it is installed: `check_installed`)."""
+    if config.runtime == "ort-genai" and kind != CAUSAL_LM:
+        raise SlimkitError(f"--runtime ort-genai serves causal LMs, not {kind}s: use --runtime onnxruntime")
+    if config.runtime in ("onnxruntime", "tensorrt") and kind == CAUSAL_LM:
+        raise SlimkitError(f"--runtime {config.runtime} is for encoders and classifiers here: for a causal LM use "
+                           "--runtime ort-genai or torch")
 
 
 # --------------------------------------------------------------------------- measuring
@@ -333,6 +393,7 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
     started = time.perf_counter() if started is None else started
     deadline = started + config.time_budget_s
     out = check_destination(out, overwrite)
+    check_installed(config.runtime)
     original = load(model)
     check_runtime(original.kind, config)
     target = target_for(config.target, original.kind)
@@ -543,8 +604,11 @@ class _Search:
         """A plan to roll `plan`'s near miss back, or None (the reason goes into `cand`)."""
         from slimkit.quantize.sensitivity import Probe
 
+        if plan.export is not None:
+            cand["rollback"] = {"skipped": f"no rollback: a {plan.export.format} export is not rolled back per block"}
+            return None
         step = plan.recipe.steps[0] if len(plan.recipe.steps) == 1 else None
-        high = ROLLBACK_HIGH.get(step.method) if step is not None and plan.export is None and plan.rollback is None else None
+        high = ROLLBACK_HIGH.get(step.method) if step is not None and plan.rollback is None else None
         if high is None:
             cand["rollback"] = {"skipped": "no rollback: only a single method of " + ", ".join(ROLLBACK_HIGH) + " can be rolled back per block"}
             return None

@@ -151,6 +151,17 @@ def test_untied_int8_embedding_and_float_head(tiny, tmp_path):
     assert [n.op_type for n in _graph_nodes(out) if n.name.startswith("/lm_head/")] == ["MatMul"]
 
 
+def test_a_run_artifacts_recipe_then_the_export_in_the_manifest(tiny, tmp_path):
+    """`slimkit run` (and optimize) save a recipe as {"steps", "seed"}: an export of it lists those steps, then itself."""
+    from slimkit.export import write_manifest
+
+    lm = slimkit.load(tiny("llama"))
+    lm.manifest["recipe"] = {"steps": [{"method": "int4", "zero_point": "integer"}], "seed": 0}
+    write_manifest(tmp_path, lm, ExportConfig("ort-genai"), {"runtime": "ort-genai", "weights": []})
+    step, exported = json.loads((tmp_path / "slimkit.json").read_text())["recipe"]
+    assert step == {"method": "int4", "zero_point": "integer"} and exported["export"]["format"] == "ort-genai"
+
+
 def test_float_offsets_are_refused_in_one_line(tiny, tmp_path):
     q = slimkit.quantize(tiny("llama"), "int4")  # zero_point="float": offsets that are no whole number of steps
     with pytest.raises(SlimkitError, match=r"float offsets.*-o zero_point=integer.*--quantize int4") as err:

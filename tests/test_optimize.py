@@ -2,6 +2,7 @@
 
 import copy
 import json
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -81,7 +82,8 @@ def test_nothing_passes_returns_the_original(techniques, tiny, tmp_path, monkeyp
 @pytest.mark.parametrize(
     "kw,message",
     [({"target": "speed"}, "unknown target"), ({"max_quality_drop": 0}, "between 0 and 100%"),
-     ({"preset": "fast"}, "unknown preset"), ({"runtime": "tensorrt"}, "not available"), ({"time_budget_s": 0}, "positive")],
+     ({"preset": "fast"}, "unknown preset"), ({"runtime": "tvm"}, "not available"), ({"time_budget_s": 0}, "positive"),
+     ({"runtime": "ort-genai", "compile": True}, "--compile is for --runtime torch")],
 )
 def test_config_errors(kw, message):
     with pytest.raises(SlimkitError, match=message):
@@ -130,7 +132,7 @@ def fake_bench(monkeypatch):
         speed = 100 / size * (1 + noise.uniform(-state["jitter"], state["jitter"]))
         state["calls"].append(compile)
         return {"latency_ms_p50": 1000 / speed, "decode_tokens_per_s": speed, "prefill_tokens_per_s": speed, "throughput_tokens_per_s": speed,
-                "peak_memory_mb": 100.0, "size_on_disk_mb": size, "runtime": "torch.compile" if compile else "eager",
+                "peak_memory_mb": 100.0, "size_on_disk_mb": size, "runtime": O._exported_runtime(path) or ("torch.compile" if compile else "eager"),
                 "decode_runtime": "torch.compile" if compile else "eager", "compile_seconds": 1.0 if compile else None,
                 "bench_seconds": 0.01, "environment": {"cpu": "test"}}
 
@@ -226,6 +228,69 @@ def test_onnxruntime_candidates_for_an_encoder(tiny, tmp_path, monkeypatch, fake
     assert cand["export"]["quantize"] == "int8" and fake_bench["calls"] == [False, False]
     assert slimkit.load(str(tmp_path / "out" / "model")).manifest["runtime"] == "onnxruntime"
     assert "slimkit export MODEL --format onnxruntime --quantize int8" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_export_runtimes_candidates_in_order():
+    genai = O.candidate_plans("causal-lm", "latency", "ort-genai", seed=2)
+    assert [p.name for p in genai] == ["int4(zero_point=integer) -> ort-genai", "ort-genai int4", "ort-genai fp32"]
+    carried = genai[0]
+    assert carried.recipe.to_dict()["steps"][0]["zero_point"] == "integer" and carried.recipe.seed == 2
+    assert (carried.export.format, carried.export.quantize) == ("ort-genai", None)
+    assert [p.recipe.steps for p in genai[1:]] == [(), ()] and [p.export.quantize for p in genai[1:]] == ["int4", None]
+    trt = O.candidate_plans("encoder", "latency", "tensorrt")
+    assert [(p.name, p.export.format, p.export.quantize) for p in trt] == [("tensorrt fp16", "tensorrt", "fp16"),
+                                                                          ("tensorrt int8", "tensorrt", "int8")]
+    assert set(O.GENAI_PRESETS) == set(O.TRT_PRESETS) == set(O.ORT_PRESETS) == set(O.PRESETS)  # every preset, every runtime
+
+
+def test_ort_genai_candidates_for_a_causal_lm(techniques, tiny, tmp_path, monkeypatch, fake_bench, one_thread):
+    """A recipe step, then the genai export: a noisy model fails the gate, slimkit's int4 carried into genai wins."""
+    pytest.importorskip("onnxruntime_genai")
+    from conftest import invoke_cli
+
+    from slimkit.recipe import Recipe
+
+    monkeypatch.setitem(O.PRESETS, "test", [])
+    monkeypatch.setitem(O.GENAI_PRESETS, "test", [([("test-noise", {"scale": 3.0})], None), ([("int4", {"zero_point": "integer"})], None)])
+    cfg = O.OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", runtime="ort-genai", proxy_tokens=200, full_tokens=400)
+    results = O.optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
+    noisy, carried = results["candidates"]
+    assert noisy["name"] == "test-noise(scale=3.0) -> ort-genai" and not noisy["passed"] and "far over" in noisy["reason"]
+    assert results["winner"] == carried["name"] == "int4(zero_point=integer) -> ort-genai", carried["reason"]
+    assert carried["stage"] == "full" and carried["metrics"]["full_quality_drop"] <= 0.05  # the gate, on the full split
+    assert carried["metrics"]["runtime"] == "ort-genai" and fake_bench["calls"] == [False, False]
+    assert carried["export"]["format"] == "ort-genai"
+    out = tmp_path / "out"
+    served = slimkit.load(str(out / "model"))
+    assert served.manifest["runtime"] == "ort-genai" and served.manifest["export"]["carried"]["max_weight_diff"] == 0.0
+    quantized, exported = served.manifest["recipe"]  # what was done, in order: the int4 alias's method, then the export
+    assert (quantized["method"], quantized["zero_point"]) == ("int4-wo", "integer") and exported["export"]["format"] == "ort-genai"
+    md = (out / "report.md").read_text()
+    assert "`slimkit run` on the recipe below, then `slimkit export` of its output with `--format ort-genai`" in md
+    (tmp_path / "recipe.yaml").write_text(md.split("```yaml\n")[1].split("```")[0])  # the report's recipe, as a user would copy it
+    assert Recipe.load(tmp_path / "recipe.yaml").to_dict() == {**carried["recipe"], "model": results["model"]}
+    bench = invoke_cli("bench", str(out / "model"), "--json", "--seq-len", "16", "--batch-sizes", "1", "--new-tokens", "4")
+    assert bench.returncode == 0, bench.stderr
+    assert json.loads(bench.stdout)["decode_tokens_per_s"] > 0
+    quality = invoke_cli("eval", str(out / "model"), "-r", str(tiny("llama")), "--json", "--max-tokens", "128", "--window", "64", "--stride", "32")
+    assert quality.returncode == 0, quality.stderr
+    assert json.loads(quality.stdout)["top1_agreement"] > 0.8
+
+
+def test_runtime_errors_name_the_fix(tiny, tmp_path, monkeypatch):
+    """ort-genai serves causal LMs only; TensorRT without CUDA is refused before the model loads; a missing package names the extra."""
+    from conftest import assert_user_error, invoke_cli
+
+    pytest.importorskip("onnxruntime_genai")
+    proc = invoke_cli("optimize", str(tiny("bert")), "--runtime", "ort-genai", "--out", str(tmp_path / "o"))
+    assert_user_error(proc, "--runtime ort-genai serves causal LMs, not encoders", "use --runtime onnxruntime")
+    if not torch.cuda.is_available():
+        proc = invoke_cli("optimize", str(tmp_path / "no-such-model"), "--runtime", "tensorrt", "--out", str(tmp_path / "o"))
+        assert_user_error(proc, "--runtime tensorrt: TensorRT needs an NVIDIA GPU with CUDA", "use --runtime onnxruntime")
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # as if not installed
+    with pytest.raises(SlimkitError, match=r"--runtime ort-genai needs onnxruntime-genai: pip install 'slimkit\[onnx\]'"):
+        O.check_installed("ort-genai")
 
 
 @pytest.mark.parametrize(

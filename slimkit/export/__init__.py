@@ -120,6 +120,9 @@ def write_manifest(tmp: Path, lm: LoadedModel, config: ExportConfig, info: dict)
     from slimkit.artifacts import FORMAT, FORMAT_VERSION
 
     step = {"export": {k: v for k, v in asdict(config).items() if v is not None}}
+    prior = lm.manifest.get("recipe", [])
+    if isinstance(prior, dict):  # a recipe as `slimkit run` and `slimkit optimize` save it: {"steps": [...], "seed": ...}
+        prior = prior.get("steps", [])
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -129,7 +132,7 @@ def write_manifest(tmp: Path, lm: LoadedModel, config: ExportConfig, info: dict)
         "source": lm.source,
         "dtypes": [info.get("precision", "float32")],
         "parameters": lm.num_parameters(),
-        "recipe": list(lm.manifest.get("recipe", [])) + [step],
+        "recipe": list(prior) + [step],
         "metrics": {},
         "export": info.get("export", {}),
         "weights": info["weights"],

@@ -7,9 +7,10 @@ An engine is tied to the GPU model and TensorRT version that built it, so it
 is rebuilt rather than shipped across machines.
 
 This module needs CUDA and the `tensorrt` package. Where either is missing
-(a CPU-only machine) it raises a SlimkitError that says so before doing any
-work; engine building and its parity check are not implemented in this
-version, and say that too rather than pretending.
+(a CPU-only machine) `check` raises a SlimkitError that says so before doing
+any work (`slimkit export --format tensorrt` and `slimkit optimize --runtime
+tensorrt` both call it first); engine building and its parity check are not
+implemented in this version, and `check` says that too rather than pretending.
 """
 
 from __future__ import annotations
@@ -33,9 +34,17 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-def build(lm: LoadedModel, out: Path, config) -> dict:
+def check(option: str = "--format") -> None:
+    """Raise, before any work, why no engine can be built here: one line naming the fix.
+
+    `option` is the flag that asked for TensorRT (`--format` of export, `--runtime` of optimize).
+    """
     ok, why = available()
     if not ok:
-        raise SlimkitError(f"--format tensorrt: {why}; on CPU use --format onnxruntime")
-    raise SlimkitError("--format tensorrt: engine building is not implemented in this slimkit version; "
-                       "use --format onnxruntime, or build an engine from the exported model.onnx with trtexec")
+        raise SlimkitError(f"{option} tensorrt: {why}; on CPU use {option} onnxruntime")
+    raise SlimkitError(f"{option} tensorrt: engine building is not implemented in this slimkit version; "
+                       f"use {option} onnxruntime, or build an engine from the exported model.onnx with trtexec")
+
+
+def build(lm: LoadedModel, out: Path, config) -> dict:
+    check("--format")

@@ -9,7 +9,7 @@
     candidates: [{name, recipe, metrics, passed, reason}]
                 metrics hold the target metric, quality_drop (a fraction),
                 latency_ms_p50, size_on_disk_mb, peak_memory_mb, runtime
-                (eager, torch.compile, onnxruntime), compile_seconds,
+                (eager, torch.compile, onnxruntime, ort-genai), compile_seconds,
                 proxy_quality_drop and full_quality_drop, ...
     winner:     a candidate name, or None (the original is kept)
     sensitivity (optional): [{layer, delta}]         per-layer quality change
@@ -86,7 +86,10 @@ def recommendation(results: dict) -> str:
     how = "`slimkit run` on the recipe below (also in the model's manifest)"
     if winner.get("export"):
         e = winner["export"]
-        how = f"`slimkit export MODEL --format {e['format']}" + (f" --quantize {e['quantize']}`" if e.get("quantize") else "`")
+        flags = f"--format {e['format']}" + (f" --quantize {e['quantize']}" if e.get("quantize") else "")
+        how = f"`slimkit export MODEL {flags}`"
+        if winner.get("recipe", {}).get("steps"):  # a recipe, then its export
+            how = f"`slimkit run` on the recipe below, then `slimkit export` of its output with `{flags}`"
     return (
         f"Use {winner['name']}: {label} {_num(m[target])}{measured} against {_num(base[target])}{base_runtime} for the original "
         f"({ratio:.2f}x better{alone}), with {results['quality_label']} {100 * m['quality_drop']:+.2f}%{checks} "
@@ -194,11 +197,14 @@ def render_markdown(results: dict) -> str:
 
 
 def winner_recipe(results: dict) -> str:
-    """The winner's recipe as YAML for `slimkit run` (empty without a winner, or for an export)."""
+    """The winner's recipe as YAML for `slimkit run` (empty without a winner, or without steps: a plain export).
+
+    An exported winner's export is not in it: the recommendation names the `slimkit export` that follows.
+    """
     import yaml
 
     winner = next((c for c in results["candidates"] if c["name"] == results.get("winner")), None)
-    if winner is None or not winner.get("recipe", {}).get("steps") or winner.get("export"):
+    if winner is None or not winner.get("recipe", {}).get("steps"):
         return ""
     return yaml.safe_dump({"model": results["model"], **winner["recipe"]}, sort_keys=False)
 
