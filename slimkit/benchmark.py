@@ -113,7 +113,7 @@ def benchmark(model: LoadedModel | str, config: BenchConfig = BenchConfig()) -> 
     lm = load(model)
     threads = config.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    device = next((p.device for p in lm.model.parameters()), torch.device("cpu"))
+    device = getattr(lm.model, "slimkit_device", None) or next((p.device for p in lm.model.parameters()), torch.device("cpu"))
     result = BenchResult(
         model=lm.name,
         kind=lm.kind,

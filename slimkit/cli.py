@@ -318,7 +318,7 @@ def export_cmd(
     model: ModelArg,
     out_dir: Annotated[str, typer.Option("--out", "-o", help="directory to write (new or empty)")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="onnx, onnxruntime, ort-genai or tensorrt")] = "onnx",
-    quantize: Annotated[str | None, typer.Option(help="onnxruntime: int8, int8-static, int4; ort-genai: int4")] = None,
+    quantize: Annotated[str | None, typer.Option(help="onnxruntime: int8, int8-static, int4; ort-genai: int4; tensorrt: fp16, int8")] = None,
     block_size: Annotated[int, typer.Option(help="int4: weights per quantization block")] = 32,
     accuracy_level: Annotated[int, typer.Option(help="ort-genai int4/int8: 4 = int8 activations (fast), 0 = fp32 (exact)")] = 4,
     optimize: Annotated[bool, typer.Option(help="onnxruntime: apply transformer fusions")] = True,

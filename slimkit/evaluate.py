@@ -267,6 +267,8 @@ def _label_id(lm, record, source) -> int:
 
 
 def _device(module: torch.nn.Module) -> torch.device:
+    if getattr(module, "slimkit_device", None) is not None:  # an exported model whose runtime takes inputs there
+        return module.slimkit_device
     for p in module.parameters():
         return p.device
     return torch.device("cpu")

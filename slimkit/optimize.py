@@ -31,8 +31,8 @@
        tensorrt     encoders and classifiers on a CUDA GPU with TensorRT: fp16 and
                     int8 engines (TRT_PRESETS); refused before any work where
                     `slimkit.export.tensorrt.check` says no engine can be built
-                    (without CUDA or TensorRT, and, in this version, everywhere:
-                    engine building is not implemented yet)
+                    (without CUDA or TensorRT 10; the engine path is untested
+                    on a GPU in this version)
      Each candidate records the runtime that measured it and the compile time.
 3. Rollback: a candidate whose proxy misses the budget by at most 2x, built
    by one method that `mixed` can apply per layer (ROLLBACK_HIGH), is tried

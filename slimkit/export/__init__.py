@@ -11,7 +11,9 @@ Formats
   ort-genai    a decoder LLM as an onnxruntime-genai model directory: fp32, the
                builder's int4, or a slimkit-quantized model's own codes carried
                exactly into MatMulNBits (see `genai_weights.py`)
-  tensorrt     a TensorRT engine (needs CUDA and TensorRT)
+  tensorrt     a TensorRT engine for encoders and classifiers: fp32, fp16, or
+               int8 from a calibrated Q/DQ graph; needs CUDA and TensorRT 10
+               (see `tensorrt.py`; untested on a GPU in this version)
 
 An exported directory is a slimkit artifact whose manifest (`slimkit.json`,
 same conventions as `slimkit.artifacts`: written last, SHA-256 of every file,

@@ -301,9 +301,13 @@ def parity_cases(spec: GraphSpec, vocab: int) -> list[dict]:
 
 
 def check_parity(lm: LoadedModel, path: Path, spec: GraphSpec, tolerance: float, metric: str = "max_abs",
-                 what: str = "ONNX") -> Parity:
-    """Compare the graph at `path` with `lm` on padded batches (and a decode step); raise beyond tolerance."""
-    sess = session(path, kind=spec.kind)
+                 what: str = "ONNX", sess=None) -> Parity:
+    """Compare the graph at `path` with `lm` on padded batches (and a decode step); raise beyond tolerance.
+
+    `sess`: what runs the graph instead of an ONNX Runtime session on `path`, with
+    the same `get_inputs()` and `run(None, feeds)` (a TensorRT engine's `EngineSession`).
+    """
+    sess = sess or session(path, kind=spec.kind)
     vocab = int(getattr(lm.model.config, "vocab_size", 100) or 100)
     worst, scale, cases, err2, ref2 = 0.0, 0.0, 0, 0.0, 0.0
     for feeds in parity_cases(spec, vocab):

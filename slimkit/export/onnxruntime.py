@@ -220,10 +220,17 @@ def lm_head_nodes(path: Path, spec: GraphSpec) -> list[str]:
     return []
 
 
-def quantize(lm: LoadedModel, spec: GraphSpec, src: Path, dst: Path, config) -> Path:
+def quantize(lm: LoadedModel, spec: GraphSpec, src: Path, dst: Path, config, *, method: str | None = None,
+             symmetric: bool = False) -> Path:
+    """Quantize the graph at `src` by `method` (default: `config.quantize`) into `dst`.
+
+    `symmetric` (int8-static): signed int8 activations with zero point 0, the
+    only Q/DQ form TensorRT reads; ONNX Runtime's default is uint8 with a zero point.
+    """
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    method = method or config.quantize
     keep_fp = lm_head_nodes(src, spec)
     # the quantizers log every node at INFO and warn about every untyped tensor
     loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
@@ -233,21 +240,22 @@ def quantize(lm: LoadedModel, spec: GraphSpec, src: Path, dst: Path, config) -> 
     # fused contrib ops defeat ONNX shape inference; their outputs are fp32 here
     extra = {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
     try:
-        if config.quantize == "int8":
+        if method == "int8":
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=keep_fp,
                              extra_options=extra)
-        elif config.quantize == "int8-static":
+        elif method == "int8-static":
             reader = CalibrationReader(lm, spec, config.calibration_samples, config.calibration_seq_len)
             quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_fp, extra_options=extra)
+                            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_fp,
+                            extra_options=extra | ({"ActivationSymmetric": True, "WeightSymmetric": True} if symmetric else {}))
         else:
             int4(src, dst, config.block_size, [])  # lm_head too: at fp32 it would outweigh the rest
     except SlimkitError:
         raise
     except Exception as exc:  # the quantizers raise many types
-        raise SlimkitError(f"ONNX Runtime could not quantize {lm.name} to {config.quantize} ({short_reason(exc)}): "
+        raise SlimkitError(f"ONNX Runtime could not quantize {lm.name} to {method} ({short_reason(exc)}): "
                            "try another --quantize method") from exc
     finally:
         for lg, level in zip(loggers, levels):

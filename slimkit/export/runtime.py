@@ -9,9 +9,10 @@ subset of a Hugging Face model's that `slimkit.evaluate` and
     model(**tokenizer_output).last_hidden_state
 
 so an exported model is measured by exactly the harness that measures the
-original. Tensors cross the boundary as torch tensors (zero-copy views of
-NumPy arrays). The KV cache is an `OrtCache`: the graph's present tensors and
-the attention mask they were computed under; the graph appends to it.
+original (`tensorrt.TrtModel` does the same for a TensorRT engine on a GPU).
+Tensors cross the boundary as torch tensors (zero-copy views of NumPy arrays).
+The KV cache is an `OrtCache`: the graph's present tensors and the attention
+mask they were computed under; the graph appends to it.
 
 The ONNX Runtime session is created on first use with `torch.get_num_threads()`
 intra-op threads (and again if that number changes), so `--threads` and
@@ -111,6 +112,10 @@ def load_exported(path: Path, manifest: dict, *, source: str | None = None, dtyp
         from slimkit.export.ort_genai import load_genai
 
         model = load_genai(path, manifest)
+    elif runtime == "tensorrt":
+        from slimkit.export.tensorrt import load_engine
+
+        model = load_engine(path, manifest)
     elif runtime == "onnxruntime":
         export = manifest.get("export") or {}
         try:
