@@ -42,8 +42,17 @@ def test_alpha_zero_is_round_to_nearest():
     s = awq_scales(x.abs().mean(0), 0.0)
     assert torch.equal(s, torch.ones(128))
     rtn = float((x @ w.T - x @ fake_quantize(w, 4, 64, False).T).pow(2).mean())
-    assert scaled_error(w, x, s, 4, 64, False) == rtn
-    assert search_scale(w, x, 4, 64, False, grid=5).rtn_error == rtn
+    assert scaled_error(w, x, s, 4, 64, False) == pytest.approx(rtn, rel=1e-5)
+    assert search_scale(w, x, 4, 64, False, grid=5).rtn_error == pytest.approx(rtn, rel=1e-5)
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (8, None, True)])
+def test_error_taken_in_row_chunks_equals_the_whole(bits, group, sym):
+    w, x = _layer()  # (N, K) with N not a multiple of the chunk below
+    s = awq_scales(x.abs().mean(0), 0.5)
+    whole = float((x @ w.T - (x / s) @ fake_quantize(w * s, bits, group, sym).T).pow(2).mean())
+    assert scaled_error(w, x, s, bits, group, sym, rows=7) == pytest.approx(whole, rel=1e-5)
+    assert scaled_error(w, x, s, bits, group, sym, rows=w.shape[0]) == pytest.approx(whole, rel=1e-5)
 
 
 def test_scales_are_normalised_and_follow_activations():

@@ -157,3 +157,14 @@ def test_integer_zero_point_options_name_the_fix():
         F.quantize_int(_w(), 4, 32, False, "int")
     with pytest.raises(SlimkitError, match="set symmetric=false"):
         F.quantize_int(_w(), 4, 32, True, "integer")
+
+
+@pytest.mark.parametrize("sym,zp,group", [(True, "float", None), (False, "float", 32), (False, "integer", 32), (True, "float", 64)])
+def test_row_chunks_quantize_exactly_as_the_whole(monkeypatch, sym, zp, group):
+    w = torch.randn(37, 128, generator=torch.Generator().manual_seed(3))
+    whole = F.quantize_int(w, 8 if group is None else 4, group, sym, zp)
+    monkeypatch.setattr(F, "ROWS_PER_CHUNK", 5)  # 37 rows: 7 full chunks and a short one
+    chunked = F.quantize_int(w, 8 if group is None else 4, group, sym, zp)
+    for field in ("q", "scale", "offset", "zero_point"):
+        a, b = getattr(whole, field), getattr(chunked, field)
+        assert (a is None and b is None) or torch.equal(a, b), field

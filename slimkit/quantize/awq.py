@@ -32,6 +32,7 @@ magnitudes use all tokens). Cost: `grid` quantizations of each group.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ from slimkit.quantize.formats import check_group, check_zero_point, sqnr_db
 from slimkit.quantize.modules import WeightOnlyLinear, linear_weight
 from slimkit.quantize.smoothing import require_batches
 from slimkit.registry import register
+from slimkit.resources import release_memory
 
 SEARCH_TOKENS = 512  # cached input rows per group for the search
 PROBE_TOKENS = 32  # tokens of the batch that checks each fold
@@ -118,15 +120,20 @@ def _forward(model, ids, causal: bool):
 def calibrate(model: nn.Module, names: list[str], head: str | None, batches: list, causal: bool) -> dict[str, Group]:
     """owner layer -> Group: who reads the input, its statistics, its producing norm."""
     groups: dict[str, Group] = {}
-    seen: dict[int, tuple] = {}  # id(input) -> (tensor, owner), this batch
-    produced: dict[tuple, tuple] = {}  # where a norm output lies -> (tensor, norm name), this batch
+    # A weak reference: holding every layer's input for the whole batch would cost hundreds of MB;
+    # an entry whose tensor has died does not match a new tensor that reuses its id.
+    seen: dict[int, tuple] = {}  # id(input) -> (weakref to it, owner), this batch
+    produced: dict[tuple, tuple] = {}  # where a norm output lies -> (tensor, norm name), this batch (held: a view may outlive it)
     per_batch = math.ceil(SEARCH_TOKENS / len(batches))
     gen = torch.Generator().manual_seed(0)
 
     def pre_hook(name):
         def fn(module, args):
             x = args[0]
-            owner = seen.setdefault(id(x), (x, name))[1]
+            entry = seen.get(id(x))
+            if entry is None or entry[0]() is not x:
+                entry = seen[id(x)] = (weakref.ref(x), name)
+            owner = entry[1]
             if owner != name:
                 if name not in groups[owner].members:
                     groups[owner].members.append(name)
@@ -159,6 +166,9 @@ def calibrate(model: nn.Module, names: list[str], head: str | None, batches: lis
                 seen.clear()
                 produced.clear()
                 _forward(model, ids, causal)
+                seen.clear()  # every layer's input was held for the batch: hand those pages back
+                produced.clear()
+                release_memory()
     finally:
         for h in handles:
             h.remove()
@@ -259,7 +269,8 @@ def scale_model_(lm, config: AWQConfig, data: D.TextSource | None = None) -> tup
                 producer = rp if rows is not None else None
                 if rows is not None:
                     stat = _tie(stat, rows, model.get_submodule(rp).weight.shape[0])
-            w = torch.cat([linear_weight(model.get_submodule(m)).float() for m in members])  # (sum N, K)
+            ws = [linear_weight(model.get_submodule(m)).float() for m in members]
+            w = ws[0] if len(ws) == 1 else torch.cat(ws)  # (sum N, K); a lone layer (the 49k-row head) is not copied
             bits, group, sym, zp = (8, None, True, "float") if is_head else (config.bits, config.group_size, config.symmetric, config.zero_point)
             s = search_scale(w, g.inputs(), bits, group, sym, config.grid, stat, zp).scale
             if is_head:

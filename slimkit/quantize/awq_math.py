@@ -32,6 +32,7 @@ import torch
 from slimkit.quantize import formats as Q
 
 MIN_MAGNITUDE = 1e-4  # floor of m_j: channels that never fire keep a finite scale
+ROWS_PER_CHUNK = 4096  # output rows quantized and compared at a time
 
 
 def awq_scales(x_mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -46,13 +47,21 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None, symmetric:
 
 
 def scaled_error(w: torch.Tensor, x: torch.Tensor, s: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                 zero_point: str = "float") -> float:
+                 zero_point: str = "float", rows: int = ROWS_PER_CHUNK) -> float:
     """Mean squared output error of quantizing W diag(s) and feeding x / s.
 
-    w (N, K), x (T, K), s (K,)."""
-    ref = x @ w.T  # (T, N)
-    approx = (x / s) @ fake_quantize(w * s, bits, group_size, symmetric, zero_point).T  # (T, N)
-    return float((ref - approx).pow(2).mean())
+    w (N, K), x (T, K), s (K,). Output rows are taken `rows` at a time: a
+    quantization group never spans two rows, so the chunks quantize exactly
+    as the whole would, and a wide layer (a 49k-row LM head) costs a few MB of
+    temporaries instead of several copies of itself."""
+    xs = x / s  # (T, K)
+    total = 0.0
+    for lo in range(0, w.shape[0], rows):
+        wc = w[lo : lo + rows]  # (n, K)
+        ref = x @ wc.T  # (T, n)
+        approx = xs @ fake_quantize(wc * s, bits, group_size, symmetric, zero_point).T  # (T, n)
+        total += float((ref - approx).pow(2).sum())
+    return total / (x.shape[0] * w.shape[0])
 
 
 @dataclass(frozen=True)

@@ -127,16 +127,30 @@ def check_zero_point(zero_point: str, symmetric: bool) -> None:
                            "(a symmetric grid needs no zero point)")
 
 
+ROWS_PER_CHUNK = 4096  # rows quantized at a time: a 49k-row embedding costs a few MB of temporaries, not 4 copies
+
+
 def quantize_int(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
                  zero_point: str = "float") -> QuantizedInt:
     """Round-to-nearest integer quantization of `w` (N, K) with per-group scales.
 
-    zero_point: 'float' or 'integer', the asymmetric grid's offset (see the module docstring)."""
+    zero_point: 'float' or 'integer', the asymmetric grid's offset (see the module docstring).
+    Every group lies within one row, so rows are quantized `ROWS_PER_CHUNK` at a time and
+    joined: the same result as all at once, without full-size float temporaries."""
     check_zero_point(zero_point, symmetric)
     if w.dim() != 2:
         raise SlimkitError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     n, k = w.shape
     g = check_group(k, group_size)
+    if n <= ROWS_PER_CHUNK:
+        return _quantize_rows(w, bits, g, symmetric, zero_point)
+    parts = [_quantize_rows(w[i : i + ROWS_PER_CHUNK], bits, g, symmetric, zero_point) for i in range(0, n, ROWS_PER_CHUNK)]
+    join = lambda field: None if getattr(parts[0], field) is None else torch.cat([getattr(p, field) for p in parts])  # noqa: E731
+    return QuantizedInt(join("q"), join("scale"), join("offset"), bits, g, join("zero_point"))
+
+
+def _quantize_rows(w: torch.Tensor, bits: int, g: int, symmetric: bool, zero_point: str) -> QuantizedInt:
+    n, k = w.shape
     lo, hi = qrange(bits)
     wg = w.detach().float().reshape(n, k // g, g)  # (N, G, g)
     tiny = torch.finfo(torch.float32).tiny
