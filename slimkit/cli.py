@@ -215,8 +215,9 @@ def optimize_cmd(
     target: Annotated[str, typer.Option(help="latency, throughput, memory or size")] = "latency",
     max_quality_drop: Annotated[str, typer.Option(help="quality budget, e.g. 1% (perplexity ratio, 1 - cosine)")] = "1%",
     preset: Annotated[str | None, typer.Option(help="latency, throughput, memory, size or edge (default: the target's)")] = None,
-    runtime: Annotated[str, typer.Option(help="runtime that will serve the model: torch, onnxruntime (encoders, classifiers), "
-                                              "ort-genai (causal LMs) or tensorrt (encoders, classifiers; CUDA)")] = "torch",
+    runtime: Annotated[str, typer.Option(help="runtime that will serve the model: auto (torch, and onnxruntime for encoders and "
+                                              "classifiers), torch, onnxruntime (encoders, classifiers), ort-genai (causal LMs) "
+                                              "or tensorrt (encoders, classifiers; CUDA)")] = "auto",
     time_budget: Annotated[str, typer.Option(help="wall-clock budget for the whole run, e.g. 10m")] = "10m",
     out: Annotated[str, typer.Option(help="output directory: model/, report.html, report.md, results.json")] = "slimkit-out",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out")] = False,

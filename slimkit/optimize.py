@@ -21,7 +21,9 @@
      eager PyTorch on a CPU is bound by per-op overhead and hides what
      quantized weights gain. With another `--runtime`, each candidate is an
      export (`slimkit.export`), its quality and speed measured through the
-     runtime that serves it:
+     runtime that serves it; `auto` (the default) searches PyTorch's
+     candidates and then, for encoders and classifiers, ONNX Runtime's
+     (`auto_runtimes`), so the fastest runtime present wins:
        onnxruntime  encoders and classifiers: ONNX Runtime graphs, fp32 with
                     fusions, int8, int8-static, int4 (ORT_PRESETS)
        ort-genai    causal LMs: onnxruntime-genai model directories (GENAI_PRESETS):
@@ -87,7 +89,7 @@ from slimkit import registry
 from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM, ENCODER, LoadedModel, load
 from slimkit.recipe import Recipe
-from slimkit.resources import peak_memory, release_memory
+from slimkit.resources import detach_from_files, peak_memory, release_memory
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def target_for(name: str, kind: str) -> Target:
 
 
 TARGETS = ("latency", "throughput", "memory", "size")
-RUNTIMES = ("torch", "onnxruntime", "ort-genai", "tensorrt")
+RUNTIMES = ("auto", "torch", "onnxruntime", "ort-genai", "tensorrt")
 
 # Each preset is an ordered list of candidate recipes (as step lists), either
 # for every kind or per model kind ("*": the others). Unregistered methods are
@@ -123,12 +125,19 @@ RUNTIMES = ("torch", "onnxruntime", "ort-genai", "tensorrt")
 #   SmolLM2 decode, compiled: int4 4.91x (+0.37% ppl), int8 3.86x (+0.24%), bf16 1.92x
 #   MiniLM p50, compiled:     int8-dynamic 2.58x (cosine 0.9979), bf16 1.88x, int8-static 2.79x (0.9835)
 _INT8_DYNAMIC = [("int8-dynamic", {"smooth_alpha": 0.5})]
+# A combination: 9% of the parameters out as whole MLP channels (OBS choice, least-squares refit; about
+# 30% of MiniLM's channels: 1.21x faster, cosine 0.981 one-shot, benchmarks/RESULTS-prune.md), then int8.
+# An entry (steps, min_budget) is tried only when --max-quality-drop is at least min_budget.
+_PRUNED_INT8 = ([("structured", {"units": ["mlp"], "sparsity": 0.09}), *_INT8_DYNAMIC], 0.02)
 PRESETS: dict[str, list | dict[str, list]] = {
     "latency": {
         CAUSAL_LM: [[("int4", {})], [("int8", {})], [("bf16", {})]],
-        "*": [_INT8_DYNAMIC, [("bf16", {})], [("int8-static", {})]],
+        "*": [_INT8_DYNAMIC, [("bf16", {})], [("int8-static", {})], _PRUNED_INT8],
     },
-    "throughput": [[("bf16", {})], _INT8_DYNAMIC, [("int8-wo", {})]],
+    "throughput": {
+        CAUSAL_LM: [[("bf16", {})], _INT8_DYNAMIC, [("int8-wo", {})]],
+        "*": [[("bf16", {})], _INT8_DYNAMIC, [("int8-wo", {})], _PRUNED_INT8],
+    },
     "memory": [[("int4", {})], [("int8-wo", {})], [("nf4", {"double_quant": True})], [("bf16", {})]],
     "size": [[("int4", {})], [("nf4", {"double_quant": True})], [("int8-wo", {})], [("bf16", {})]],
     "edge": [[("int4", {})], [("int8-wo", {})], _INT8_DYNAMIC],
@@ -178,7 +187,7 @@ class OptimizeConfig:
     target: str = "latency"
     max_quality_drop: float = 0.01
     preset: str | None = None  # default: the target's preset
-    runtime: str = "torch"
+    runtime: str = "auto"  # auto: torch, and ONNX Runtime for encoders and classifiers where it is installed (auto_runtimes)
     time_budget_s: float = 600.0
     proxy_tokens: int = 4096
     proxy_passages: int = 64
@@ -197,9 +206,9 @@ class OptimizeConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise SlimkitError(f"unknown preset '{self.preset}': use one of {', '.join(PRESETS)}")
         if self.runtime not in RUNTIMES:
-            raise SlimkitError(f"runtime '{self.runtime}' is not available for optimize: use --runtime torch, onnxruntime "
+            raise SlimkitError(f"runtime '{self.runtime}' is not available for optimize: use --runtime auto, torch, onnxruntime "
                                "(encoders, classifiers), ort-genai (causal LMs) or tensorrt (encoders, classifiers; CUDA)")
-        if self.runtime != "torch" and self.compile:
+        if self.runtime not in ("torch", "auto") and self.compile:
             raise SlimkitError(f"--compile is for --runtime torch: a {self.runtime} export is not compiled by torch")
         if self.time_budget_s <= 0:
             raise SlimkitError(f"time budget must be positive, got {self.time_budget_s:g} s")
@@ -209,8 +218,8 @@ class OptimizeConfig:
             raise SlimkitError(f"tie tolerance must be a fraction in [0, 0.5), got {self.tie_tolerance:g}: e.g. 0.03 for 3%")
 
     def compiles(self, kind: str) -> bool:
-        """Whether candidates are benchmarked through torch.compile."""
-        if self.runtime != "torch":
+        """Whether the PyTorch candidates are benchmarked through torch.compile."""
+        if self.runtime not in ("torch", "auto"):
             return False
         if self.compile is not None:
             return self.compile
@@ -247,10 +256,33 @@ class Plan:
     recipe: Recipe
     export: object | None = None  # an ExportConfig (--runtime other than torch), applied after the recipe's steps
     rollback: dict | None = None  # {"of", "method", "options", "high", "budget"}: fallback() arguments
+    min_budget: float = 0.0  # tried only under a quality budget at least this wide
+
+
+def auto_runtimes(kind: str) -> list[str]:
+    """What `--runtime auto` searches: PyTorch, and for encoders and classifiers ONNX Runtime too
+    where it is installed (its int8 MiniLM is 3.3x fp32 eager against 2.5x for torch.compile int8).
+    Causal LMs stay on PyTorch: an onnxruntime-genai candidate is a model-builder export plus an
+    evaluation through that runtime, minutes each on 2 cores, which the default 10-minute budget
+    does not cover; ask for it with --runtime ort-genai."""
+    runtimes = ["torch"]
+    if kind != CAUSAL_LM:
+        try:
+            import onnxruntime  # noqa: F401
+
+            runtimes.append("onnxruntime")
+        except ImportError:
+            pass
+    return runtimes
 
 
 def candidate_plans(kind: str, preset: str, runtime: str = "torch", seed: int = 0) -> list[Plan]:
-    """The preset's candidates for this kind of model, in order."""
+    """The preset's candidates for this kind of model, in order (with `auto`: PyTorch's, then the exports')."""
+    if runtime == "auto":
+        plans = candidate_plans(kind, preset, "torch", seed)
+        for other in auto_runtimes(kind)[1:]:
+            plans += export_plans(other, preset, seed)
+        return plans
     if runtime != "torch":
         return export_plans(runtime, preset, seed)
     entries = PRESETS[preset]
@@ -258,10 +290,11 @@ def candidate_plans(kind: str, preset: str, runtime: str = "torch", seed: int = 
         entries = entries.get(kind, entries.get("*", []))
     available = {t.name for t in registry.techniques()}
     plans = []
-    for steps in entries:
+    for entry in entries:
+        steps, min_budget = entry if isinstance(entry, tuple) else (entry, 0.0)
         if all(m in available for m, _ in steps):
             recipe = Recipe.of(*steps, seed=seed)
-            plans.append(Plan(recipe.label, recipe))
+            plans.append(Plan(recipe.label, recipe, min_budget=min_budget))
     return plans
 
 
@@ -272,7 +305,7 @@ def export_plans(runtime: str, preset: str, seed: int = 0) -> list[Plan]:
     if runtime == "ort-genai":
         entries = GENAI_PRESETS[preset]
     else:
-        entries = [([], q) for q in (ORT_PRESETS if runtime == "onnxruntime" else TRT_PRESETS)[preset]]
+        entries = [([], q) for q in (ORT_PRESETS if runtime == "onnxruntime" else TRT_PRESETS).get(preset, [])]
     plans = []
     for steps, quantize in entries:
         recipe = Recipe.of(*steps, seed=seed)
@@ -407,18 +440,20 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         base_artifact = save(original, work / "original")
-        baseline = bench_in_subprocess(base_artifact, config.threads)
         t1 = time.perf_counter()
         proxy_base = _proxy_baseline(original, config)
-        timings["baseline_s"], timings["proxy_s"] = t1 - t0, time.perf_counter() - t1
+        timings["proxy_s"] = time.perf_counter() - t1
         reserve = timings["reserve_s"] = confirmation_seconds(original, timings["proxy_s"], config)
-        baseline.update(quality_value=proxy_base["quality_value"], quality_on="proxy")
         search = _Search(original, config, target, work, proxy_base, compiled, base_artifact)
         name, kind = original.name, original.kind
         if kind == CAUSAL_LM:  # its proxy needs only the original's perplexity: hold one fp32 model at a time
             search.release()
         model = original = None  # a causal LM's search holds the original only when it needs it (the caller may still hold it)
-        release_memory()
+        release_memory()  # before the benchmark process loads its own copy
+        t2 = time.perf_counter()
+        baseline = bench_in_subprocess(base_artifact, config.threads)
+        timings["baseline_s"] = (t1 - t0) + (time.perf_counter() - t2)
+        baseline.update(quality_value=proxy_base["quality_value"], quality_on="proxy")
         spent: list[float] = []  # seconds per tried candidate
         index = 0
         while queue:
@@ -426,6 +461,9 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
             # as long as the slowest so far (at first: what measuring the original took), twice that for a rollback
             expected = (2 if plan.rollback else 1) * (max(spent) if spent else timings["baseline_s"] + timings["proxy_s"])
             skip = search.beaten(plan)
+            if skip is None and config.max_quality_drop < plan.min_budget:
+                skip = (f"not tried: a combination for quality budgets of {100 * plan.min_budget:g}% or more, about what its "
+                        f"one-shot pruning costs; raise --max-quality-drop to try it")
             left = deadline - time.perf_counter()
             if skip is None and expected + reserve > left:
                 skip = (f"not tried: the time budget left ({max(0.0, left):.0f} s) would not cover it (about {expected:.0f} s) "
@@ -453,16 +491,22 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
             reference = _compiled_reference(search.candidates, base_artifact, config, deadline - reserve, notify)
             timings["reference_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        winner = _confirm(ranked(search.candidates, target, config.tie_tolerance), search.original, config, notify)
+        order = ranked(search.candidates, target, config.tie_tolerance)
+        if kind == CAUSAL_LM:  # one model at a time: the original's full perplexity first, then each candidate's
+            reference_model, full_base = None, _full_baseline(search, config) if order else None
+        else:
+            reference_model, full_base = search.original, None
+        winner = _confirm(order, reference_model, config, notify, full_base)
         timings["confirm_s"] = time.perf_counter() - t0
-        if winner is not None:  # the original's perplexity on the full split, computed alongside the winner's
+        if winner is not None:  # the original's quality on the same full split as the winner's
             baseline.update(quality_value=_full_baseline_quality(kind, winner), quality_on="full")
         results = {
             "model": name, "kind": kind, "target": config.target, "target_metric": target.metric,
             "target_label": target.label, "higher_is_better": target.higher_is_better,
             "quality_metric": "perplexity" if kind == CAUSAL_LM else "embedding cosine" if kind == ENCODER else "agreement",
             "quality_label": "perplexity" if kind == CAUSAL_LM else "1 - cosine" if kind == ENCODER else "1 - agreement",
-            "max_quality_drop": config.max_quality_drop, "preset": preset, "runtime": config.runtime, "compiled": compiled,
+            "max_quality_drop": config.max_quality_drop, "preset": preset, "runtime": config.runtime,
+            "runtimes": auto_runtimes(kind) if config.runtime == "auto" else [config.runtime], "compiled": compiled,
             "config": asdict(config),
             "baseline": {k: v for k, v in baseline.items() if k != "environment"},
             "baseline_compiled": reference,
@@ -550,7 +594,8 @@ class _Search:
                 return follow_up
             if path is None:
                 path = save(lm, self.work / f"cand-{index}", recipe=cand["recipe"])
-            lm = None  # free it before the benchmark process loads its own copy
+            lm = None  # free it, and hand the heap back, before the benchmark process loads its own copy
+            release_memory()
             cand["metrics"].update(_bench(path, config, self.compiled and plan.export is None))
             cand["artifact"] = str(path)
             cand["passed"] = drop <= budget
@@ -585,7 +630,10 @@ class _Search:
             path = export(plan.recipe.apply(self._source(plan)), self.work / f"cand-{index}", plan.export)
             return load(str(path)), path
         if plan.rollback is None:
-            return plan.recipe.apply(self._source(plan)), None
+            lm = plan.recipe.apply(self._source(plan))
+            detach_from_files(lm.model)  # what an in-place build left in the loaded file keeps all of it resident
+            release_memory()
+            return lm, None
         from slimkit.quantize.mixed import fallback
 
         rb = plan.rollback
@@ -685,12 +733,27 @@ def confirmation_seconds(original: LoadedModel, proxy_seconds: float, config: Op
     return proxy_seconds * ratio + 15.0
 
 
-def _confirm(order: list[dict], original: LoadedModel, config: OptimizeConfig, notify) -> dict | None:
-    """Full measurement of the proxy-passing candidates in `order` until one passes."""
+def _full_baseline(search: "_Search", config: OptimizeConfig) -> float:
+    """A causal LM's perplexity on the full evaluation split, measured alone and then dropped,
+    so the confirmation holds one model at a time (the gate compares perplexities; the KL to
+    the original, which needs both models side by side, is left to `slimkit eval --reference`)."""
+    from slimkit.evaluate import EvalConfig, evaluate
+
+    value = evaluate(search.original, config=EvalConfig(max_tokens=config.full_tokens)).perplexity
+    search.release()
+    release_memory()
+    return value
+
+
+def _confirm(order: list[dict], original: LoadedModel | None, config: OptimizeConfig, notify,
+             baseline: float | None = None) -> dict | None:
+    """Full measurement of the proxy-passing candidates in `order` until one passes: against
+    `original`, or for a causal LM against its full-split perplexity `baseline`."""
     for cand in order:
         notify(event="confirm", name=cand["name"])
         lm = load(cand["artifact"])
-        full = quality(lm, original, config.full_tokens, 4 * config.proxy_passages)
+        full = quality(lm, original, config.full_tokens, 4 * config.proxy_passages, baseline)
+        del lm
         cand["metrics"].update(full)
         cand["metrics"]["full_quality_drop"] = full["quality_drop"]
         cand["stage"] = "full"

@@ -263,6 +263,36 @@ def release_memory() -> None:
             pass
 
 
+def detach_from_files(module) -> int:
+    """Copy into ordinary memory each tensor of `module` that still points into a memory-mapped
+    weights file; return how many were copied.
+
+    Loading safetensors maps the whole file and the parameters point into it. A
+    technique that replaces most layers in place (quantization) leaves a few
+    tensors (norms) there, and those keep the whole mapping, hundreds of MB of
+    resident pages, alive as long as the model lives. Copying them out lets
+    the mapping go. Linux only (it reads /proc/self/maps); elsewhere a no-op.
+    """
+    import itertools
+
+    ranges = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) >= 6 and fields[-1].endswith(".safetensors"):
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((lo, hi))
+    except OSError:
+        return 0
+    copied = 0
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.numel() and any(lo <= t.data_ptr() < hi for lo, hi in ranges):
+            t.data = t.data.clone()
+            copied += 1
+    return copied
+
+
 def peak_memory() -> dict:
     """Peak resident memory of this process so far, in MiB.
 

@@ -79,6 +79,19 @@ def test_nothing_passes_returns_the_original(techniques, tiny, tmp_path, monkeyp
     assert "original model is kept" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_combinations_wait_for_a_wide_enough_budget(techniques, tiny, tmp_path, monkeypatch):
+    combo = ([("test-noise", {"scale": 0.0}), ("test-bf16", {})], 0.04)  # (steps, min_budget)
+    (tmp_path / "narrow").mkdir(), (tmp_path / "wide").mkdir()
+    narrow = _run(tiny, tmp_path / "narrow", monkeypatch, [combo], budget=0.03)
+    (skipped,) = narrow["candidates"]
+    assert skipped["stage"] == "skipped" and "quality budgets of 4% or more" in skipped["reason"]
+    wide = _run(tiny, tmp_path / "wide", monkeypatch, [combo], budget=0.05)
+    assert wide["winner"] == "test-noise -> test-bf16" and wide["candidates"][0]["stage"] == "full"
+    latency = O.candidate_plans("encoder", "latency", "torch")
+    pruned = [p for p in latency if [s.method for s in p.recipe.steps] == ["structured", "int8-dynamic"]]
+    assert len(pruned) == 1 and pruned[0].min_budget > 0.01  # the encoders' prune -> quantize combination
+
+
 @pytest.mark.parametrize(
     "kw,message",
     [({"target": "speed"}, "unknown target"), ({"max_quality_drop": 0}, "between 0 and 100%"),
@@ -228,6 +241,32 @@ def test_onnxruntime_candidates_for_an_encoder(tiny, tmp_path, monkeypatch, fake
     assert cand["export"]["quantize"] == "int8" and fake_bench["calls"] == [False, False]
     assert slimkit.load(str(tmp_path / "out" / "model")).manifest["runtime"] == "onnxruntime"
     assert "slimkit export MODEL --format onnxruntime --quantize int8" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_auto_searches_pytorch_then_onnxruntime_for_encoders_only():
+    pytest.importorskip("onnxruntime")
+    names = lambda kind, runtime: [p.name for p in O.candidate_plans(kind, "latency", runtime)]  # noqa: E731
+    assert O.OptimizeConfig().runtime == "auto" and O.OptimizeConfig().compiles("encoder")
+    assert names("encoder", "auto") == names("encoder", "torch") + names("encoder", "onnxruntime")
+    assert names("causal-lm", "auto") == names("causal-lm", "torch")
+    assert O.auto_runtimes("classifier") == ["torch", "onnxruntime"] and O.auto_runtimes("causal-lm") == ["torch"]
+
+
+def test_auto_measures_both_runtimes_and_the_winner_keeps_its_own(techniques, tiny, tmp_path, monkeypatch, fake_bench, one_thread):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setitem(O.PRESETS, "test", [[("test-bf16", {})]])
+    monkeypatch.setitem(O.ORT_PRESETS, "test", ["int8"])
+    cfg = O.OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", proxy_passages=16)
+    results = O.optimize(slimkit.load(tiny("bert")), cfg, tmp_path / "out")
+    assert results["runtime"] == "auto" and results["runtimes"] == ["torch", "onnxruntime"]
+    cast, ort = results["candidates"]
+    assert cast["name"] == "test-bf16" and "export" not in cast and ort["export"]["format"] == "onnxruntime"
+    assert fake_bench["calls"] == [False, False, False]  # the size target is not compiled
+    assert cast["passed"] and ort["passed"], (cast["reason"], ort["reason"])
+    smaller = min((cast, ort), key=lambda c: c["metrics"]["size_on_disk_mb"])
+    assert results["winner"] == smaller["name"]  # the size target across both runtimes
+    served = slimkit.load(str(tmp_path / "out" / "model")).manifest.get("runtime", "torch")
+    assert served == ("onnxruntime" if smaller is ort else "torch")
 
 
 def test_export_runtimes_candidates_in_order():

@@ -4,6 +4,8 @@ over the limit; without the option they only warn when memory is short."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from conftest import assert_user_error, invoke_cli
 
@@ -100,3 +102,25 @@ def test_short_memory_only_warns(tiny, monkeypatch, capsys):
 def test_available_memory_is_known_here():
     free = resources.available()
     assert free is not None and 0 < free < 2**50
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps (Linux)")
+def test_tensors_left_in_a_mapped_weights_file_are_copied_out(tiny):
+    """A loaded model points into its mapped safetensors file; after the copy nothing does,
+    the mapping is gone once the loader lets go of it, and the model computes the same."""
+    import gc
+
+    import torch
+
+    lm = slimkit.load(str(tiny("llama")))
+    ids = torch.arange(3, 20)[None]
+    with torch.no_grad():
+        before = lm.model(input_ids=ids).logits
+    weights = str(tiny("llama") / "model.safetensors")
+    mapped = lambda: any(line.rstrip().endswith(weights) for line in open("/proc/self/maps"))  # noqa: E731
+    assert mapped()
+    assert resources.detach_from_files(lm.model) > 0
+    gc.collect()
+    assert not mapped() and resources.detach_from_files(lm.model) == 0
+    with torch.no_grad():
+        assert torch.equal(lm.model(input_ids=ids).logits, before)
