@@ -171,6 +171,18 @@ def test_hidden_and_attention_terms_train_and_restore_sdpa(tiny):
     assert student.model.config._attn_implementation == "sdpa"
 
 
+def test_frozen_modules_keep_the_teachers_weights(tiny):
+    teacher = slimkit.load(str(tiny("bert")))
+    student = slimkit.distill(teacher, student_layers=1, steps=3, lr=3e-3, freeze=["embeddings"], **FAST)
+    init = make_student(teacher, student.manifest["training"]["teacher_layers"]).model.state_dict()
+    s = student.model.state_dict()
+    frozen = [k for k in s if ".embeddings." in f".{k}"]
+    assert frozen and all(torch.equal(s[k], init[k]) for k in frozen)
+    assert all(not torch.equal(s[k], init[k]) for k in s if "encoder.layer." in k and k.endswith(".weight"))
+    with pytest.raises(SlimkitError, match=r"freeze: no module of the student matches \['nothing_here'\]"):
+        slimkit.distill(teacher, student_layers=1, steps=1, freeze=["nothing_here"], **FAST)
+
+
 def test_exact_resume_after_a_crash(tiny, tmp_path):
     """6 steps straight == 4 steps (checkpoint at 4), crash at 5, resume to 6. GPT-2 has dropout: RNG matters."""
     opts = dict(student_layers=1, steps=6, hidden_weight=0.5, grad_accum=2, checkpoint_every=2, lr=1e-3, **FAST)
@@ -224,8 +236,9 @@ def test_time_budget_plans_the_steps(tiny):
     assert t["seconds"] < 6 + 10  # the budget plus start-up slack
 
 
-def test_teacher_cache_gives_identical_training(tiny, tmp_path):
-    opts = dict(student_layers=1, steps=6, max_samples=4, seq_len=32, batch_size=2, eval_batches=1)  # 2 batches: 3 epochs
+@pytest.mark.parametrize("terms", [{}, {"hidden_weight": 1.0, "hidden_loss": "cosine"}])  # hidden states share memory with the last one
+def test_teacher_cache_gives_identical_training(tiny, tmp_path, terms):
+    opts = dict(student_layers=1, steps=6, max_samples=4, seq_len=32, batch_size=2, eval_batches=1, **terms)  # 2 batches: 3 epochs
     plain = slimkit.distill(str(tiny("bert")), **opts)
     cached = slimkit.distill(str(tiny("bert")), cache_teacher=str(tmp_path / "cache"), **opts)
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2

@@ -12,6 +12,11 @@ Losses by model kind (see `losses.py`):
   * classifier: logit KD on unlabeled text (pure KD: there are no labels);
   * any kind: optional hidden-state and attention matching through a layer map.
 
+`freeze` keeps the student modules it names as they were copied (say the
+embeddings of a block-dropped student: its token vectors are the teacher's
+already, and training fewer parameters on a small corpus overfits less and
+steps faster).
+
 `progressive(teacher, [cfg1, cfg2, ...])` chains stages, each student becoming
 the next stage's teacher (30 → 20 → 15 layers, say): each step removes less at
 once, so less knowledge is lost per step, at the cost of more training time.
@@ -33,6 +38,7 @@ from slimkit.distill.trainer import Distiller, TrainConfig, train
 from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM, CLASSIFIER, ENCODER, LoadedModel, attention_implementation, load
 from slimkit.registry import register
+from slimkit.targets import matches
 
 LOSSES = ("kd", "ce")
 SIMILARITY_BATCHES = 4  # calibration micro-batches that decide which blocks a layer count keeps
@@ -54,6 +60,7 @@ class DistillConfig(TrainConfig):
     layer_map: tuple[tuple[int, int], ...] | None = None  # (student i, teacher j); default: where i was copied from
     embedding_loss: str = "cosine"
     text_views: int = 1  # encoders/classifiers: training passages cut this many ways (new offsets and lengths)
+    freeze: tuple[str, ...] = ()  # student module name patterns whose weights stay as copied, e.g. ("embeddings",)
     data: str | None = None  # text source: pydoc, .txt/.jsonl, hf:NAME; calibration split trains
 
     def __post_init__(self):
@@ -81,6 +88,10 @@ class DistillConfig(TrainConfig):
             raise SlimkitError("hidden_weight and attention_weight must be >= 0 (0 turns the term off)")
         if self.loss == "ce" and (self.hidden_weight or self.attention_weight):
             raise SlimkitError("loss=ce trains without the teacher: set hidden_weight and attention_weight to 0, or use loss=kd")
+        if isinstance(self.freeze, (list, str)):
+            object.__setattr__(self, "freeze", (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze))
+        if not all(isinstance(p, str) and p for p in self.freeze):
+            raise SlimkitError(f"freeze must be a list of module name patterns, got {self.freeze!r}: e.g. freeze=['embeddings']")
         if self.text_views < 1:
             raise SlimkitError(f"text_views must be at least 1, got {self.text_views}: 1 cuts the text once")
         if self.hidden_loss not in ("mse", "cosine") or self.attention_loss not in ("mse", "kl") or self.embedding_loss not in ("cosine", "mse"):
@@ -93,6 +104,7 @@ def apply(model: LoadedModel, config: DistillConfig, *, on_step=None, **context)
     teacher = load(model)
     torch.manual_seed(config.seed)
     student, keep = _student(teacher, config)
+    freeze(student.model, config.freeze)
     distiller = Distiller(student.model, build_loss(teacher, student, keep, config), teacher.kind)
     source = D.TextSource.parse(config.data, "calibration")
     train_batches = make_batches(teacher, source, config, limit=None)
@@ -138,6 +150,19 @@ def _student(teacher: LoadedModel, cfg: DistillConfig) -> tuple[LoadedModel, lis
     else:
         keep = select_layers(n_teacher, cfg.student_layers, cfg.every)
     return make_student(teacher, keep), keep
+
+
+def freeze(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Stop training the parameters of the modules that match `patterns`; return those modules' names."""
+    if not patterns:
+        return []
+    chosen = [(n, m) for n, m in model.named_modules() if n and matches(n, patterns)]
+    if not chosen:
+        raise SlimkitError(f"freeze: no module of the student matches {list(patterns)}; check the patterns against its module names")
+    for _, m in chosen:
+        for p in m.parameters():
+            p.requires_grad_(False)
+    return [n for n, _ in chosen]
 
 
 def _width(model) -> int:

@@ -235,9 +235,21 @@ class TeacherCache:
             return _unflatten(load_file(f))
         out = compute()
         tmp = f.with_suffix(".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in _flatten(out).items()}, tmp)
+        save_file(_unshared(_flatten(out)), tmp)
         os.replace(tmp, f)
         return out
+
+
+def _unshared(flat: dict) -> dict:
+    """CPU tensors that safetensors can write: a tensor sharing memory with one before it
+    (an encoder's last_hidden_state is hidden_states[-1]) is copied."""
+    out, seen = {}, set()
+    for k, v in flat.items():
+        t = v.detach().contiguous().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
 
 
 def _flatten(out: dict) -> dict:
