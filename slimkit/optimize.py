@@ -443,7 +443,7 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
         t1 = time.perf_counter()
         proxy_base = _proxy_baseline(original, config)
         timings["proxy_s"] = time.perf_counter() - t1
-        reserve = timings["reserve_s"] = confirmation_seconds(original, timings["proxy_s"], config)
+        reserve = reserve_0 = timings["reserve_s"] = confirmation_seconds(original, timings["proxy_s"], config)
         search = _Search(original, config, target, work, proxy_base, compiled, base_artifact)
         name, kind = original.name, original.kind
         if kind == CAUSAL_LM:  # its proxy needs only the original's perplexity: hold one fp32 model at a time
@@ -483,6 +483,7 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
             release_memory()  # the candidate's float weights, before the next one is built
             spent.append(time.perf_counter() - tried_at)
             search.candidates[-1]["seconds"] = round(spent[-1], 1)
+            reserve = timings["reserve_s"] = max(reserve, rescaled_reserve(reserve_0, timings["proxy_s"], search.candidates))
             index += 1
 
         reference = None
@@ -582,11 +583,13 @@ class _Search:
         lm, follow_up = None, None
         try:
             lm, path = self._build(plan, cand, index)
+            t0 = time.perf_counter()
             if self.kind == CAUSAL_LM:  # compared with the original's perplexity, a number: the original need not be loaded
                 cand["metrics"].update(quality(lm, None, config.proxy_tokens, config.proxy_passages, baseline=self.proxy_base["quality_value"]))
             else:
                 cand["metrics"].update(quality(lm, self.original, config.proxy_tokens, config.proxy_passages))
             drop = cand["metrics"]["proxy_quality_drop"] = cand["metrics"]["quality_drop"]
+            cand["metrics"]["proxy_seconds"] = round(time.perf_counter() - t0, 2)
             if budget < drop <= NEAR_MISS * budget and config.rollback:
                 follow_up = self._rollback_plan(plan, lm, drop, cand)
             if drop > BENCH_WITHIN * budget:
@@ -743,6 +746,18 @@ def _full_baseline(search: "_Search", config: OptimizeConfig) -> float:
     search.release()
     release_memory()
     return value
+
+
+def rescaled_reserve(reserve: float, original_proxy_s: float, candidates: list[dict]) -> float:
+    """The confirmation's time, re-estimated once candidates are measured: it reads the
+    original and the candidate, and a quantized model can be slower than the original in
+    eager PyTorch (SmolLM2's int4 takes about 1.6x as long), so the candidate's half of
+    `reserve` is scaled by the slowest proxy-passing candidate's proxy time."""
+    times = [c["metrics"]["proxy_seconds"] for c in candidates if c.get("passed") and "proxy_seconds" in c["metrics"]]
+    if not times or original_proxy_s <= 0:
+        return reserve
+    half = (reserve - 15.0) / 2
+    return 15.0 + half + half * max(times) / original_proxy_s
 
 
 def _confirm(order: list[dict], original: LoadedModel | None, config: OptimizeConfig, notify,

@@ -119,6 +119,13 @@ def test_budget_keeps_time_for_the_confirmation(techniques, tiny, tmp_path, monk
     assert results["winner"] is None
 
 
+def test_reserve_grows_with_a_slower_passing_candidate():
+    cands = [{"passed": True, "metrics": {"proxy_seconds": 16.0}}, {"passed": False, "metrics": {"proxy_seconds": 80.0}}]
+    assert O.rescaled_reserve(215.0, 8.0, cands) == 15.0 + 100.0 + 200.0  # the candidate's half, twice as slow
+    assert O.rescaled_reserve(215.0, 8.0, cands[1:]) == 215.0  # a failed candidate is never confirmed
+    assert O.rescaled_reserve(215.0, 8.0, []) == 215.0
+
+
 def test_confirmation_estimate_scales_with_the_evaluation(tiny):
     lm = slimkit.load(tiny("llama"))
     small = O.confirmation_seconds(lm, 1.0, O.OptimizeConfig(proxy_tokens=200, full_tokens=400))
