@@ -712,6 +712,9 @@ def _compiled_reference(candidates: list[dict], base_artifact: Path, config: Opt
         return None
 
 
+REPORT_SECONDS = 15.0  # kept beyond the confirmation's evaluations: loading the winner, the report
+
+
 def confirmation_seconds(original: LoadedModel, proxy_seconds: float, config: OptimizeConfig) -> float:
     """Time to keep for the end: the winner's full evaluation (model and original) and the report.
 
@@ -733,16 +736,14 @@ def confirmation_seconds(original: LoadedModel, proxy_seconds: float, config: Op
         ratio = 2 * read(config.full_tokens) / max(1, read(config.proxy_tokens))
     else:
         ratio = 4.0  # the full check reads 4x the proxy's passages
-    return proxy_seconds * ratio + 15.0
+    return proxy_seconds * ratio + REPORT_SECONDS
 
 
 def _full_baseline(search: "_Search", config: OptimizeConfig) -> float:
     """A causal LM's perplexity on the full evaluation split, measured alone and then dropped,
     so the confirmation holds one model at a time (the gate compares perplexities; the KL to
     the original, which needs both models side by side, is left to `slimkit eval --reference`)."""
-    from slimkit.evaluate import EvalConfig, evaluate
-
-    value = evaluate(search.original, config=EvalConfig(max_tokens=config.full_tokens)).perplexity
+    value = _perplexity(search.original, config.full_tokens)
     search.release()
     release_memory()
     return value
@@ -756,8 +757,8 @@ def rescaled_reserve(reserve: float, original_proxy_s: float, candidates: list[d
     times = [c["metrics"]["proxy_seconds"] for c in candidates if c.get("passed") and "proxy_seconds" in c["metrics"]]
     if not times or original_proxy_s <= 0:
         return reserve
-    half = (reserve - 15.0) / 2
-    return 15.0 + half + half * max(times) / original_proxy_s
+    half = (reserve - REPORT_SECONDS) / 2
+    return REPORT_SECONDS + half + half * max(times) / original_proxy_s
 
 
 def _confirm(order: list[dict], original: LoadedModel | None, config: OptimizeConfig, notify,
@@ -790,9 +791,14 @@ def _proxy_baseline(original: LoadedModel, config: OptimizeConfig) -> dict:
     """The original's quality on the proxy slice; for a causal LM one pass (its perplexity), no reference needed."""
     if original.kind != CAUSAL_LM:
         return quality(original, original, config.proxy_tokens, config.proxy_passages)
+    return {"quality_value": _perplexity(original, config.proxy_tokens)}
+
+
+def _perplexity(lm: LoadedModel, tokens: int | None) -> float:
+    """A causal LM's perplexity on the first `tokens` of the evaluation split (None: all of it), alone."""
     from slimkit.evaluate import EvalConfig, evaluate
 
-    return {"quality_value": evaluate(original, config=EvalConfig(max_tokens=config.proxy_tokens)).perplexity}
+    return evaluate(lm, config=EvalConfig(max_tokens=tokens)).perplexity
 
 
 def _skipped(plan: Plan, reason: str) -> dict:
