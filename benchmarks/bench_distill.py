@@ -79,7 +79,7 @@ def encoder_part(args) -> dict:
         last = [[args.enc_layers - 1, teacher.model.config.num_hidden_layers - 1]]  # student's last block <-> teacher's
         tokens = dict(hidden_weight=args.enc_token_weight, hidden_loss="cosine", layer_map=last) if args.enc_token_weight else {}
         student = slimkit.distill(teacher, student_layers=args.enc_layers, layer_choice=args.layer_choice, minutes=args.enc_minutes,
-                                  batch_size=32, seq_len=128, lr=args.enc_lr, eval_batches=2, text_views=args.enc_views,
+                                  batch_size=args.enc_batch, seq_len=args.enc_seq_len, lr=args.enc_lr, eval_batches=2, text_views=args.enc_views,
                                   cache_teacher=cache if args.enc_cache else None, freeze=args.enc_freeze, **tokens)
     init = slimkit.distill.make_student(teacher, student.manifest["training"]["teacher_layers"])
     res = {"training": student.manifest["training"]}
@@ -137,7 +137,7 @@ def render(lm: dict | None, enc: dict | None, args, env: dict, seconds: float) -
         ]
     settings = (f"budgets: LM {args.lm_minutes} min, encoder {args.enc_minutes} min; threads {args.threads}; LM seq_len {args.seq_len}, "
                 f"batch {args.batch_size}, lr {args.lr}, T {args.temperature}, alpha {args.alpha}; held-out tokens {args.eval_tokens}; "
-                f"encoder lr {args.enc_lr}, batch 32, text views {args.enc_views}, teacher cache {'on' if args.enc_cache else 'off'}, "
+                f"encoder lr {args.enc_lr}, batch {args.enc_batch}, seq_len {args.enc_seq_len}, text views {args.enc_views}, teacher cache {'on' if args.enc_cache else 'off'}, "
                 f"token loss weight {args.enc_token_weight}, frozen {args.enc_freeze or 'nothing'}; "
                 f"total {seconds / 60:.1f} min")
     return "\n".join(rows) + f"\n\n{settings}\n\nenvironment: {json.dumps(env)}\n"
@@ -154,6 +154,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--enc-lr", type=float, default=2e-4)
+    ap.add_argument("--enc-seq-len", type=int, default=256, help="encoder: training truncation (the evaluation cuts passages at 256 tokens)")
+    ap.add_argument("--enc-batch", type=int, default=32, help="encoder: passages per optimizer step")
     ap.add_argument("--enc-views", type=int, default=1, help="encoder: cut the calibration passages this many ways (text_views)")
     ap.add_argument("--enc-cache", action="store_true", help="encoder: cache the teacher's outputs for repeated epochs")
     ap.add_argument("--enc-token-weight", type=float, default=0.0,

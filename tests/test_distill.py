@@ -347,3 +347,23 @@ def test_classifier_student_trains_on_the_teachers_class_distribution(tiny):
     assert student.model.config.num_labels == 3 and student.kind == "classifier"
     with pytest.raises(SlimkitError, match="loss=ce needs labels"):
         slimkit.distill(str(tiny("bert-cls")), student_layers=1, steps=1, loss="ce", **FAST)
+
+
+def test_encoder_training_batches_are_cut_by_length():
+    """Passages of like length share a batch (little padding); evaluation batches keep the corpus order."""
+    from slimkit import data as D
+    from slimkit.distill.method import by_length, make_batches
+
+    teacher = slimkit.load("minilm-l6")
+    texts = ["one two three four five six seven eight nine ten " * k for k in (5, 1, 3, 1, 8, 2)]
+    ordered = by_length(teacher.tokenizer, texts, seq_len=64)
+    assert sorted(ordered) == sorted(texts)
+    lengths = [len(teacher.tokenizer(t, truncation=True, max_length=64)["input_ids"]) for t in ordered]
+    assert lengths == sorted(lengths) and lengths[-1] == 64  # the longest are cut at seq_len before they are compared
+    cfg = DistillConfig(student_layers=2, steps=1, batch_size=4, seq_len=128, max_samples=64)
+    source = D.TextSource.parse(None, "calibration")
+    train = make_batches(teacher, source, cfg, limit=None)
+    padding = sum(float((1 - b["attention_mask"]).sum()) for b in train) / sum(b["attention_mask"].numel() for b in train)
+    assert padding < 0.1, padding  # shuffled passages of 4 pad about a third of every batch
+    widths = [b["input_ids"].shape[1] for b in train]
+    assert widths == sorted(widths)

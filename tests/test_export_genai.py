@@ -105,7 +105,7 @@ def test_carried_int4_reproduces_the_artifact_exactly(int4_integer, tmp_path):
     assert torch.equal(written, emb.weight_q.float() * emb.weight_scale[:, None])  # the int8 head, exactly
     assert not any(n.op_type == "MatMul" and n.input[1] in inits for n in _graph_nodes(out))  # every MatMul carried
     lookup = next(n for n in _graph_nodes(out) if n.op_type == "GatherBlockQuantized")  # the int8 rows, shared with the head
-    assert info["carried"]["int8_embeddings"] == {"model.embed_tokens": lookup.name} and lookup.input[2] == head.input[2]
+    assert info["carried"]["quantized_embeddings"] == {"model.embed_tokens": lookup.name} and lookup.input[2] == head.input[2]
     assert "model.embed_tokens.weight" not in inits  # no fp32 table
     served = slimkit.load(str(out))
     ids = torch.randint(5, 500, (1, 12), generator=torch.Generator().manual_seed(3))
@@ -177,6 +177,16 @@ def test_quantize_int4_requantizes_what_cannot_be_carried(tiny, tmp_path):
     assert info["parity"]["int4"]["tolerance"] == 0.5 and info["block_size"] == 32
 
 
+def test_a_requantized_four_bit_head_leaves_the_lookup_an_exact_float_table(tiny, tmp_path):
+    """Float offsets cannot be carried: the head is re-quantized, and the embedding keeps slimkit's rows in fp32."""
+    q = slimkit.quantize(tiny("llama"), "int4", embedding_bits=4)
+    out = export(q, tmp_path / "offsets", ExportConfig("ort-genai", quantize="int4"))
+    info = json.loads((out / "slimkit.json").read_text())["export"]
+    assert "lm_head" in info["carried"]["requantized"] and info["carried"]["quantized_embeddings"] == {}
+    _, inits = _graph(out)
+    assert torch.equal(torch.from_numpy(inits["model.embed_tokens.weight"]), q.model.lm_head.dequantize())
+
+
 @pytest.mark.parametrize("bits,group,k", [(4, 32, 96), (4, None, 128), (8, None, 96), (8, 64, 128)])
 def test_matmulnbits_layout_matches_the_kernel(bits, group, k):
     """The packing (B, scales, zero points), checked against ONNX Runtime's own MatMulNBits at fp32 accuracy."""
@@ -208,3 +218,29 @@ def test_matmulnbits_layout_matches_the_kernel(bits, group, k):
 def test_bad_accuracy_level_names_the_fix():
     with pytest.raises(SlimkitError, match="use 4 .* or 0"):
         ExportConfig("ort-genai", accuracy_level=7)
+
+
+@pytest.mark.parametrize("method,options", [("int4", {}), ("awq", {"group_size": 32, "n_samples": 2, "seq_len": 32, "grid": 4})])
+def test_four_bit_tied_head_is_carried_and_shared_with_the_lookup(tiny, tmp_path, method, options):
+    """embedding_bits=4: the head is a 4-bit MatMulNBits and the embedding a 4-bit GatherBlockQuantized on its codes."""
+    from onnx.helper import get_attribute_value
+
+    q = slimkit.quantize(tiny("llama"), method, zero_point="integer", embedding_bits=4, **options)
+    out = export(q, tmp_path / method, ExportConfig("ort-genai", accuracy_level=0))
+    info = json.loads((out / "slimkit.json").read_text())["export"]
+    assert info["carried"]["requantized"] == [] and info["carried"]["max_weight_diff"] == 0.0
+    assert info["parity"]["int4"]["max_abs_diff"] < 1e-4  # fp32 activations: slimkit's own weights, lookup included
+    nodes, inits = _graph(out)
+    head = next(n for n in nodes if n.name.startswith("/lm_head/"))
+    assert get_attribute_value(next(a for a in head.attribute if a.name == "bits")) == 4
+    lookup = next(n for n in _graph_nodes(out) if n.op_type == "GatherBlockQuantized")
+    assert get_attribute_value(next(a for a in lookup.attribute if a.name == "bits")) == 4
+    assert lookup.input[2:] == head.input[2:]  # the same scales and zero points: one copy of the vocabulary
+    assert info["carried"]["quantized_embeddings"] == {"model.embed_tokens": lookup.name}
+    assert "model.embed_tokens.weight" not in inits
+    served = slimkit.load(str(out))
+    ids = torch.randint(5, 500, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = q.model(input_ids=ids).logits
+    got = served.model(input_ids=ids).logits
+    assert (got - want).norm() / want.norm() < 0.02

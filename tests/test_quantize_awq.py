@@ -178,3 +178,47 @@ def test_awq_with_integer_zero_points_on_tiny_llama(tiny):
     layer = q.model.model.layers[0].mlp.down_proj
     assert layer.spec()["zero_point"] == "integer" and layer.offset is None
     assert q.manifest["recipe"][-1]["zero_point"] == "integer"
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_four_bit_tied_head_owns_the_codes_and_reloads_exactly(tiny, tmp_path, method):
+    """embedding_bits=4: the head is a 4-bit WeightOnlyLinear, the embedding looks its rows up there."""
+    from slimkit.quantize.modules import TiedEmbedding
+
+    lm = _with_outliers(slimkit.load(tiny("llama")), "llama")
+    extra = CALIB if method == "awq" else {"n_samples": 4, "seq_len": 64}
+    q = slimkit.quantize(lm, method, group_size=32, zero_point="integer", embedding_bits=4, **extra)
+    head, emb = q.model.lm_head, q.model.model.embed_tokens
+    assert isinstance(head, WeightOnlyLinear) and head.bits == 4 and head.kernel() == "int4pack"
+    assert isinstance(emb, TiedEmbedding) and emb.head is head
+    assert (emb.inv_column_scale is not None) == (method == "awq")  # AWQ's head scale folds into the final norm
+    ids = torch.tensor([[0, 7, 7, 63]])
+    rows = head.dequantize()[ids[0]]
+    if emb.inv_column_scale is not None:
+        rows = rows * emb.inv_column_scale
+    assert torch.equal(emb(ids)[0], rows)  # a lookup is the head's own dequantized rows
+    n_float = lm.num_parameters()
+    assert q.num_parameters() == n_float  # the tie survives: the vocabulary's weights are counted once, as in the float model
+    int8 = slimkit.quantize(lm, method, group_size=32, zero_point="integer", **extra)
+    ref = _out(lm)
+    assert F.sqnr_db(ref, _out(q)) > 10 and F.sqnr_db(ref, _out(q)) < F.sqnr_db(ref, _out(int8)) + 0.5
+    out = save(q, tmp_path / "q")
+    modules = json.loads((out / "slimkit.json").read_text())["modules"]
+    assert modules["model.embed_tokens"]["format"] == "tied-embedding" and modules["model.embed_tokens"]["tied_to"] == "lm_head"
+    back = slimkit.load(str(out))
+    assert isinstance(back.model.model.embed_tokens, TiedEmbedding) and back.model.model.embed_tokens.head is back.model.lm_head
+    assert torch.equal(_out(q), _out(back))
+
+
+@pytest.mark.parametrize(
+    "arch,options,fragment",
+    [
+        ("llama", {"bits": 8, "group_size": None, "symmetric": True, "embedding_bits": 4}, "use bits=4, or embedding_bits=8"),
+        ("llama", {"embedding_bits": 2}, "embedding_bits=2 is not supported by awq"),
+        ("bert", {"group_size": 32, "embedding_bits": 4}, "not tied to its embedding: use embedding_bits=8"),
+    ],
+)
+def test_embedding_bits_bad_input_names_the_fix(tiny, arch, options, fragment):
+    with pytest.raises(SlimkitError) as info:
+        slimkit.quantize(tiny(arch), "awq", **options, **CALIB)
+    assert fragment in str(info.value) and "\n" not in str(info.value)

@@ -28,7 +28,7 @@ class Carried:
     nodes: dict[str, list[str]]  # MatMulNBits node -> the layers it holds, in column order
     bits: dict[str, int]  # node -> bits
     max_weight_diff: float  # between each written node's weight and its layers' codes, dequantized
-    tables: dict[str, str] = field(default_factory=dict)  # int8 embedding -> its GatherBlockQuantized node
+    tables: dict[str, str] = field(default_factory=dict)  # quantized embedding -> its GatherBlockQuantized node
 
 
 def carry_codes(path: Path, plan: Plan, accuracy_level: int = 4) -> Carried:
@@ -83,7 +83,7 @@ def carry_codes(path: Path, plan: Plan, accuracy_level: int = 4) -> Carried:
         name = None
         if node.op_type == "Gather" and node.input[0] in inits:
             table = numpy_helper.to_array(inits[node.input[0]])  # (V, D)
-            name = next((n for n, t in plan.tables.items() if t.weight.shape == table.shape
+            name = next((n for n, t in plan.tables.items() if t.codes is not None and t.weight.shape == table.shape
                          and np.array_equal(t.weight.numpy(), table)), None)
         if name is None:
             rewritten.append(node)
@@ -112,25 +112,27 @@ def _quantized_lookup(gather, table: Table, inputs: dict, initializers, inits: d
     from onnx import helper, numpy_helper
 
     v, d = table.weight.shape
+    bits = table.codes.bits
+    width = d * bits // 8  # bytes per row: 4-bit values are packed two per byte, as in MatMulNBits
     base = gather.input[0]
     nodes = []
     shared = inputs.get(table.head)
+    data = f"{base}_Q{bits}"
     if shared is not None:
         (b_name, scale_name, zero_name), attrs = shared
         block = next(a.i for a in attrs if a.name == "block_size")
-        initializers.append(numpy_helper.from_array(np.array([v, d], dtype=np.int64), f"{base}_shape"))
-        data = f"{base}_Q8"
+        initializers.append(numpy_helper.from_array(np.array([v, width], dtype=np.int64), f"{base}_shape"))
         nodes.append(helper.make_node("Reshape", [b_name, f"{base}_shape"], [data], name=f"{gather.name}_Reshape"))
     else:
-        block = block_size(d, d)
+        block = block_size(table.codes.group, d)
         if block is None:
             raise SlimkitError(f"the embedding's width {d} fits no GatherBlockQuantized block: quantize with embeddings=false")
         b, s, z = nbits_tensors(table.codes, block)
-        data, scale_name, zero_name = f"{base}_Q8", f"{base}_scales", f"{base}_zero_points"
-        initializers.extend(numpy_helper.from_array(a, n) for a, n in ((b.reshape(v, d), data), (s, scale_name), (z, zero_name)))
+        scale_name, zero_name = f"{base}_scales", f"{base}_zero_points"
+        initializers.extend(numpy_helper.from_array(a, n) for a, n in ((b.reshape(v, width), data), (s, scale_name), (z, zero_name)))
     out = gather.output[0] if table.inv_column_scale is None else f"{gather.output[0]}_rows"
     nodes.append(helper.make_node("GatherBlockQuantized", [data, gather.input[1], scale_name, zero_name], [out],
-                                  name=f"{gather.name}BlockQuantized", domain="com.microsoft", bits=8, block_size=block,
+                                  name=f"{gather.name}BlockQuantized", domain="com.microsoft", bits=bits, block_size=block,
                                   gather_axis=0, quantize_axis=1))
     if table.inv_column_scale is not None:
         initializers.append(numpy_helper.from_array(table.inv_column_scale.float().numpy(), f"{base}_inv_column_scale"))

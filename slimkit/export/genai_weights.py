@@ -18,6 +18,8 @@ A group larger than the kernel's blocks (per channel, or 512 columns) is cut
 into blocks that repeat its scale and zero point, which is exact. The int8
 embedding becomes the fp32 Gather table it dequantizes to (q * s per row); its
 tied head, int8 rows with one scale each, a MatMulNBits with 8 bits (z = 128).
+A 4-bit tied head (`embedding_bits=4`) is a MatMulNBits like any 4-bit layer, and
+the embedding that reads it (`TiedEmbedding`) the table of the head's rows.
 
 Which layers a MatMul holds is found by content, not by node names: the twin's
 dequantized weights are what the builder wrote, bit for bit, so the columns of
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 
 from slimkit.quantize import formats as Q
-from slimkit.quantize.modules import Int8DynamicLinear, Int8Embedding, NF4Linear, StaticInt8Linear, TiedInt8Head, WeightOnlyLinear
+from slimkit.quantize.modules import Int8DynamicLinear, Int8Embedding, NF4Linear, StaticInt8Linear, TiedEmbedding, TiedInt8Head, WeightOnlyLinear
 
 BLOCKS = (256, 128, 64, 32, 16)  # MatMulNBits block sizes, largest first
 
@@ -157,9 +159,9 @@ class Plan:
 
 @dataclass
 class Table:
-    """An int8 embedding: its rows as codes (8 bits, one group per row) and what a lookup returns."""
+    """A quantized embedding: its rows as codes (int8, one group per row; or a 4-bit tied head's) and what a lookup returns."""
 
-    codes: Codes
+    codes: Codes | None  # None: a head whose codes are not carried exactly; the table stays fp32
     weight: torch.Tensor  # (V, D) fp32, the twin's table: the rows Int8Embedding.forward returns
     inv_column_scale: torch.Tensor | None  # (D,) AWQ's 1 / s, applied after the lookup
     head: str | None  # the tied head that reads the same codes
@@ -196,10 +198,14 @@ def float_twin(model: nn.Module) -> tuple[nn.Module, Plan]:
             table = module.weight_q.float() * module.weight_scale[:, None]  # (V, D), as forward() computes rows
             inv = module.inv_column_scale
             plan.tables[name] = Table(codes, table if inv is None else table * inv, inv, heads.get(name))
+        elif isinstance(module, TiedEmbedding):  # a 4-bit head's rows: looked up in its codes when they are carried
+            table, inv = plan.weights[module.head_name], module.inv_column_scale
+            codes = plan.codes.get(module.head_name)
+            plan.tables[name] = Table(codes, table if inv is None else table * inv, inv, module.head_name if codes else None)
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for name, module in list(twin.named_modules()):
-            if isinstance(module, Int8Embedding):
+            if isinstance(module, (Int8Embedding, TiedEmbedding)):
                 emb = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx)
                 emb.weight.copy_(plan.tables[name].weight)
                 set_module(twin, name, emb)

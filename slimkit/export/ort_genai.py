@@ -116,7 +116,7 @@ def build_carried(lm: LoadedModel, out: Path, config) -> dict:
     export = {"format": "ort-genai", "precision": precision, "quantize": config.quantize,
               "carried": {"layers": len(plan.codes) - len(requantized), "nodes": len(carried.nodes),
                           "max_weight_diff": carried.max_weight_diff, "accuracy_level": config.accuracy_level,
-                          "requantized": requantized, "int8_embeddings": carried.tables},
+                          "requantized": requantized, "quantized_embeddings": carried.tables},
               "parity": {precision: parity.to_dict()}}
     if requantized:
         export["block_size"] = config.block_size

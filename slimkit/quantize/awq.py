@@ -19,9 +19,10 @@ made on the float model and kept only if a probe batch gives the same output
 
 With `embeddings=True` and a head tied to the input embedding, the head is a
 group too: the final norm's output feeds it, so 1 / s folds into that norm,
-the int8 rows store E diag(s), and the embedding lookup multiplies the rows it
-returns by 1 / s (`Int8Embedding.inv_column_scale`). The head keeps the int8
-weight kernel.
+the head's rows store E diag(s), and the embedding lookup multiplies the rows
+it returns by 1 / s (`inv_column_scale`). The head is searched on the grid it
+gets: int8 rows (`embedding_bits=8`, the int8 weight kernel) or the layers'
+4-bit grid (`embedding_bits=4`, see embedding.py).
 
 Calibration runs the float model once on `n_samples` windows of the
 calibration split (never evaluation); every group's scales are searched
@@ -44,7 +45,7 @@ from slimkit.models import CAUSAL_LM
 from slimkit.progress import track
 from slimkit.quantize.awq_math import search_scale
 from slimkit.quantize.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_int_format, check_patterns, copy_model, record, select_linears, set_module
-from slimkit.quantize.embedding import quantize_embeddings, tied_head
+from slimkit.quantize.embedding import check_embedding_bits, head_grid, quantize_embeddings, tied_head
 from slimkit.quantize.formats import check_group, check_zero_point, sqnr_db
 from slimkit.quantize.modules import WeightOnlyLinear, linear_weight
 from slimkit.quantize.smoothing import require_batches
@@ -74,6 +75,7 @@ class AWQConfig:
     seq_len: int = 512
     grid: int = 20
     embeddings: bool = True
+    embedding_bits: int = 8  # 4: the embedding and its tied head on the layers' 4-bit grid (embedding.py)
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     compute_dtype: str = "fp32"  # dtype of what stays unquantized (common.cast_unquantized)
@@ -82,6 +84,7 @@ class AWQConfig:
         check_compute_dtype(self.compute_dtype)
         check_int_format("awq", self.bits, self.group_size)
         check_zero_point(self.zero_point, self.symmetric)
+        check_embedding_bits("awq", self.embedding_bits, self.bits)
         if self.group_size is None and self.bits == 4:
             raise SlimkitError("awq int4 needs groups: use group_size 32, 64, 128 or 256")
         if self.n_samples < 1 or self.seq_len < 8:
@@ -271,7 +274,8 @@ def scale_model_(lm, config: AWQConfig, data: D.TextSource | None = None) -> tup
                     stat = _tie(stat, rows, model.get_submodule(rp).weight.shape[0])
             ws = [linear_weight(model.get_submodule(m)).float() for m in members]
             w = ws[0] if len(ws) == 1 else torch.cat(ws)  # (sum N, K); a lone layer (the 49k-row head) is not copied
-            bits, group, sym, zp = (8, None, True, "float") if is_head else (config.bits, config.group_size, config.symmetric, config.zero_point)
+            int8_rows = is_head and config.embedding_bits == 8
+            bits, group, sym, zp = (8, None, True, "float") if int8_rows else (config.bits, config.group_size, config.symmetric, config.zero_point)
             s = search_scale(w, g.inputs(), bits, group, sym, config.grid, stat, zp).scale
             if is_head:
                 if producer is not None and _try_head_fold(model, producer, head, s, probe, causal, reference):
@@ -329,6 +333,6 @@ def apply(model, config: AWQConfig = AWQConfig(), data: D.TextSource | None = No
                 module.bias.copy_(layer.bias.float())
             set_module(lm.model, name, module)
     if config.embeddings:
-        quantize_embeddings(lm.model, head_scale)
+        quantize_embeddings(lm.model, head_scale, head_grid(config))
     cast_unquantized(lm.model, config.compute_dtype)
     return record(lm, "awq", config)

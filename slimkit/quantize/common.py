@@ -117,9 +117,9 @@ def quantized_modules(model: nn.Module) -> dict[str, dict]:
 
 def rebuild_modules(model: nn.Module, specs: dict[str, dict]) -> None:
     """Swap empty quantized modules in where the manifest says, ready for a state dict."""
-    from slimkit.quantize.modules import LINEAR_FORMATS, Int8Embedding, TiedInt8Head
+    from slimkit.quantize.modules import LINEAR_FORMATS, TIED_FORMATS, Int8Embedding, TiedEmbedding, TiedInt8Head
 
-    tied = {n: s for n, s in specs.items() if s.get("format") == TiedInt8Head.fmt}
+    tied = {n: s for n, s in specs.items() if s.get("format") in TIED_FORMATS}
     for name, spec in specs.items():
         fmt = spec.get("format")
         if name in tied:
@@ -132,4 +132,6 @@ def rebuild_modules(model: nn.Module, specs: dict[str, dict]) -> None:
             raise SlimkitError(f"module {name} has unknown quantized format '{fmt}': upgrade slimkit to load this artifact")
         set_module(model, name, module)
     for name, spec in tied.items():
-        set_module(model, name, TiedInt8Head(model.get_submodule(spec["tied_to"]), spec["tied_to"]))
+        owner = model.get_submodule(spec["tied_to"])
+        tied_module = TiedInt8Head(owner, spec["tied_to"]) if spec["format"] == TiedInt8Head.fmt else TiedEmbedding.from_spec(spec, owner)
+        set_module(model, name, tied_module)

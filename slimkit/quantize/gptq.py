@@ -24,7 +24,7 @@ from slimkit.errors import SlimkitError
 from slimkit.models import CAUSAL_LM
 from slimkit.progress import track
 from slimkit.quantize.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_int_format, check_patterns, copy_model, record, select_linears, set_module
-from slimkit.quantize.embedding import quantize_embeddings
+from slimkit.quantize.embedding import check_embedding_bits, head_grid, quantize_embeddings
 from slimkit.quantize.formats import check_group, check_zero_point
 from slimkit.quantize.gptq_math import gptq_quantize
 from slimkit.quantize.modules import WeightOnlyLinear, linear_weight
@@ -42,6 +42,7 @@ class GPTQConfig:
     n_samples: int = 16
     seq_len: int = 512
     embeddings: bool = True
+    embedding_bits: int = 8  # 4: the embedding and its tied head on the layers' 4-bit grid, round-to-nearest (embedding.py)
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     compute_dtype: str = "fp32"
@@ -50,6 +51,7 @@ class GPTQConfig:
         check_compute_dtype(self.compute_dtype)
         check_int_format("gptq", self.bits, self.group_size)
         check_zero_point(self.zero_point, self.symmetric)
+        check_embedding_bits("gptq", self.embedding_bits, self.bits)
         if not 0 < self.damp < 1:
             raise SlimkitError(f"damp={self.damp} is out of range: use a fraction such as 0.01")
         if self.n_samples < 1 or self.seq_len < 8:
@@ -118,6 +120,6 @@ def apply(model, config: GPTQConfig = GPTQConfig(), data: D.TextSource | None = 
                 module.bias.copy_(layer.bias.float())
             set_module(lm.model, name, module)
     if config.embeddings:
-        quantize_embeddings(lm.model)
+        quantize_embeddings(lm.model, grid=head_grid(config))
     cast_unquantized(lm.model, config.compute_dtype)
     return record(lm, "gptq", config)

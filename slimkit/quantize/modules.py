@@ -280,6 +280,15 @@ class WeightOnlyLinear(QuantLinear):
         offset = None if self.offset is None else self.offset.float()
         return Q.dequantize_int(self.q_values(), self.scale.float(), offset, g, self.bits, dtype, self.zero_point)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(len(ids), K) fp32: the dequantized weight rows `ids` (1-D), without dequantizing the rest."""
+        q = self.qweight[ids]
+        q = q if self.bits == 8 else Q.unpack_int4(q).to(torch.int8) - 8
+        pick = lambda t: None if t is None else t[ids]  # noqa: E731
+        offset = pick(self.offset)
+        return Q.dequantize_int(q, self.scale[ids].float(), None if offset is None else offset.float(),
+                                Q.check_group(self.in_features, self.group_size), self.bits, torch.float32, pick(self.zero_point))
+
     def kernel(self) -> str:
         if self.bits == 8 and self.symmetric and self.group_size is None:
             return "int8pack"
@@ -443,4 +452,50 @@ class TiedInt8Head(nn.Module):
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
+class TiedEmbedding(nn.Module):
+    """An input embedding that reads its rows from the tied LM head's codes; it owns no weight.
+
+    The reverse of `TiedInt8Head`, for a head quantized like the other layers (4-bit,
+    group-wise): the head, a `WeightOnlyLinear` with the vocabulary as its output
+    channels, owns the codes and keeps its fast kernel; a lookup dequantizes only the
+    rows it returns. With `column_scale` (AWQ on the tied head), the head stores
+    E diag(s), 1 / s is folded into the norm before it, and looked-up rows are
+    multiplied by `inv_column_scale` = 1 / s (D,).
+    """
+
+    fmt = "tied-embedding"
+
+    def __init__(self, head: WeightOnlyLinear, head_name: str, padding_idx: int | None = None, column_scale: bool = False):
+        super().__init__()
+        self._head = [head]  # a list: not a submodule, so nothing is saved twice
+        self.head_name = head_name
+        self.num_embeddings, self.embedding_dim, self.padding_idx = head.out_features, head.in_features, padding_idx
+        self.compute_dtype = torch.float32  # dtype of the looked-up rows (common.cast_unquantized sets it)
+        self.register_buffer("inv_column_scale", torch.ones(head.in_features) if column_scale else None)
+
+    @property
+    def head(self) -> WeightOnlyLinear:
+        return self._head[0]
+
+    @classmethod
+    def from_spec(cls, spec: dict, head: WeightOnlyLinear) -> "TiedEmbedding":
+        module = cls(head, spec["tied_to"], spec.get("padding_idx"), spec.get("column_scale", False))
+        module.compute_dtype = getattr(torch, spec.get("compute_dtype", "float32"))
+        return module
+
+    def spec(self) -> dict:
+        spec = {"format": self.fmt, "tied_to": self.head_name, "padding_idx": self.padding_idx}
+        if self.inv_column_scale is not None:
+            spec["column_scale"] = True
+        if self.compute_dtype != torch.float32:
+            spec["compute_dtype"] = str(self.compute_dtype).removeprefix("torch.")
+        return spec
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.head.rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+        rows = rows if self.inv_column_scale is None else rows * self.inv_column_scale
+        return rows.to(self.compute_dtype)
+
+
+TIED_FORMATS = (TiedInt8Head.fmt, TiedEmbedding.fmt)  # modules that own no weight: built after what they read
 LINEAR_FORMATS = {cls.fmt: cls for cls in (Int8DynamicLinear, StaticInt8Linear, WeightOnlyLinear, NF4Linear)}

@@ -15,7 +15,8 @@ float by default or, with `zero_point="integer"`, a whole number of steps
 distributed weights better than the even int4 grid at the same size, and
 double quantization trims its scales from 0.5 to about 0.13 bit per weight.
 With `embeddings=True` the input embedding (and a head tied to it) is stored
-as int8 rows too (see `embedding.py`). `compute_dtype="bf16"` runs everything
+as int8 rows too, or, with int4's `embedding_bits=4`, a tied head on the
+layers' 4-bit grid that the embedding reads (see `embedding.py`). `compute_dtype="bf16"` runs everything
 left unquantized (norms, attention, the residual stream) in bf16: the kernels
 take bf16 activations anyway, so this removes two casts per layer per call.
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 from slimkit.errors import SlimkitError
 from slimkit.quantize.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_patterns, copy_model, record, replace_linears
-from slimkit.quantize.embedding import quantize_embeddings
+from slimkit.quantize.embedding import check_embedding_bits, head_grid, quantize_embeddings
 from slimkit.quantize.formats import GROUP_SIZES, check_zero_point
 from slimkit.quantize.modules import NF4Linear, WeightOnlyLinear
 from slimkit.registry import register
@@ -61,6 +62,7 @@ class Int4WeightOnlyConfig:
     symmetric: bool = False
     zero_point: str = "float"  # or "integer": w = (u - z) * s, exportable to MatMulNBits exactly
     embeddings: bool = True
+    embedding_bits: int = 8  # 4: the embedding and its tied head on this 4-bit grid (embedding.py)
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     compute_dtype: str = "fp32"
@@ -68,6 +70,7 @@ class Int4WeightOnlyConfig:
     def __post_init__(self):
         _check_group(self.group_size, allow_none=False)
         check_zero_point(self.zero_point, self.symmetric)
+        check_embedding_bits("int4-wo", self.embedding_bits, 4)
         check_patterns(self.targets, self.ignore)
         check_compute_dtype(self.compute_dtype)
 
@@ -92,7 +95,7 @@ def _apply(model, config, name: str, make):
     lm = copy_model(model, name)
     replace_linears(lm, config, make)
     if config.embeddings:
-        quantize_embeddings(lm.model)
+        quantize_embeddings(lm.model, grid=head_grid(config))
     cast_unquantized(lm.model, config.compute_dtype)
     return record(lm, name, config)
 
