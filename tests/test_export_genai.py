@@ -101,7 +101,8 @@ def test_carried_int4_reproduces_the_artifact_exactly(int4_integer, tmp_path):
     assert attrs["/lm_head/MatMul_Q8"]["bits"] == 8 and attrs["/model/layers.0/attn/qkv_proj/MatMul_Q4"]["N"] == 128
     head = next(n for n in nodes if n.name == "/lm_head/MatMul_Q8")
     emb = int4_integer.model.model.embed_tokens
-    written = nbits_dequantize(*(inits[i] for i in head.input[1:]), 8, 64)
+    assert len(head.input) == 3  # int8 rows are symmetric: zero point 128, the kernel's default, is left out
+    written = nbits_dequantize(inits[head.input[1]], inits[head.input[2]], None, 8, 64)
     assert torch.equal(written, emb.weight_q.float() * emb.weight_scale[:, None])  # the int8 head, exactly
     assert not any(n.op_type == "MatMul" and n.input[1] in inits for n in _graph_nodes(out))  # every MatMul carried
     lookup = next(n for n in _graph_nodes(out) if n.op_type == "GatherBlockQuantized")  # the int8 rows, shared with the head
@@ -187,32 +188,38 @@ def test_a_requantized_four_bit_head_leaves_the_lookup_an_exact_float_table(tiny
     assert torch.equal(torch.from_numpy(inits["model.embed_tokens.weight"]), q.model.lm_head.dequantize())
 
 
-@pytest.mark.parametrize("bits,group,k", [(4, 32, 96), (4, None, 128), (8, None, 96), (8, 64, 128)])
-def test_matmulnbits_layout_matches_the_kernel(bits, group, k):
-    """The packing (B, scales, zero points), checked against ONNX Runtime's own MatMulNBits at fp32 accuracy."""
+@pytest.mark.parametrize("bits,group,k,sym", [(4, 32, 96, False), (4, 32, 96, True), (4, None, 128, True), (8, None, 96, True),
+                                              (8, 64, 128, False)])
+def test_matmulnbits_layout_matches_the_kernel(bits, group, k, sym):
+    """The packing (B, scales, zero points), checked against ONNX Runtime's own MatMulNBits at fp32 accuracy;
+    symmetric codes also without the zero points input (the kernel's default 2^(bits-1))."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from slimkit.export.genai_weights import block_size, layer_codes, nbits_dequantize, nbits_tensors
+    from slimkit.export.genai_weights import block_size, default_zero, layer_codes, nbits_dequantize, nbits_tensors
     from slimkit.quantize.modules import WeightOnlyLinear
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(k, 48, bias=False)
-    q = WeightOnlyLinear.from_float(layer, bits=bits, group_size=group, symmetric=group is None,
-                                    zero_point="float" if group is None else "integer")
+    q = WeightOnlyLinear.from_float(layer, bits=bits, group_size=group, symmetric=sym, zero_point="float" if sym else "integer")
     codes = layer_codes(q)
     block = block_size(codes.group, k)
     b, s, z = nbits_tensors(codes, block)
     assert torch.equal(nbits_dequantize(b, s, z, bits, k), q.dequantize())
-    node = helper.make_node("MatMulNBits", ["X", "B", "S", "Z"], ["Y"], domain="com.microsoft", K=k, N=48, bits=bits,
-                            block_size=block, accuracy_level=0)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 48])],
-                              [numpy_helper.from_array(a, n) for a, n in ((b, "B"), (s, "S"), (z, "Z"))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    assert default_zero(codes) == sym
     x = torch.randn(3, k)
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x.numpy()})[0]
-    assert torch.allclose(torch.from_numpy(got), x @ q.dequantize().T, atol=1e-5)
+    for zero in [z, None] if sym else [z]:
+        if zero is None:
+            assert torch.equal(nbits_dequantize(b, s, None, bits, k), q.dequantize())
+        inputs = ["X", "B", "S"] + ([] if zero is None else ["Z"])
+        node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=48, bits=bits,
+                                block_size=block, accuracy_level=0)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, k])],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 48])],
+                                  [numpy_helper.from_array(a, n) for a, n in zip((b, s, zero), ["B", "S", "Z"]) if a is not None])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x.numpy()})[0]
+        assert torch.allclose(torch.from_numpy(got), x @ q.dequantize().T, atol=1e-5)
 
 
 def test_bad_accuracy_level_names_the_fix():
@@ -220,13 +227,15 @@ def test_bad_accuracy_level_names_the_fix():
         ExportConfig("ort-genai", accuracy_level=7)
 
 
-@pytest.mark.parametrize("method,options", [("int4", {}), ("awq", {"group_size": 32, "n_samples": 2, "seq_len": 32, "grid": 4})])
+@pytest.mark.parametrize("method,options", [("int4", {"zero_point": "integer"}), ("int4", {"symmetric": True}),
+                                            ("awq", {"group_size": 32, "n_samples": 2, "seq_len": 32, "grid": 4, "zero_point": "integer"})])
 def test_four_bit_tied_head_is_carried_and_shared_with_the_lookup(tiny, tmp_path, method, options):
-    """embedding_bits=4: the head is a 4-bit MatMulNBits and the embedding a 4-bit GatherBlockQuantized on its codes."""
+    """embedding_bits=4: the head is a 4-bit MatMulNBits and the embedding a 4-bit GatherBlockQuantized on its codes
+    (symmetric: both without zero points, the kernels' default)."""
     from onnx.helper import get_attribute_value
 
-    q = slimkit.quantize(tiny("llama"), method, zero_point="integer", embedding_bits=4, **options)
-    out = export(q, tmp_path / method, ExportConfig("ort-genai", accuracy_level=0))
+    q = slimkit.quantize(tiny("llama"), method, embedding_bits=4, **options)
+    out = export(q, tmp_path / "genai", ExportConfig("ort-genai", accuracy_level=0))
     info = json.loads((out / "slimkit.json").read_text())["export"]
     assert info["carried"]["requantized"] == [] and info["carried"]["max_weight_diff"] == 0.0
     assert info["parity"]["int4"]["max_abs_diff"] < 1e-4  # fp32 activations: slimkit's own weights, lookup included
@@ -236,6 +245,7 @@ def test_four_bit_tied_head_is_carried_and_shared_with_the_lookup(tiny, tmp_path
     lookup = next(n for n in _graph_nodes(out) if n.op_type == "GatherBlockQuantized")
     assert get_attribute_value(next(a for a in lookup.attribute if a.name == "bits")) == 4
     assert lookup.input[2:] == head.input[2:]  # the same scales and zero points: one copy of the vocabulary
+    assert len(head.input) == (3 if options.get("symmetric") else 4)
     assert info["carried"]["quantized_embeddings"] == {"model.embed_tokens": lookup.name}
     assert "model.embed_tokens.weight" not in inits
     served = slimkit.load(str(out))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from slimkit.errors import SlimkitError
-from slimkit.export.genai_weights import BLOCKS, Plan, Table, block_size, nbits_dequantize, nbits_tensors
+from slimkit.export.genai_weights import BLOCKS, Plan, Table, block_size, default_zero, nbits_dequantize, nbits_tensors
 
 UNQUANTIZED = "export the model before quantization with --quantize int4 (the builder's own int4)"
 
@@ -64,7 +64,8 @@ def carry_codes(path: Path, plan: Plan, accuracy_level: int = 4) -> Carried:
         parts = [nbits_tensors(c, block) for c in codes]
         b, s, z = (np.concatenate([p[j] for p in parts]) for j in range(3))  # along N
         bits, w_name = codes[0].bits, node.input[1]
-        names = [f"{w_name}_Q{bits}", f"{w_name}_scales", f"{w_name}_zero_points"]
+        z = None if all(default_zero(c) for c in codes) else z  # symmetric: the kernel's own zero point, and its faster path
+        names = [f"{w_name}_Q{bits}", f"{w_name}_scales"] + ([] if z is None else [f"{w_name}_zero_points"])
         replacement = helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=f"{node.name}_Q{bits}",
                                        domain="com.microsoft", K=k, N=wt.shape[1], bits=bits, block_size=block,
                                        accuracy_level=accuracy_level)
@@ -119,7 +120,7 @@ def _quantized_lookup(gather, table: Table, inputs: dict, initializers, inits: d
     shared = inputs.get(table.head)
     data = f"{base}_Q{bits}"
     if shared is not None:
-        (b_name, scale_name, zero_name), attrs = shared
+        (b_name, *scale_and_zero), attrs = shared
         block = next(a.i for a in attrs if a.name == "block_size")
         initializers.append(numpy_helper.from_array(np.array([v, width], dtype=np.int64), f"{base}_shape"))
         nodes.append(helper.make_node("Reshape", [b_name, f"{base}_shape"], [data], name=f"{gather.name}_Reshape"))
@@ -128,10 +129,10 @@ def _quantized_lookup(gather, table: Table, inputs: dict, initializers, inits: d
         if block is None:
             raise SlimkitError(f"the embedding's width {d} fits no GatherBlockQuantized block: quantize with embeddings=false")
         b, s, z = nbits_tensors(table.codes, block)
-        scale_name, zero_name = f"{base}_scales", f"{base}_zero_points"
-        initializers.extend(numpy_helper.from_array(a, n) for a, n in ((b.reshape(v, width), data), (s, scale_name), (z, zero_name)))
+        scale_and_zero = [f"{base}_scales"] + ([] if default_zero(table.codes) else [f"{base}_zero_points"])
+        initializers.extend(numpy_helper.from_array(a, n) for a, n in zip((b.reshape(v, width), s, z), [data, *scale_and_zero]))
     out = gather.output[0] if table.inv_column_scale is None else f"{gather.output[0]}_rows"
-    nodes.append(helper.make_node("GatherBlockQuantized", [data, gather.input[1], scale_name, zero_name], [out],
+    nodes.append(helper.make_node("GatherBlockQuantized", [data, gather.input[1], *scale_and_zero], [out],
                                   name=f"{gather.name}BlockQuantized", domain="com.microsoft", bits=bits, block_size=block,
                                   gather_axis=0, quantize_axis=1))
     if table.inv_column_scale is not None:

@@ -133,12 +133,23 @@ def nbits_tensors(codes: Codes, block: int) -> tuple[np.ndarray, np.ndarray, np.
     return b.contiguous().numpy(), scale.numpy().astype(np.float32), zero.contiguous().numpy()
 
 
-def nbits_dequantize(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int, k: int) -> torch.Tensor:
-    """What a MatMulNBits node computes with: its (N, K) weight, for checking a written graph."""
+def default_zero(codes: Codes) -> bool:
+    """Whether every zero point is the one MatMulNBits and GatherBlockQuantized assume when none is given
+    (2^(bits-1): symmetric grids). The input is then left out, which is exact and takes the kernels' faster path."""
+    return bool((codes.zero == 1 << (codes.bits - 1)).all())
+
+
+def nbits_dequantize(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, k: int) -> torch.Tensor:
+    """What a MatMulNBits node computes with: its (N, K) weight, for checking a written graph (no zero points: 2^(bits-1))."""
     n, blocks = scales.shape[0], b.shape[1]
-    b, zp = torch.from_numpy(np.array(b)).reshape(n, -1), torch.from_numpy(np.array(zero_points)).reshape(n, -1)
+    b = torch.from_numpy(np.array(b)).reshape(n, -1)
+    if zero_points is None:
+        zp = torch.full((n, blocks), 1 << (bits - 1), dtype=torch.uint8)
+    else:
+        zp = torch.from_numpy(np.array(zero_points)).reshape(n, -1)
+        zp = Q.unpack_int4(zp) if bits == 4 else zp
     if bits == 4:
-        b, zp = Q.unpack_int4(b), Q.unpack_int4(zp)
+        b = Q.unpack_int4(b)
     u = b[:, :k].float().reshape(n, blocks, k // blocks)
     s = torch.from_numpy(np.array(scales, dtype=np.float32)).reshape(n, blocks)
     return ((u - zp[:, :blocks].float()[..., None]) * s[..., None]).reshape(n, k)
