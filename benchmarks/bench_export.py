@@ -129,14 +129,18 @@ def main() -> None:
 
 
 FOUR_BIT = ["smollm2-genai-int4", "smollm2-genai-slimkit-rtn", "smollm2-genai-slimkit-awq", "smollm2-genai-slimkit-gptq",
-            "smollm2-genai-slimkit-awq-head4", "smollm2-genai-slimkit-gptq-head4", "smollm2-llamacpp-q4_1"]
+            "smollm2-genai-slimkit-awq-head4", "smollm2-genai-slimkit-awq-sym-head4", "smollm2-genai-slimkit-gptq-sym-head4",
+            "smollm2-llamacpp-q4_1"]
 HEAD4 = {"embedding_bits": 4}  # the tied head (and the embedding that reads it) on the layers' 4-bit grid
-SLIMKIT_INT4 = {  # row -> quantize method and options: group 32 and integer zero points, as MatMulNBits stores them
+IZP = {"group_size": 32, "zero_point": "integer"}  # asymmetric with integer zero points, as MatMulNBits stores them
+SYM = {"group_size": 32, "symmetric": True}  # no zero points: MatMulNBits' default, and its faster path
+SLIMKIT_INT4 = {  # row -> quantize method and options, all in groups of 32
     "rtn": ("int4", {"zero_point": "integer"}),
-    "awq": ("awq", {"group_size": 32, "zero_point": "integer"}),
-    "gptq": ("gptq", {"group_size": 32, "zero_point": "integer"}),
-    "awq-head4": ("awq", {"group_size": 32, "zero_point": "integer", **HEAD4}),
-    "gptq-head4": ("gptq", {"group_size": 32, "zero_point": "integer", **HEAD4}),
+    "awq": ("awq", IZP),
+    "gptq": ("gptq", IZP),
+    "awq-head4": ("awq", {**IZP, **HEAD4}),
+    "awq-sym-head4": ("awq", {**SYM, **HEAD4}),
+    "gptq-sym-head4": ("gptq", {**SYM, **HEAD4}),
 }
 
 
@@ -184,13 +188,14 @@ def _decoder_rows(rows, work, args, wanted) -> None:
         key = f"smollm2-genai-slimkit-{variant}"
         if not wanted(key):
             continue
-        artifact = work / f"smollm2-{variant}-int4-izp"
+        artifact = work / f"smollm2-{variant}-int4"
         if not (args.reuse and (artifact / "slimkit.json").exists()):
             slimkit.save(slimkit.quantize(dec, method, **options), artifact, overwrite=True)
         out, seconds = _export(str(artifact), work / key, ExportConfig("ort-genai"), args.reuse)
         q = slimkit.evaluate(str(out), dec, config=eval_cfg)
         head = "4-bit head" if options.get("embedding_bits") == 4 else "int8 head"
-        label = f"slimkit int4 {method.upper() if method != 'int4' else 'RTN'} (integer zero points, g32; {head})"
+        grid = "symmetric" if options.get("symmetric") else "integer zero points"
+        label = f"slimkit int4 {method.upper() if method != 'int4' else 'RTN'} ({grid}, g32; {head})"
         rows.append(Pending(_dec_row, "onnxruntime-genai", label, lambda out=out: bench(str(out), args, *dec_bench), q, seconds, base))
         log(f"SmolLM2 genai {label}: ppl {q.perplexity:.3f}")
     if wanted("smollm2-llamacpp-q4_1") and _llama_cpp_version() is not None:
