@@ -107,3 +107,12 @@ def test_integer_zero_point_module_round_trip_and_kernel():
     fresh = WeightOnlyLinear.from_spec(q.spec())
     fresh.load_state_dict(q.state_dict(), strict=True)
     assert torch.equal(fresh(x), q(x)) and torch.equal(fresh.dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("bits,group,sym,zero_point", [(8, None, True, "float"), (4, 32, False, "float"), (4, 32, False, "integer"), (4, 64, True, "float")])
+def test_weight_only_rows_are_the_dequantized_rows(bits, group, sym, zero_point):
+    """What a TiedEmbedding lookup returns: only the asked rows, dequantized as the whole weight would be."""
+    torch.manual_seed(0)
+    q = WeightOnlyLinear.from_float(torch.nn.Linear(64, 40, bias=False), bits=bits, group_size=group, symmetric=sym, zero_point=zero_point)
+    ids = torch.tensor([3, 0, 39, 3])
+    assert torch.equal(q.rows(ids), q.dequantize()[ids])

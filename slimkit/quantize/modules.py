@@ -284,10 +284,10 @@ class WeightOnlyLinear(QuantLinear):
         """(len(ids), K) fp32: the dequantized weight rows `ids` (1-D), without dequantizing the rest."""
         q = self.qweight[ids]
         q = q if self.bits == 8 else Q.unpack_int4(q).to(torch.int8) - 8
-        pick = lambda t: None if t is None else t[ids]  # noqa: E731
-        offset = pick(self.offset)
-        return Q.dequantize_int(q, self.scale[ids].float(), None if offset is None else offset.float(),
-                                Q.check_group(self.in_features, self.group_size), self.bits, torch.float32, pick(self.zero_point))
+        offset = None if self.offset is None else self.offset[ids].float()
+        zero = None if self.zero_point is None else self.zero_point[ids]
+        group = Q.check_group(self.in_features, self.group_size)
+        return Q.dequantize_int(q, self.scale[ids].float(), offset, group, self.bits, torch.float32, zero)
 
     def kernel(self) -> str:
         if self.bits == 8 and self.symmetric and self.group_size is None:
