@@ -352,6 +352,13 @@ def bf16_native(device: torch.device | str = "cpu") -> bool:
     return device.type == "cpu" and bool(_cpuinfo()[1] & {"avx512_bf16", "amx_bf16"})
 
 
+def int8_pairs_saturate() -> bool:
+    """Whether this CPU's int8 kernels add u8 x s8 products in int16 pairs (x86 without VNNI, AVX2's
+    vpmaddubsw), which saturate with full-range int8 weights: 2 x 255 x 127 > 32767. 7-bit weights fit."""
+    flags = _cpuinfo()[1]
+    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
 def environment(threads: int) -> dict:
     import transformers
 
