@@ -80,7 +80,7 @@ def encoder_part(args) -> dict:
         tokens = dict(hidden_weight=args.enc_token_weight, hidden_loss="cosine", layer_map=last) if args.enc_token_weight else {}
         student = slimkit.distill(teacher, student_layers=args.enc_layers, layer_choice=args.layer_choice, minutes=args.enc_minutes,
                                   batch_size=args.enc_batch, seq_len=args.enc_seq_len, lr=args.enc_lr, eval_batches=2, text_views=args.enc_views,
-                                  cache_teacher=cache if args.enc_cache else None, freeze=args.enc_freeze, **tokens)
+                                  cache_teacher=cache if args.enc_cache else None, freeze=args.enc_freeze, dropout=args.enc_dropout, **tokens)
     init = slimkit.distill.make_student(teacher, student.manifest["training"]["teacher_layers"])
     res = {"training": student.manifest["training"]}
     for name, lm in (("init", init), ("kd", student)):
@@ -138,7 +138,7 @@ def render(lm: dict | None, enc: dict | None, args, env: dict, seconds: float) -
     settings = (f"budgets: LM {args.lm_minutes} min, encoder {args.enc_minutes} min; threads {args.threads}; LM seq_len {args.seq_len}, "
                 f"batch {args.batch_size}, lr {args.lr}, T {args.temperature}, alpha {args.alpha}; held-out tokens {args.eval_tokens}; "
                 f"encoder lr {args.enc_lr}, batch {args.enc_batch}, seq_len {args.enc_seq_len}, text views {args.enc_views}, teacher cache {'on' if args.enc_cache else 'off'}, "
-                f"token loss weight {args.enc_token_weight}, frozen {args.enc_freeze or 'nothing'}; "
+                f"token loss weight {args.enc_token_weight}, frozen {args.enc_freeze or 'nothing'}, dropout {'as the model' if args.enc_dropout is None else args.enc_dropout}; "
                 f"total {seconds / 60:.1f} min")
     return "\n".join(rows) + f"\n\n{settings}\n\nenvironment: {json.dumps(env)}\n"
 
@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--enc-token-weight", type=float, default=0.0,
                     help="encoder: weight of a per-token cosine loss between the student's last block and the teacher's (0: off)")
     ap.add_argument("--enc-freeze", nargs="*", default=[], help="encoder: student modules kept as copied, e.g. embeddings")
+    ap.add_argument("--enc-dropout", type=float, default=None, help="encoder: the student's dropout while training (default: BERT's own 0.1)")
     ap.add_argument("--only", choices=["all", "lm", "encoder"], default="all", help="run one part")
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per model")
     ap.add_argument("--new-tokens", type=int, default=32)

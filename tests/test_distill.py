@@ -12,6 +12,7 @@ import torch
 import slimkit
 from conftest import assert_user_error, invoke_cli, run_cli
 from slimkit.distill import DistillConfig, make_student, progressive, select_layers
+from slimkit.distill.method import set_dropout
 from slimkit.distill.student import num_layers
 from slimkit.errors import SlimkitError
 
@@ -181,6 +182,32 @@ def test_frozen_modules_keep_the_teachers_weights(tiny):
     assert all(not torch.equal(s[k], init[k]) for k in s if "encoder.layer." in k and k.endswith(".weight"))
     with pytest.raises(SlimkitError, match=r"freeze: no module of the student matches \['nothing_here'\]"):
         slimkit.distill(teacher, student_layers=1, steps=1, freeze=["nothing_here"], **FAST)
+
+
+def _dropouts(model) -> list[float]:
+    rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    return rates + [v for m in model.modules() for n, v in vars(m).items() if "dropout" in n and type(v) is float]
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])  # nn.Dropout modules; Llama's float attention_dropout
+def test_dropout_is_set_for_training_and_restored(tiny, arch):
+    model = slimkit.load(str(tiny(arch))).model
+    before = _dropouts(model)
+    assert len(before) >= 2
+    with set_dropout(model, 0.3):
+        assert _dropouts(model) == [0.3] * len(before)
+    assert _dropouts(model) == before
+    with set_dropout(model, None):
+        assert _dropouts(model) == before
+
+
+def test_distill_without_dropout_keeps_the_models_rates(tiny):
+    teacher = slimkit.load(str(tiny("bert")))
+    student = slimkit.distill(teacher, student_layers=1, steps=2, dropout=0.0, **FAST)
+    assert set(_dropouts(student.model)) == {teacher.model.config.hidden_dropout_prob}
+    assert student.manifest["recipe"][-1]["dropout"] == 0.0
+    with pytest.raises(SlimkitError, match=r"dropout must be in \[0, 1\), got 1.5"):
+        slimkit.distill(teacher, student_layers=1, steps=1, dropout=1.5, **FAST)
 
 
 def test_exact_resume_after_a_crash(tiny, tmp_path):
