@@ -14,6 +14,7 @@ from conftest import assert_user_error, invoke_cli, run_cli
 from slimkit.distill import DistillConfig, make_student, progressive, select_layers
 from slimkit.distill.method import set_dropout
 from slimkit.distill.student import num_layers
+from slimkit.distill.trainer import fit_steps
 from slimkit.errors import SlimkitError
 
 from distill_worker import WORKER_OPTIONS  # noqa: E402
@@ -261,6 +262,18 @@ def test_time_budget_plans_the_steps(tiny):
     t = student.manifest["training"]
     assert t["planned_steps"] >= 1 and t["steps"] <= t["planned_steps"]
     assert t["seconds"] < 6 + 10  # the budget plus start-up slack
+
+
+def test_step_plan_counts_a_cached_teachers_first_pass_once():
+    # no cache: every step costs the same
+    assert fit_steps(100.0, step_s=2.0, teacher_s=0.0, uncached=0, accum=1) == 50
+    # 10 uncached batches at 2 + 3 s, then 2 s a step: 10 + (100 - 50) / 2
+    assert fit_steps(100.0, step_s=2.0, teacher_s=3.0, uncached=10, accum=1) == 35
+    # the budget ends inside the first pass: 100 / 5
+    assert fit_steps(100.0, step_s=2.0, teacher_s=3.0, uncached=40, accum=1) == 20
+    # two micro-batches a step: 5 first-pass steps at 4 + 2 * 3 s, then 4 s a step
+    assert fit_steps(100.0, step_s=4.0, teacher_s=3.0, uncached=10, accum=2) == 5 + 12
+    assert fit_steps(0.5, step_s=2.0, teacher_s=0.0, uncached=0, accum=1) == 1  # at least one step
 
 
 @pytest.mark.parametrize("terms", [{}, {"hidden_weight": 1.0, "hidden_loss": "cosine"}])  # hidden states share memory with the last one

@@ -30,10 +30,12 @@ every process's RNG states; resuming from it continues bit-exactly as if the
 run had not stopped.
 
 Budgets. `steps` fixes the number of optimizer steps. With only `minutes`,
-two timing probes (forward + backward without an update; RNG restored, so
-nothing changes) and one evaluation are timed first, and the step count is
-planned to fill the budget, so the LR schedule completes. Training also stops
-when the wall clock runs out, whatever the plan.
+timing probes (forward + backward without an update, on the batch of median
+size; RNG restored, so nothing changes) and one evaluation are timed first,
+and the step count is planned to fill the budget, so the LR schedule
+completes: steps are scaled from the probe by the batches' mean size, and a
+cached teacher's first pass is counted once (`_plan_steps`). Training also
+stops when the wall clock runs out, whatever the plan.
 
 Evaluation runs every `eval_every` steps on the evaluation split (never the
 calibration split that training reads): student cross-entropy for causal LMs
@@ -56,6 +58,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -227,10 +230,17 @@ class TeacherCache:
         elif rank == 0:
             meta.write_text(json.dumps(fingerprint, sort_keys=True))
 
+    def _file(self, index: int) -> Path:
+        return self.root / f"{index:06d}-{self.suffix}.safetensors"
+
+    def has(self, index: int) -> bool:
+        """Whether micro-batch `index`'s teacher outputs are on disk (never without a cache)."""
+        return self.root is not None and self._file(index).exists()
+
     def get(self, index: int, compute) -> dict:
         if self.root is None:
             return compute()
-        f = self.root / f"{index:06d}-{self.suffix}.safetensors"
+        f = self._file(index)
         if f.exists():
             return _unflatten(load_file(f))
         out = compute()
@@ -343,19 +353,29 @@ def train(distiller: Distiller, teacher: nn.Module | None, train_batches: list[d
 
         return cache.get(index, compute)
 
-    def forward_backward(step: int, sync: bool = True) -> tuple[float, dict]:
+    def micro_step(index: int, batch: dict, sync: bool = True) -> tuple[float, dict]:
+        """Forward and backward of one micro-batch (gradients accumulate; no update)."""
+        t = teacher_out(index, batch)
+        with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
+            loss, p = model(batch, t)
+            acc.backward(loss / cfg.grad_accum)
+        return loss.item(), p
+
+    def forward_backward(step: int) -> tuple[float, dict]:
         total, parts = 0.0, {}
         for a in range(cfg.grad_accum):
-            index, batch = micro(step * cfg.grad_accum + a)
-            t = teacher_out(index, batch)
-            ctx = contextlib.nullcontext() if (sync and a == cfg.grad_accum - 1) else acc.no_sync(model)
-            with ctx, acc.autocast():
-                loss, p = model(batch, t)
-                acc.backward(loss / cfg.grad_accum)
-            total += loss.item() / cfg.grad_accum
+            loss, p = micro_step(*micro(step * cfg.grad_accum + a), sync=a == cfg.grad_accum - 1)
+            total += loss / cfg.grad_accum
             for k, v in p.items():
                 parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
         return total, parts
+
+    def probe(index: int) -> float:
+        """Seconds of one micro-batch's forward and backward, as `plan_steps` times it."""
+        t0 = time.perf_counter()
+        micro_step(index, _shard(train_batches[index], rank, world, device))
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
 
     def evaluate() -> float:
         return _evaluate(acc, distiller, teacher, eval_batches, rank, world, device)
@@ -365,7 +385,7 @@ def train(distiller: Distiller, teacher: nn.Module | None, train_batches: list[d
         result.initial_eval = first
         log.write({"event": "eval", "step": 0, result.eval_metric: first})
         if cfg.steps is None:  # plan the steps from timed probes
-            state["planned"] = _plan_steps(acc, forward_backward, evaluate, optimizer, cfg, budget, start)
+            state["planned"] = _plan_steps(acc, probe, evaluate, cfg, budget, start, [b["input_ids"].numel() for b in train_batches], cache)
     result.planned_steps = state["planned"]
     best_weights = _read_best(ckpt / "last") if result.resumed_from is not None else None
     loss = None
@@ -456,24 +476,43 @@ def _evaluate(acc, distiller: Distiller, teacher, batches: list[dict], rank: int
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def _plan_steps(acc, forward_backward, evaluate, optimizer, cfg: TrainConfig, budget: float, start: float) -> int:
-    """Steps that fit the remaining budget, from two timed probe steps and one timed evaluation."""
+def _plan_steps(acc, probe, evaluate, cfg: TrainConfig, budget: float, start: float, sizes: list[int], cache: TeacherCache) -> int:
+    """Steps that fit the remaining budget, from timed probes and one timed evaluation.
+
+    Training batches differ in size (cut by length, a passage batch holds 20 to 256
+    tokens a row), so a probe times the batch of median size and the plan scales it by
+    the mean size, per token. With a teacher cache the first pass over the batches also
+    runs the teacher, later passes read it from disk: the probe is timed twice on one
+    uncached batch, and the difference is what each uncached batch costs once."""
     rng = _rng_state()
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        forward_backward(0, sync=True)
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+    order = sorted(range(len(sizes)), key=sizes.__getitem__)
+    chosen = order[len(order) // 2]
+    probe(order[0])  # warm-up: first-call allocations and kernel choices are not a step's cost
+    caching = cache.root is not None
+    cold = caching and not cache.has(chosen)
+    first, steady = probe(chosen), probe(chosen)
     _set_rng_state(rng)
     t0 = time.perf_counter()
     evaluate()
     eval_s = time.perf_counter() - t0
-    per_step = times[-1] + (eval_s / cfg.eval_every if cfg.eval_every else 0.0)
+    scale = statistics.fmean(sizes) / sizes[chosen]
+    step_s = steady * scale * cfg.grad_accum + (eval_s / cfg.eval_every if cfg.eval_every else 0.0)
+    teacher_s = max(0.0, first - steady) * scale if cold else 0.0
+    uncached = sum(not cache.has(i) for i in range(len(sizes))) if caching else 0
     remaining = budget - (time.perf_counter() - start) - eval_s  # the final evaluation
-    planned = max(1, int(remaining * 0.97 / per_step))
+    planned = fit_steps(remaining * 0.97, step_s, teacher_s, uncached, cfg.grad_accum)
     planned_t = torch.tensor([float(planned)], device=acc.device)
     return int(acc.gather(planned_t).min().item()) if acc.num_processes > 1 else planned
+
+
+def fit_steps(seconds: float, step_s: float, teacher_s: float, uncached: int, accum: int) -> int:
+    """Optimizer steps that fit `seconds`: each costs `step_s`, and the `uncached`
+    micro-batches (met once each in the first pass) cost `teacher_s` more."""
+    first_pass = uncached / accum
+    slow = step_s + accum * teacher_s
+    if seconds <= first_pass * slow:
+        return max(1, int(seconds / slow))
+    return max(1, int(first_pass + (seconds - first_pass * slow) / step_s))
 
 
 # --------------------------------------------------------------------------- checkpoints
