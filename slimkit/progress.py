@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -36,17 +36,20 @@ def status(message: str) -> Iterator[None]:
         yield
 
 
-def track(items: Iterable, description: str, total: int | None = None) -> Iterator:
-    """Iterate with a progress bar (count, elapsed and remaining time)."""
+def track(items: Iterable, description: str, total: int | Callable[[], int] | None = None) -> Iterator:
+    """Iterate with a progress bar (count, elapsed and remaining time); a callable
+    `total` is read again after every item, for work whose length is revised."""
     if _quiet():
         yield from items
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(description, total=total)
+        task = progress.add_task(description, total=total() if callable(total) else total)
         for item in items:
             yield item
             progress.advance(task)
+            if callable(total):
+                progress.update(task, total=total())
 
 
 @contextlib.contextmanager

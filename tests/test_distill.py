@@ -14,7 +14,7 @@ from conftest import assert_user_error, invoke_cli, run_cli
 from slimkit.distill import DistillConfig, make_student, progressive, select_layers
 from slimkit.distill.method import set_dropout
 from slimkit.distill.student import num_layers
-from slimkit.distill.trainer import fit_steps
+from slimkit.distill.trainer import fit_steps, refit_steps
 from slimkit.errors import SlimkitError
 
 from distill_worker import WORKER_OPTIONS  # noqa: E402
@@ -274,6 +274,12 @@ def test_step_plan_counts_a_cached_teachers_first_pass_once():
     # two micro-batches a step: 5 first-pass steps at 4 + 2 * 3 s, then 4 s a step
     assert fit_steps(100.0, step_s=4.0, teacher_s=3.0, uncached=10, accum=2) == 5 + 12
     assert fit_steps(0.5, step_s=2.0, teacher_s=0.0, uncached=0, accum=1) == 1  # at least one step
+
+
+def test_a_time_budgeted_plan_is_refitted_to_the_pace_kept():
+    # 100 steps in the last 50 s (0.5 s a step); 300 s left less a 10 s final evaluation, 2% margin
+    assert refit_steps(200, elapsed=300.0, mark=(100, 250.0), budget=600.0, final_eval_s=10.0) == 200 + int(290 * 0.98 / 0.5)
+    assert refit_steps(200, elapsed=599.0, mark=(100, 250.0), budget=600.0, final_eval_s=10.0) == 201  # out of time: one more step
 
 
 @pytest.mark.parametrize("terms", [{}, {"hidden_weight": 1.0, "hidden_loss": "cosine"}])  # hidden states share memory with the last one

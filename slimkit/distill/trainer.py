@@ -34,8 +34,11 @@ timing probes (forward + backward without an update, on the batch of median
 size; RNG restored, so nothing changes) and one evaluation are timed first,
 and the step count is planned to fill the budget, so the LR schedule
 completes: steps are scaled from the probe by the batches' mean size, and a
-cached teacher's first pass is counted once (`_plan_steps`). Training also
-stops when the wall clock runs out, whatever the plan.
+cached teacher's first pass is counted once (`_plan_steps`). At a quarter,
+half and three quarters of the budget the plan is re-fitted to the pace the
+steps actually kept (`_replan`), so the schedule ends with the budget, not
+before it or cut off by it. Training also stops when the wall clock runs out,
+whatever the plan.
 
 Evaluation runs every `eval_every` steps on the evaluation split (never the
 calibration split that training reads): student cross-entropy for causal LMs
@@ -60,6 +63,7 @@ import random
 import shutil
 import statistics
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -74,6 +78,7 @@ from slimkit.models import CAUSAL_LM, ENCODER
 from slimkit.progress import track
 
 SCHEDULES = ("cosine", "linear", "constant")
+REPLAN_AT = (0.25, 0.5, 0.75)  # budget fractions where a time-budgeted plan is re-fitted to the measured pace
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
@@ -329,7 +334,7 @@ def train(distiller: Distiller, teacher: nn.Module | None, train_batches: list[d
     cache = TeacherCache(cfg.cache_teacher if uses_teacher else None, fingerprint or {}, rank, world)
     log = _Log(cfg.log_dir, acc.is_main_process)
     result = TrainResult(eval_metric=_metric_name(distiller.kind), processes=world)
-    state = {"step": 0, "planned": cfg.steps or 0, "elapsed": 0.0, "best": None, "bad_evals": 0}
+    state = {"step": 0, "planned": cfg.steps or 0, "elapsed": 0.0, "best": None, "bad_evals": 0, "eval_s": 0.0, "replans": 0, "mark": None}
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if cfg.resume and ckpt is not None and (ckpt / "last" / "state.json").exists():
         state = _load_checkpoint(ckpt / "last", acc, model, optimizer, rank)
@@ -381,7 +386,9 @@ def train(distiller: Distiller, teacher: nn.Module | None, train_batches: list[d
         return _evaluate(acc, distiller, teacher, eval_batches, rank, world, device)
 
     if result.resumed_from is None:
+        t0 = time.perf_counter()
         first = evaluate()
+        state["eval_s"] = time.perf_counter() - t0
         result.initial_eval = first
         log.write({"event": "eval", "step": 0, result.eval_metric: first})
         if cfg.steps is None:  # plan the steps from timed probes
@@ -389,8 +396,16 @@ def train(distiller: Distiller, teacher: nn.Module | None, train_batches: list[d
     result.planned_steps = state["planned"]
     best_weights = _read_best(ckpt / "last") if result.resumed_from is not None else None
     loss = None
-    steps = range(state["step"], state["planned"])
-    for step in track(steps, "Distilling", total=len(steps)):
+    replan = cfg.steps is None and budget < math.inf
+    if state["mark"] is None:
+        state["mark"] = [state["step"], state["elapsed"]]
+    begun = state["step"]
+
+    def plan() -> Iterator[int]:  # the steps of a plan that a time budget may revise
+        while state["step"] < state["planned"]:
+            yield state["step"]
+
+    for step in track(plan(), "Distilling", total=lambda: state["planned"] - begun):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, state["planned"], cfg.warmup, cfg.schedule)
         model.train()
@@ -417,6 +432,8 @@ def train(distiller: Distiller, teacher: nn.Module | None, train_batches: list[d
             _save_checkpoint(ckpt, acc, model, optimizer, state, rank, best_weights)
         if stop is None and _any(acc, state["elapsed"] > budget):
             stop = "time"
+        if replan and stop is None and state["replans"] < len(REPLAN_AT) and _any(acc, state["elapsed"] >= REPLAN_AT[state["replans"]] * budget):
+            _replan(acc, state, budget)
         if on_step is not None:
             on_step(step + 1)
         if stop:
@@ -428,6 +445,7 @@ def train(distiller: Distiller, teacher: nn.Module | None, train_batches: list[d
         final = state["best"]
     log.write({"event": "eval", "step": state["step"], result.eval_metric: final, "final": True})
     log.close()
+    result.planned_steps = state["planned"]
     result.steps, result.train_loss, result.final_eval, result.history = state["step"], loss, final, log.evals
     result.best_eval = final if state["best"] is None else min(state["best"], final)
     result.seconds = round(time.perf_counter() - start, 2)
@@ -505,6 +523,27 @@ def _plan_steps(acc, probe, evaluate, cfg: TrainConfig, budget: float, start: fl
     return int(acc.gather(planned_t).min().item()) if acc.num_processes > 1 else planned
 
 
+def _replan(acc, state: dict, budget: float) -> None:
+    """Re-fit the planned steps to the pace measured since the last plan (`REPLAN_AT`).
+
+    Probes time a few micro-batches; the run meets all of them, loads the teacher
+    cache, steps the optimizer and shares the machine with whatever else runs. A
+    plan that runs past the budget stops on the clock with the learning rate still
+    high, one that runs short leaves the budget unused."""
+    planned = torch.tensor([float(refit_steps(state["step"], state["elapsed"], state["mark"], budget, state["eval_s"]))], device=acc.device)
+    state["planned"] = int(acc.gather(planned).min().item()) if acc.num_processes > 1 else int(planned.item())
+    state["replans"] += 1
+    state["mark"] = [state["step"], state["elapsed"]]
+
+
+def refit_steps(step: int, elapsed: float, mark: Sequence[float], budget: float, final_eval_s: float) -> int:
+    """The new plan's last step: `step` plus the steps that fit what is left of
+    `budget` (less the final evaluation) at the pace kept since `mark` = (step, elapsed)."""
+    pace = (elapsed - mark[1]) / max(1, step - mark[0])
+    left = (budget - elapsed - final_eval_s) * 0.98
+    return step + max(1, int(left / pace)) if pace > 0 else step + 1
+
+
 def fit_steps(seconds: float, step_s: float, teacher_s: float, uncached: int, accum: int) -> int:
     """Optimizer steps that fit `seconds`: each costs `step_s`, and the `uncached`
     micro-batches (met once each in the first pass) cost `teacher_s` more."""
@@ -573,7 +612,7 @@ def _load_checkpoint(path: Path, acc, model, optimizer, rank: int) -> dict:
     # weights_only: tensors and plain containers, never arbitrary pickled objects
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     _set_rng_state(torch.load(path / f"rng-{rank}.pt", weights_only=True))
-    return {k: state[k] for k in ("step", "planned", "elapsed", "best", "bad_evals")}
+    return {k: state.get(k) for k in ("step", "planned", "elapsed", "best", "bad_evals", "eval_s", "replans", "mark")}
 
 
 # --------------------------------------------------------------------------- logging
