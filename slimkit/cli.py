@@ -397,7 +397,7 @@ def prune_cmd(
 def distill_cmd(
     teacher: ModelArg,
     out_dir: Annotated[str, typer.Option("--out", help="artifact directory for the trained student")],
-    student_layers: Annotated[str, typer.Option(help="N (keep N layers spread evenly) or a comma list of teacher layers")] = "",
+    student_layers: Annotated[str, typer.Option(help="N (drop the run of teacher layers that turns the hidden states least) or a comma list of teacher layers to keep")] = "",
     minutes: Annotated[float | None, typer.Option(help="wall-clock training budget")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps (default: as many as --minutes allows)")] = None,
     loss: Annotated[str, typer.Option(help="kd: learn from the teacher; ce: labels only, without the teacher (baseline)")] = "kd",
@@ -407,6 +407,12 @@ def distill_cmd(
     batch_size: int = 4,
     seq_len: int = 256,
     dropout: Annotated[float | None, typer.Option(help="the student's dropout while training (default: the model's own; 0 fits faster on short budgets)")] = None,
+    hidden_weight: Annotated[float, typer.Option(help="weight of hidden-state matching through --layer-map (0: off)")] = 0.0,
+    hidden_loss: Annotated[str, typer.Option(help="hidden-state matching: mse or cosine (per token)")] = "mse",
+    layer_map: Annotated[str, typer.Option(help="student:teacher block pairs for hidden matching, e.g. 2:5 (default: each student block and its source)")] = "",
+    freeze: Annotated[str, typer.Option(help="comma list of student module names kept as copied, e.g. embeddings")] = "",
+    text_views: Annotated[int, typer.Option(help="encoders: cut the training passages this many ways")] = 1,
+    cache_teacher: Annotated[str | None, typer.Option(help="cache the teacher's outputs in this directory for repeated epochs")] = None,
     data: Annotated[str | None, typer.Option(help="pydoc (default), a .txt/.jsonl file, or hf:NAME; its calibration split trains")] = None,
     checkpoint_dir: Annotated[str | None, typer.Option(help="write checkpoints here (with --checkpoint-every) and --resume from them")] = None,
     checkpoint_every: int = 0,
@@ -426,7 +432,9 @@ def distill_cmd(
 
     layers = _layer_spec(student_layers)
     config = DistillConfig(student_layers=layers, minutes=minutes, steps=steps, loss=loss, temperature=temperature, alpha=alpha,
-                           lr=lr, batch_size=batch_size, seq_len=seq_len, dropout=dropout, data=data, checkpoint_dir=checkpoint_dir,
+                           lr=lr, batch_size=batch_size, seq_len=seq_len, dropout=dropout, hidden_weight=hidden_weight, hidden_loss=hidden_loss,
+                           layer_map=_layer_pairs(layer_map), freeze=tuple(p.strip() for p in freeze.split(",") if p.strip()),
+                           text_views=text_views, cache_teacher=cache_teacher, data=data, checkpoint_dir=checkpoint_dir,
                            checkpoint_every=checkpoint_every, resume=resume, log_dir=log_dir)
     _guard("distill", teacher, max_memory)
     student = apply(_load(teacher, "auto", threads), config)
@@ -438,6 +446,16 @@ def distill_cmd(
     path = save(student, out_dir, recipe=student.manifest["recipe"], metrics={"training": training}, overwrite=overwrite)
     rows = [(k, str(v)) for k, v in training.items() if k != "history"] + [("artifact", str(path))]
     _emit(as_json, {"artifact": str(path), "config": dataclasses.asdict(config), "training": training}, [table(f"Distilled {teacher}", rows)])
+
+
+def _layer_pairs(text: str) -> tuple[tuple[int, int], ...] | None:
+    """--layer-map "2:5,1:4" as ((2, 5), (1, 4)); empty: None (the default map)."""
+    if not text.strip():
+        return None
+    try:
+        return tuple((int(a), int(b)) for a, b in (pair.split(":") for pair in text.split(",")))
+    except ValueError:
+        raise SlimkitError(f"--layer-map takes student:teacher pairs of block numbers, e.g. 2:5 or 1:4,2:5; got '{text}'") from None
 
 
 def _layer_spec(text: str) -> int | tuple[int, ...]:

@@ -343,9 +343,21 @@ def test_cli_distill_then_eval_and_bench(tiny, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "s").config.num_hidden_layers == 1
 
 
+def test_cli_encoder_options_reach_the_training(tiny, tmp_path):
+    out = _cli("distill", str(tiny("bert")), "--student-layers", "1", "--steps", "2", "--seq-len", "32", "--batch-size", "2",
+               "--hidden-weight", "1", "--hidden-loss", "cosine", "--layer-map", "0:1", "--freeze", "embeddings",
+               "--text-views", "2", "--cache-teacher", str(tmp_path / "cache"), "--dropout", "0", "--out", str(tmp_path / "s"))
+    cfg = out["config"]
+    assert cfg["layer_map"] == [[0, 1]] and cfg["freeze"] == ["embeddings"] and cfg["text_views"] == 2 and cfg["hidden_loss"] == "cosine"
+    assert list((tmp_path / "cache").glob("*.safetensors"))  # the teacher's outputs were cached
+    assert out["training"]["steps"] == 2
+
+
 @pytest.mark.parametrize(
     "args, fragments",
     [
+        (["--student-layers", "1", "--steps", "1", "--layer-map", "1-2"], ["--layer-map takes student:teacher pairs"]),
+        (["--student-layers", "1", "--steps", "1", "--hidden-weight", "1", "--layer-map", "0:7"], ["out of range"]),
         (["--student-layers", "5", "--steps", "1"], ["student layers must be in 1..2"]),
         (["--student-layers", "x", "--steps", "1"], ["--student-layers must be a layer count"]),
         (["--student-layers", "1", "--steps", "1", "--temperature", "0"], ["temperature must be > 0"]),
