@@ -433,7 +433,7 @@ def distill_cmd(
     layers = _layer_spec(student_layers)
     config = DistillConfig(student_layers=layers, minutes=minutes, steps=steps, loss=loss, temperature=temperature, alpha=alpha,
                            lr=lr, batch_size=batch_size, seq_len=seq_len, dropout=dropout, hidden_weight=hidden_weight, hidden_loss=hidden_loss,
-                           layer_map=_layer_pairs(layer_map), freeze=tuple(p.strip() for p in freeze.split(",") if p.strip()),
+                           layer_map=_layer_pairs(layer_map), freeze=tuple(_items(freeze)),
                            text_views=text_views, cache_teacher=cache_teacher, data=data, checkpoint_dir=checkpoint_dir,
                            checkpoint_every=checkpoint_every, resume=resume, log_dir=log_dir)
     _guard("distill", teacher, max_memory)
@@ -448,19 +448,24 @@ def distill_cmd(
     _emit(as_json, {"artifact": str(path), "config": dataclasses.asdict(config), "training": training}, [table(f"Distilled {teacher}", rows)])
 
 
+def _items(text: str) -> list[str]:
+    """A comma list's non-empty items, stripped."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def _layer_pairs(text: str) -> tuple[tuple[int, int], ...] | None:
     """--layer-map "2:5,1:4" as ((2, 5), (1, 4)); empty: None (the default map)."""
     if not text.strip():
         return None
     try:
-        return tuple((int(a), int(b)) for a, b in (pair.split(":") for pair in text.split(",")))
+        return tuple((int(a), int(b)) for a, b in (pair.split(":") for pair in _items(text)))
     except ValueError:
         raise SlimkitError(f"--layer-map takes student:teacher pairs of block numbers, e.g. 2:5 or 1:4,2:5; got '{text}'") from None
 
 
 def _layer_spec(text: str) -> int | tuple[int, ...]:
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in _items(text))
     except ValueError:
         values = ()
     if not values:
@@ -472,7 +477,7 @@ def _bench_config(seq_len: int, batch_sizes: str, new_tokens: int, threads: int 
     from slimkit.benchmark import BenchConfig
 
     try:
-        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+        sizes = tuple(int(b) for b in _items(batch_sizes))
     except ValueError:
         raise SlimkitError(f"--batch-sizes must be comma-separated integers, got '{batch_sizes}'") from None
     return BenchConfig(seq_len=seq_len, batch_sizes=sizes, new_tokens=new_tokens, threads=threads, compile=compiled)

@@ -140,6 +140,13 @@ class TrainConfig:
             fail(f"max_samples must be at least 1, got {self.max_samples}")
 
 
+def _fresh_state(cfg: TrainConfig) -> dict:
+    """The loop's state before step 0; checkpoints save it and resume restores it."""
+    return {"step": 0, "planned": cfg.steps or 0, "elapsed": 0.0, "best": None, "bad_evals": 0,
+            "eval_s": 0.0,  # seconds of one evaluation, kept for the final one
+            "replans": 0, "mark": None}  # time-budget re-plans done; (step, elapsed) of the last plan
+
+
 @dataclass
 class TrainResult:
     steps: int = 0
@@ -334,10 +341,10 @@ def train(distiller: Distiller, teacher: nn.Module | None, train_batches: list[d
     cache = TeacherCache(cfg.cache_teacher if uses_teacher else None, fingerprint or {}, rank, world)
     log = _Log(cfg.log_dir, acc.is_main_process)
     result = TrainResult(eval_metric=_metric_name(distiller.kind), processes=world)
-    state = {"step": 0, "planned": cfg.steps or 0, "elapsed": 0.0, "best": None, "bad_evals": 0, "eval_s": 0.0, "replans": 0, "mark": None}
+    state = _fresh_state(cfg)
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if cfg.resume and ckpt is not None and (ckpt / "last" / "state.json").exists():
-        state = _load_checkpoint(ckpt / "last", acc, model, optimizer, rank)
+        state = {**state, **_load_checkpoint(ckpt / "last", acc, model, optimizer, rank, state.keys())}
         result.resumed_from = state["step"]
     start = time.perf_counter() - state["elapsed"]
     budget = cfg.minutes * 60 if cfg.minutes else math.inf
@@ -392,7 +399,7 @@ def train(distiller: Distiller, teacher: nn.Module | None, train_batches: list[d
         result.initial_eval = first
         log.write({"event": "eval", "step": 0, result.eval_metric: first})
         if cfg.steps is None:  # plan the steps from timed probes
-            state["planned"] = _plan_steps(acc, probe, evaluate, cfg, budget, start, [b["input_ids"].numel() for b in train_batches], cache)
+            state["planned"] = _plan_steps(acc, probe, state["eval_s"], cfg, budget, start, [b["input_ids"].numel() for b in train_batches], cache)
     result.planned_steps = state["planned"]
     best_weights = _read_best(ckpt / "last") if result.resumed_from is not None else None
     loss = None
@@ -459,6 +466,13 @@ def _metric_name(kind: str) -> str:
     return {CAUSAL_LM: "eval_loss", ENCODER: "eval_1_minus_cosine"}.get(kind, "eval_kd_loss")
 
 
+def _least(acc, steps: int) -> int:
+    """The smallest of every process's `steps` (they must plan alike)."""
+    if acc.num_processes == 1:
+        return steps
+    return int(acc.gather(torch.tensor([float(steps)], device=acc.device)).min().item())
+
+
 def _any(acc, flag: bool) -> bool:
     """True on every process when it is true on any (they must stop together)."""
     if acc.num_processes == 1:
@@ -494,8 +508,8 @@ def _evaluate(acc, distiller: Distiller, teacher, batches: list[dict], rank: int
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def _plan_steps(acc, probe, evaluate, cfg: TrainConfig, budget: float, start: float, sizes: list[int], cache: TeacherCache) -> int:
-    """Steps that fit the remaining budget, from timed probes and one timed evaluation.
+def _plan_steps(acc, probe, eval_s: float, cfg: TrainConfig, budget: float, start: float, sizes: list[int], cache: TeacherCache) -> int:
+    """Steps that fit the remaining budget, from timed probes and the evaluation's `eval_s`.
 
     Training batches differ in size (cut by length, a passage batch holds 20 to 256
     tokens a row), so a probe times the batch of median size and the plan scales it by
@@ -510,17 +524,12 @@ def _plan_steps(acc, probe, evaluate, cfg: TrainConfig, budget: float, start: fl
     cold = caching and not cache.has(chosen)
     first, steady = probe(chosen), probe(chosen)
     _set_rng_state(rng)
-    t0 = time.perf_counter()
-    evaluate()
-    eval_s = time.perf_counter() - t0
     scale = statistics.fmean(sizes) / sizes[chosen]
     step_s = steady * scale * cfg.grad_accum + (eval_s / cfg.eval_every if cfg.eval_every else 0.0)
     teacher_s = max(0.0, first - steady) * scale if cold else 0.0
     uncached = sum(not cache.has(i) for i in range(len(sizes))) if caching else 0
     remaining = budget - (time.perf_counter() - start) - eval_s  # the final evaluation
-    planned = fit_steps(remaining * 0.97, step_s, teacher_s, uncached, cfg.grad_accum)
-    planned_t = torch.tensor([float(planned)], device=acc.device)
-    return int(acc.gather(planned_t).min().item()) if acc.num_processes > 1 else planned
+    return _least(acc, fit_steps(remaining * 0.97, step_s, teacher_s, uncached, cfg.grad_accum))
 
 
 def _replan(acc, state: dict, budget: float) -> None:
@@ -530,8 +539,7 @@ def _replan(acc, state: dict, budget: float) -> None:
     cache, steps the optimizer and shares the machine with whatever else runs. A
     plan that runs past the budget stops on the clock with the learning rate still
     high, one that runs short leaves the budget unused."""
-    planned = torch.tensor([float(refit_steps(state["step"], state["elapsed"], state["mark"], budget, state["eval_s"]))], device=acc.device)
-    state["planned"] = int(acc.gather(planned).min().item()) if acc.num_processes > 1 else int(planned.item())
+    state["planned"] = _least(acc, refit_steps(state["step"], state["elapsed"], state["mark"], budget, state["eval_s"]))
     state["replans"] += 1
     state["mark"] = [state["step"], state["elapsed"]]
 
@@ -604,7 +612,7 @@ def _save_checkpoint(root: Path, acc, model, optimizer, state: dict, rank: int, 
     acc.wait_for_everyone()
 
 
-def _load_checkpoint(path: Path, acc, model, optimizer, rank: int) -> dict:
+def _load_checkpoint(path: Path, acc, model, optimizer, rank: int, keys) -> dict:
     state = json.loads((path / "state.json").read_text())
     if state.get("processes", 1) != acc.num_processes:
         raise SlimkitError(f"checkpoint {path} was written by {state['processes']} processes: resume with the same number")
@@ -612,7 +620,7 @@ def _load_checkpoint(path: Path, acc, model, optimizer, rank: int) -> dict:
     # weights_only: tensors and plain containers, never arbitrary pickled objects
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     _set_rng_state(torch.load(path / f"rng-{rank}.pt", weights_only=True))
-    return {k: state.get(k) for k in ("step", "planned", "elapsed", "best", "bad_evals", "eval_s", "replans", "mark")}
+    return {k: state[k] for k in keys if k in state}
 
 
 # --------------------------------------------------------------------------- logging
