@@ -510,3 +510,45 @@ def attention_implementation(model: nn.Module, name: str | None):
     finally:
         model.set_attn_implementation(before)
 
+
+FLOAT32_SDPA = "slimkit_sdpa_float32"  # transformers attention name: SDPA computed in float32 on CPU
+
+
+def training_attention(model: nn.Module) -> str | None:
+    """The attention implementation `model` should train with on this machine (None: its own).
+
+    PyTorch's fused CPU attention is slow backwards in bfloat16 when a batch holds many
+    short (sequence, head) problems. On an AMX Xeon at 2 threads, forward and backward of
+    32 sequences x 12 heads of 32 took 64 ms at 90 tokens in bfloat16 and 27 ms in
+    float32, casts included; a whole training step of the 3-layer MiniLM student was
+    1.53x faster, and of the 15-layer SmolLM2 student (4 x 256 tokens) the same (its
+    attention alone 0.88x). `benchmarks/bench_attention.py` measures it. So a model that
+    uses SDPA trains with SDPA computed in float32 (`FLOAT32_SDPA`) on CPU tensors;
+    everything around the attention stays in the autocast precision. Tensors on other
+    devices, and models with another implementation, train as they are."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa":
+        return None
+    _register_float32_sdpa()
+    return FLOAT32_SDPA
+
+
+def _register_float32_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if FLOAT32_SDPA in AttentionInterface._global_mapping:
+        return
+
+    def float32_sdpa(module, query, key, value, attention_mask, **kwargs):
+        if query.dtype == torch.float32 or query.device.type != "cpu":
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+        with torch.autocast("cpu", enabled=False):
+            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+        return out.to(query.dtype), weights
+
+    AttentionInterface.register(FLOAT32_SDPA, float32_sdpa)
+    AttentionMaskInterface.register(FLOAT32_SDPA, sdpa_mask)  # masks built as for SDPA
+

@@ -11,11 +11,12 @@ import torch
 
 import slimkit
 from conftest import assert_user_error, invoke_cli, run_cli
-from slimkit.distill import DistillConfig, make_student, progressive, select_layers
+from slimkit.distill import DistillConfig, make_student, method, progressive, select_layers
 from slimkit.distill.method import set_dropout
 from slimkit.distill.student import num_layers
 from slimkit.distill.trainer import fit_steps, refit_steps
 from slimkit.errors import SlimkitError
+from slimkit.models import FLOAT32_SDPA
 
 from distill_worker import WORKER_OPTIONS  # noqa: E402
 
@@ -171,6 +172,20 @@ def test_hidden_and_attention_terms_train_and_restore_sdpa(tiny):
     student = slimkit.distill(teacher, student_layers=1, steps=2, hidden_weight=1.0, attention_weight=1.0, attention_loss="kl", **FAST)
     assert teacher.model.config._attn_implementation == impl
     assert student.model.config._attn_implementation == "sdpa"
+
+
+def test_students_train_with_float32_attention_on_cpu(tiny, monkeypatch):
+    seen = []
+    real = method.train
+
+    def spy(distiller, *args, **kwargs):
+        seen.append(distiller.student.config._attn_implementation)
+        return real(distiller, *args, **kwargs)
+
+    monkeypatch.setattr(method, "train", spy)
+    student = slimkit.distill(slimkit.load(str(tiny("bert"))), student_layers=1, steps=2, **FAST)
+    assert seen == [FLOAT32_SDPA]
+    assert student.model.config._attn_implementation == "sdpa"  # the artifact keeps the model's own
 
 
 def test_frozen_modules_keep_the_teachers_weights(tiny):

@@ -131,3 +131,45 @@ def test_embedded_package_missing(monkeypatch):
 
 def test_check_safetensors_accepts_good_file(tiny):
     M.check_safetensors(tiny("gpt2") / "model.safetensors")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_float32_attention_for_cpu_training_matches_sdpa(tiny, arch):
+    """Training on CPU computes SDPA in float32 (faster backwards than the fused bfloat16
+    kernel): masks are built as for SDPA, padding and causality are respected, outputs and
+    gradients agree with float32 SDPA, and the model gets its own implementation back."""
+    lm = slimkit.load(tiny(arch))
+    model = lm.model
+    assert model.config._attn_implementation == "sdpa"
+    name = M.training_attention(model)
+    assert name == M.FLOAT32_SDPA
+    lm.tokenizer.padding_side = "right"
+    texts = ["a short one", "a longer passage of text with more words in it than the first"]
+    batch = dict(lm.tokenizer(texts, padding=True, return_tensors="pt"))
+    batch.pop("token_type_ids", None)
+    short = lm.tokenizer(texts[:1], return_tensors="pt")["input_ids"].shape[1]
+
+    def run(impl, autocast, **b):
+        model.zero_grad()
+        with M.attention_implementation(model, impl), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(**(b or batch))
+        out = (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
+        out.pow(2).mean().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    ref, ref_grad = run("sdpa", False)
+    out, grad = run(name, True)
+    assert model.config._attn_implementation == "sdpa"
+    scale = ref.abs().max()
+    assert (out - ref).abs().max() < 0.05 * scale
+    assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) > 0.99
+    alone, _ = run(name, True, input_ids=batch["input_ids"][:1, :short], attention_mask=batch["attention_mask"][:1, :short])
+    assert (out[0, :short] - alone[0]).abs().max() < 0.05 * scale  # padding is masked out
+    plain, _ = run(name, False)  # float32 inputs go straight to SDPA
+    assert torch.equal(plain, ref)
+
+
+def test_training_attention_leaves_other_implementations(tiny):
+    model = slimkit.load(tiny("bert")).model
+    with M.attention_implementation(model, "eager"):
+        assert M.training_attention(model) is None

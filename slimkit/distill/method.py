@@ -47,7 +47,7 @@ from slimkit.distill import losses as L
 from slimkit.distill.student import LAYER_CHOICES, make_student, most_similar_run, num_layers, select_layers
 from slimkit.distill.trainer import Distiller, TrainConfig, train
 from slimkit.errors import SlimkitError
-from slimkit.models import CAUSAL_LM, CLASSIFIER, ENCODER, LoadedModel, attention_implementation, load
+from slimkit.models import CAUSAL_LM, CLASSIFIER, ENCODER, LoadedModel, attention_implementation, load, training_attention
 from slimkit.registry import register
 from slimkit.targets import matches
 
@@ -126,7 +126,8 @@ def apply(model: LoadedModel, config: DistillConfig, *, on_step=None, **context)
     fingerprint = _fingerprint(teacher, config, distiller, source, train_batches)
     eager = "attentions" in distiller.loss.needs
     impl = "eager" if eager else None  # attention maps need the eager implementation
-    with attention_implementation(student.model, impl), attention_implementation(teacher.model, impl), set_dropout(student.model, config.dropout):
+    with attention_implementation(student.model, impl or training_attention(student.model)), attention_implementation(teacher.model, impl), \
+            set_dropout(student.model, config.dropout):
         result = train(distiller, teacher.model if distiller.loss.uses_teacher or teacher.kind != CAUSAL_LM else None,
                        train_batches, eval_batches, config, fingerprint=fingerprint, on_step=on_step)
     student.model.eval()

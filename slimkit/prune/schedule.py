@@ -23,8 +23,9 @@ On this CPU a 135M model trains at roughly 100-150 tokens/s, so 20 minutes
 is about 150k tokens: enough to heal structured pruning a good deal, not to
 retrain. To get more steps from it, embeddings (tied to the LM head in
 SmolLM2) stay frozen and matmuls run under bf16 autocast where the CPU has
-bf16 instructions (fp32 master weights and optimizer). Dropout stays off (the
-model is kept in eval mode) so runs repeat.
+bf16 instructions (fp32 master weights and optimizer), with attention computed in
+fp32 (`models.training_attention`: the fused CPU kernel is slow backwards in bf16).
+Dropout stays off (the model is kept in eval mode) so runs repeat.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from slimkit import data as D
 from slimkit.benchmark import bf16_native
 from slimkit.distill import losses as L
 from slimkit.errors import SlimkitError
-from slimkit.models import CAUSAL_LM, LoadedModel
+from slimkit.models import CAUSAL_LM, LoadedModel, attention_implementation, training_attention
 from slimkit.progress import status
 from slimkit.prune import common, importance
 from slimkit.prune.unstructured import SCOPES, apply_masks, check_minutes, global_masks, layer_mask
@@ -99,7 +100,7 @@ def recover(lm: LoadedModel, reference: LoadedModel, config: RecoveryConfig, mas
     model.eval()  # no dropout
     deadline = time.monotonic() + config.minutes * 60
     start, losses, tokens, step = time.monotonic(), [], 0, 0
-    with status(f"Recovery training for {config.minutes:g} min"):
+    with status(f"Recovery training for {config.minutes:g} min"), attention_implementation(model, training_attention(model)):
         for epoch in itertools.count():
             order = list(range(len(batches)))
             rng.shuffle(order)
