@@ -18,6 +18,7 @@ Loading never unpickles: weights are read from safetensors (or GGUF), and
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -532,23 +533,23 @@ def training_attention(model: nn.Module) -> str | None:
     return FLOAT32_SDPA
 
 
+@functools.cache
 def _register_float32_sdpa() -> None:
+    """Make `FLOAT32_SDPA` a transformers attention implementation (once per process)."""
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    if FLOAT32_SDPA in AttentionInterface._global_mapping:
-        return
-
-    def float32_sdpa(module, query, key, value, attention_mask, **kwargs):
-        if query.dtype == torch.float32 or query.device.type != "cpu":
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        if attention_mask is not None and attention_mask.is_floating_point():
-            attention_mask = attention_mask.float()
-        with torch.autocast("cpu", enabled=False):
-            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
-        return out.to(query.dtype), weights
-
-    AttentionInterface.register(FLOAT32_SDPA, float32_sdpa)
+    AttentionInterface.register(FLOAT32_SDPA, _float32_sdpa)
     AttentionMaskInterface.register(FLOAT32_SDPA, sdpa_mask)  # masks built as for SDPA
 
+
+def _float32_sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.dtype == torch.float32 or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+    return out.to(query.dtype), weights
