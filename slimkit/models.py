@@ -513,6 +513,9 @@ def attention_implementation(model: nn.Module, name: str | None):
 
 
 FLOAT32_SDPA = "slimkit_sdpa_float32"  # transformers attention name: SDPA computed in float32 on CPU
+# where float32 pays (bench_attention.py): heads of 32 at every length measured (1.15x at 256
+# tokens, 2-4x shorter), or sequences up to 128 tokens; SmolLM2's 256 tokens x heads of 64: 0.88x
+FLOAT32_SDPA_MAX_HEAD_DIM, FLOAT32_SDPA_MAX_LENGTH = 32, 128
 
 
 def training_attention(model: nn.Module) -> str | None:
@@ -522,10 +525,11 @@ def training_attention(model: nn.Module) -> str | None:
     short (sequence, head) problems. On an AMX Xeon at 2 threads, forward and backward of
     32 sequences x 12 heads of 32 took 64 ms at 90 tokens in bfloat16 and 27 ms in
     float32, casts included; a whole training step of the 3-layer MiniLM student was
-    1.53x faster, and of the 15-layer SmolLM2 student (4 x 256 tokens) the same (its
-    attention alone 0.88x). `benchmarks/bench_attention.py` measures it. So a model that
-    uses SDPA trains with SDPA computed in float32 (`FLOAT32_SDPA`) on CPU tensors;
-    everything around the attention stays in the autocast precision. Tensors on other
+    1.53x faster. At SmolLM2's 4 x 256 tokens with heads of 64, float32 attention was
+    0.88x, so that shape keeps bf16. `benchmarks/bench_attention.py` measures it. So a model that
+    uses SDPA trains with SDPA computed in float32 (`FLOAT32_SDPA`) on CPU tensors, for
+    the shapes where that pays (heads of at most 32, or at most 128 tokens); everything
+    around the attention stays in the autocast precision. Other shapes, tensors on other
     devices, and models with another implementation, train as they are."""
     if getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa":
         return None
@@ -546,10 +550,12 @@ def _register_float32_sdpa() -> None:
 def _float32_sdpa(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.dtype == torch.float32 or query.device.type != "cpu":
+    length, head_dim = query.shape[-2], query.shape[-1]
+    worth_it = head_dim <= FLOAT32_SDPA_MAX_HEAD_DIM or length <= FLOAT32_SDPA_MAX_LENGTH
+    if query.device.type != "cpu" or not worth_it or all(t.dtype == torch.float32 for t in (query, key, value)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast("cpu", enabled=False):
         out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
-    return out.to(query.dtype), weights
+    return out.to(value.dtype), weights  # Llama's rotary embedding hands over float32 queries and keys, bf16 values

@@ -134,7 +134,7 @@ def test_check_safetensors_accepts_good_file(tiny):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
-def test_float32_attention_for_cpu_training_matches_sdpa(tiny, arch):
+def test_float32_attention_for_cpu_training_matches_sdpa(tiny, arch, monkeypatch):
     """Training on CPU computes SDPA in float32 (faster backwards than the fused bfloat16
     kernel): masks are built as for SDPA, padding and causality are respected, outputs and
     gradients agree with float32 SDPA, and the model gets its own implementation back."""
@@ -158,7 +158,11 @@ def test_float32_attention_for_cpu_training_matches_sdpa(tiny, arch):
         return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     ref, ref_grad = run("sdpa", False)
+    dtypes, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda q, k, v, *a, **kw: dtypes.extend((q.dtype, k.dtype, v.dtype)) or sdpa(q, k, v, *a, **kw))
     out, grad = run(name, True)
+    monkeypatch.undo()
+    assert dtypes and set(dtypes) == {torch.float32}  # bf16 autocast inputs, attention computed in float32
     assert model.config._attn_implementation == "sdpa"
     scale = ref.abs().max()
     assert (out - ref).abs().max() < 0.05 * scale
