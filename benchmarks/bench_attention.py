@@ -29,11 +29,11 @@ import time
 import torch
 
 import slimkit
-from slimkit.benchmark import environment
-from slimkit.data import TextSource
-from slimkit.distill.method import DistillConfig, freeze, make_batches, set_dropout
-from slimkit.distill.student import make_student
-from slimkit.models import attention_implementation, training_attention
+from slimkit.core.attention import attention_implementation, training_attention
+from slimkit.core.data import TextSource
+from slimkit.core.hardware import environment
+from slimkit.distillation.method import DistillConfig, freeze, make_batches, set_dropout
+from slimkit.distillation.student import make_student
 
 
 def attention_rows(rounds: int) -> list[str]:

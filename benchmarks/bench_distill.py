@@ -30,9 +30,10 @@ import time
 import torch
 
 import slimkit
-from slimkit.benchmark import BenchConfig, environment
-from slimkit.data import TextSource
-from slimkit.evaluate import EvalConfig
+from slimkit.core.data import TextSource
+from slimkit.core.hardware import environment
+from slimkit.measure.quality import EvalConfig
+from slimkit.measure.speed import BenchConfig
 
 
 def log(msg: str) -> None:

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import slimkit
-from slimkit.benchmark import environment
-from slimkit.export import ExportConfig, export
-from slimkit.export.onnxruntime import reuse_graphs, seed_graph
+from slimkit.core.hardware import environment
+from slimkit.exporters import ExportConfig, export
+from slimkit.exporters.onnxruntime import reuse_graphs, seed_graph
 
 ENCODER = "minilm-l6"
 DECODER = "smollm2-135m"

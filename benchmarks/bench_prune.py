@@ -28,10 +28,11 @@ import time
 import torch
 
 import slimkit
-from slimkit.benchmark import BenchConfig, benchmark, environment
-from slimkit.data import TextSource
-from slimkit.evaluate import EvalConfig, evaluate
-from slimkit.prune.schedule import RecoveryConfig, recover
+from slimkit.core.data import TextSource
+from slimkit.core.hardware import environment
+from slimkit.measure.quality import EvalConfig, evaluate
+from slimkit.measure.speed import BenchConfig, benchmark
+from slimkit.pruning.recovery import RecoveryConfig, recover
 
 
 def best_latency(models: dict, config: BenchConfig, rounds: int) -> dict:

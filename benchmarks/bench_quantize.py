@@ -23,8 +23,8 @@ import time
 import torch
 
 import slimkit
-from slimkit.benchmark import BenchConfig, benchmark
-from slimkit.evaluate import EvalConfig, evaluate
+from slimkit.measure.quality import EvalConfig, evaluate
+from slimkit.measure.speed import BenchConfig, benchmark
 
 # Every method family; the options are the ones the rows are named by.
 LM_METHODS = [

@@ -24,8 +24,9 @@ import time
 import torch
 
 import slimkit
-from slimkit.benchmark import _decode, _decode_compiled, environment, sample_inputs
-from slimkit.compiled import CompiledDecoder
+from slimkit.core.hardware import environment
+from slimkit.measure.decoding import CompiledDecoder
+from slimkit.measure.speed import _decode, _decode_compiled, sample_inputs
 
 METHODS = {  # label -> (method, options)
     "bf16": ("bf16", {}),

@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 import slimkit
-from slimkit.benchmark import BenchConfig, benchmark, environment
-from slimkit.export import ExportConfig, export
-from slimkit.export import tensorrt as T
+from slimkit.core.hardware import environment
+from slimkit.exporters import ExportConfig, export
+from slimkit.exporters import tensorrt as T
+from slimkit.measure.speed import BenchConfig, benchmark
 
 MODEL = "minilm-l6"
 SEQ, BATCH = 128, 32

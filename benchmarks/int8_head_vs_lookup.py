@@ -1,10 +1,14 @@
 """Which part of int8 embeddings loses on SmolLM2: the lookup or the tied head?"""
-import copy, sys, time
+import copy
+import time
+
 import torch
 from torch import nn
+
 import slimkit
-from slimkit.evaluate import evaluate, EvalConfig
-from slimkit.quantize.modules import Int8Embedding, TiedInt8Head
+from slimkit.measure.quality import EvalConfig, evaluate
+from slimkit.quantization.modules import Int8Embedding, TiedInt8Head
+
 torch.set_num_threads(2)
 ref = slimkit.load("smollm2-135m")
 base = slimkit.quantize(ref, "int8-wo", embeddings=False)

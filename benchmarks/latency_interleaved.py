@@ -20,8 +20,9 @@ import time
 import torch
 
 import slimkit
-from slimkit.benchmark import _forward, compiled_forward, environment, sample_inputs
-from slimkit.evaluate import evaluate
+from slimkit.core.hardware import environment
+from slimkit.measure.quality import evaluate
+from slimkit.measure.speed import _forward, compiled_forward, sample_inputs
 
 METHODS = {  # label -> (method, options)
     "bf16": ("bf16", {}),

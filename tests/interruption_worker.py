@@ -14,9 +14,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-PRELOAD = ["torch", "transformers", "onnx", "onnxruntime", "torch.onnx", "slimkit.cli", "slimkit.artifacts",
-           "slimkit.export", "slimkit.export.onnxruntime", "slimkit.optimize", "slimkit.evaluate", "slimkit.report",
-           "slimkit.display", "slimkit.resources", "transformers.models.bert.modeling_bert",
+PRELOAD = ["torch", "transformers", "onnx", "onnxruntime", "torch.onnx", "slimkit.cli", "slimkit.io.artifacts",
+           "slimkit.exporters", "slimkit.exporters.onnxruntime", "slimkit.search.loop", "slimkit.measure.quality", "slimkit.report",
+           "slimkit.cli.display", "slimkit.io.resources", "transformers.models.bert.modeling_bert",
            "transformers.models.llama.modeling_llama", "transformers.tokenization_utils_tokenizers",
            "transformers.convert_slow_tokenizer", "pydantic", "slimkit.report.plots", "matplotlib.pyplot"]
 
@@ -29,7 +29,7 @@ def export_cli(model: str, out: str) -> None:
     """`slimkit export MODEL --format onnx --out OUT`: the real command line, in this process."""
     import torch
 
-    from slimkit.cli import app
+    from slimkit.cli.base import app
 
     torch.set_num_threads(1)
     sys.argv = ["slimkit", "export", model, "--format", "onnx", "--out", out, "--threads", "1"]
@@ -43,13 +43,13 @@ class CastConfig:
 
 def register_cast() -> None:
     """A technique for a fast search: a bf16 cast (smaller on disk, a little worse)."""
-    from slimkit import registry
+    from slimkit.core import registry
 
     registry.techniques()  # the built-ins first
     if "test-bf16" in {t.name for t in registry.techniques()}:
         return
 
-    def cast(model, config, **ctx):
+    def cast(model, config, ctx):
         import torch
 
         new = copy.deepcopy(model)
@@ -72,7 +72,7 @@ def optimize_run(model: str, out: str) -> None:
     import torch
 
     import slimkit
-    from slimkit import optimize as O
+    from slimkit.search import loop as O
 
     torch.set_num_threads(1)
     os.environ["SLIMKIT_QUIET"] = "1"

@@ -1,12 +1,11 @@
 import json
-import shutil
 
 import pytest
 import torch
 
 import slimkit
-from slimkit.artifacts import save
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
+from slimkit.io.artifacts import save
 
 
 def _outputs(lm):

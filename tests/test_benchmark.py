@@ -3,8 +3,8 @@ import json
 import pytest
 
 import slimkit
-from slimkit.benchmark import BenchConfig, PeakMemory, benchmark, latency_stats
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
+from slimkit.measure.speed import BenchConfig, PeakMemory, benchmark, latency_stats
 
 FAST = BenchConfig(seq_len=32, batch_sizes=(1, 2), new_tokens=8, warmup=1, min_iters=5, min_seconds=0.0, decode_repeats=2, threads=1)
 

@@ -1,10 +1,8 @@
 """The real `slimkit` command, in a subprocess: JSON interface and error lines."""
 
-import json
 import shutil
 
 import pytest
-
 from conftest import assert_user_error, cli_json, run_cli
 
 EVAL_FAST = ["--max-tokens", "200", "--window", "64", "--stride", "32"]

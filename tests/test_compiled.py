@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import slimkit
-from slimkit.benchmark import BenchConfig, benchmark
-from slimkit.compiled import CompiledDecoder
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
+from slimkit.measure.decoding import CompiledDecoder
+from slimkit.measure.speed import BenchConfig, benchmark
 
 
 def _eager_tokens(lm, ids, n):
@@ -52,7 +52,7 @@ def test_compile_refuses_what_it_cannot_serve(tiny):
 
 
 def test_generate_compiled_gives_the_eager_text(tiny):
-    from slimkit.generate import generate
+    from slimkit.measure.generation import generate
 
     lm = slimkit.load(tiny("llama"))
     eager = generate(lm, "def main(): return", max_new_tokens=6)

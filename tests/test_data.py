@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from slimkit import data as D
-from slimkit.errors import SlimkitError
+from slimkit.core import data as D
+from slimkit.core.errors import SlimkitError
 
 
 class CharTokenizer:
@@ -110,7 +110,7 @@ def test_calibration_batches_come_from_calibration_only(tokenizer_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    batches = list(D.calibration_batches(tok, seq_len=64, n_samples=8, batch_size=4))
+    batches = list(D.calibration_batches(tok, seq_len=64, calibration_samples=8, batch_size=4))
     assert [b.shape for b in batches] == [torch.Size([4, 64])] * 2
     calib = "".join(D.TextSource.parse(None, "calibration").texts())
     assert tok.decode(batches[0][0][:20]) in calib

@@ -8,17 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_user_error, invoke_cli, run_cli
+from distill_worker import WORKER_OPTIONS  # noqa: E402
 
 import slimkit
-from conftest import assert_user_error, invoke_cli, run_cli
-from slimkit.distill import DistillConfig, make_student, method, progressive, select_layers
-from slimkit.distill.method import set_dropout
-from slimkit.distill.student import num_layers
-from slimkit.distill.trainer import fit_steps, refit_steps
-from slimkit.errors import SlimkitError
-from slimkit.models import FLOAT32_SDPA
-
-from distill_worker import WORKER_OPTIONS  # noqa: E402
+from slimkit.core.attention import FLOAT32_SDPA
+from slimkit.core.errors import SlimkitError
+from slimkit.core.training import fit_steps, refit_steps
+from slimkit.distillation import DistillConfig, make_student, method, progressive, select_layers
+from slimkit.distillation.method import set_dropout
+from slimkit.distillation.student import num_layers
 
 FAST = dict(seq_len=32, batch_size=2, eval_batches=2, max_samples=8)
 
@@ -46,9 +45,9 @@ def test_select_layers():
 
 def test_similarity_drops_the_run_of_blocks_that_change_the_stream_least(tiny):
     """Blocks 1 and 2 of a 4-layer model are made near identities: a 2-layer student drops them."""
-    from slimkit.distill.student import most_similar_run
-
     import transformers as T
+
+    from slimkit.distillation.student import most_similar_run
 
     torch.manual_seed(0)
     cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -131,7 +130,7 @@ def test_config_validation(options, fragment):
 def test_layer_map_out_of_range_and_unknown_option(tiny):
     with pytest.raises(SlimkitError, match="teacher layer 5 is out of range 0..1"):
         slimkit.distill(str(tiny("llama")), student_layers=1, steps=1, hidden_weight=1.0, layer_map=[[0, 5]], **FAST)
-    with pytest.raises(SlimkitError, match="unknown distill option 'temprature'"):
+    with pytest.raises(SlimkitError, match=r"unknown option\(s\) temprature for distill method 'distill'"):
         slimkit.distill(str(tiny("llama")), student_layers=1, steps=1, temprature=2.0)
 
 
@@ -424,8 +423,8 @@ def test_classifier_student_trains_on_the_teachers_class_distribution(tiny):
 
 def test_encoder_training_batches_are_cut_by_length():
     """Passages of like length share a batch (little padding); evaluation batches keep the corpus order."""
-    from slimkit import data as D
-    from slimkit.distill.method import by_length, make_batches
+    from slimkit.core import data as D
+    from slimkit.distillation.method import by_length, make_batches
 
     teacher = slimkit.load("minilm-l6")
     texts = ["one two three four five six seven eight nine ten " * k for k in (5, 1, 3, 1, 8, 2)]

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from slimkit.distill import losses as L
-from slimkit.errors import SlimkitError
+from slimkit.core import losses as L
+from slimkit.core.errors import SlimkitError
 
 
 def _kl(p, q):

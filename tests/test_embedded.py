@@ -1,15 +1,14 @@
 """The two embedded models, end to end (tens of seconds: marked slow)."""
 
-import json
 
 import pytest
 import torch
+from conftest import cli_json
 
 import slimkit
-from slimkit import models as M
-from slimkit.evaluate import EvalConfig
-
-from conftest import cli_json
+from slimkit.core import arch as A
+from slimkit.io import sources as S
+from slimkit.measure.quality import EvalConfig
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +19,9 @@ def test_smollm2_loads_from_cache_without_dequantizing(monkeypatch):
     def no_second_conversion(*a, **k):
         raise AssertionError("GGUF dequantized again although a cached copy exists")
 
-    monkeypatch.setattr(M, "_read_gguf", no_second_conversion)
+    monkeypatch.setattr(S, "_read_gguf", no_second_conversion)
     lm = slimkit.load("smollm2-135m")
-    assert lm.kind == M.CAUSAL_LM
+    assert lm.kind == A.CAUSAL_LM
     assert lm.config.model_type == "llama" and lm.config.num_hidden_layers == 30
     assert 134_000_000 < lm.num_parameters() < 135_000_000
 

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import slimkit
-from slimkit import data as D
-from slimkit.evaluate import EvalConfig, evaluate, next_token_stats, topk_overlap
-from slimkit.errors import SlimkitError
+from slimkit.core import data as D
+from slimkit.core.errors import SlimkitError
+from slimkit.core.metrics import next_token_stats, topk_overlap
+from slimkit.measure.quality import EvalConfig, evaluate
 
 
 def test_next_token_stats_math():

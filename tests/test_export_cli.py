@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import assert_user_error, cli_json, run_cli
 
 pytest.importorskip("onnxruntime", reason="ONNX export tests need the extra: pip install 'slimkit[onnx]'")
@@ -36,7 +35,7 @@ def test_bench_and_eval_on_the_exported_directory(exported_llama, tiny):
 
 
 def test_generate_matches_torch(exported_llama, tiny):
-    from slimkit.generate import generate
+    from slimkit.measure.generation import generate
 
     out, _ = exported_llama
     got = cli_json("generate", str(out), "--prompt", "The def statement", "--max-new-tokens", "6")

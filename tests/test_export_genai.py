@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import slimkit
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 
 pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai: pip install 'slimkit[onnx]'")
 
-from slimkit.export import ExportConfig, export  # noqa: E402
-from slimkit.export.ort_genai import GenaiCache, GenaiModel  # noqa: E402
-from slimkit.generate import generate  # noqa: E402
+from slimkit.exporters import ExportConfig, export  # noqa: E402
+from slimkit.exporters.ort_genai import GenaiCache, GenaiModel  # noqa: E402
+from slimkit.measure.generation import generate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def int4_integer(tiny):
 def test_carried_int4_reproduces_the_artifact_exactly(int4_integer, tmp_path):
     from onnx.helper import get_attribute_value
 
-    from slimkit.export.genai_weights import nbits_dequantize
+    from slimkit.exporters.genai_weights import nbits_dequantize
 
     out = export(int4_integer, tmp_path / "exact", ExportConfig("ort-genai", accuracy_level=0))
     manifest = json.loads((out / "slimkit.json").read_text())
@@ -122,8 +122,8 @@ def _graph_nodes(path):
     return list(onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node)
 
 
-@pytest.mark.parametrize("method,options", [("gptq", {"group_size": 32, "n_samples": 2, "seq_len": 32}),
-                                            ("awq", {"group_size": 32, "n_samples": 2, "seq_len": 32, "grid": 4}),
+@pytest.mark.parametrize("method,options", [("gptq", {"group_size": 32, "calibration_samples": 2, "seq_len": 32}),
+                                            ("awq", {"group_size": 32, "calibration_samples": 2, "seq_len": 32, "grid": 4}),
                                             ("int4-wo", {"symmetric": True, "group_size": 64, "embeddings": False})])
 def test_gptq_and_symmetric_int4_are_carried(tiny, tmp_path, method, options):
     zero_point = {} if options.get("symmetric") else {"zero_point": "integer"}
@@ -154,7 +154,7 @@ def test_untied_int8_embedding_and_float_head(tiny, tmp_path):
 
 def test_a_run_artifacts_recipe_then_the_export_in_the_manifest(tiny, tmp_path):
     """`slimkit run` (and optimize) save a recipe as {"steps", "seed"}: an export of it lists those steps, then itself."""
-    from slimkit.export import write_manifest
+    from slimkit.exporters import write_manifest
 
     lm = slimkit.load(tiny("llama"))
     lm.manifest["recipe"] = {"steps": [{"method": "int4", "zero_point": "integer"}], "seed": 0}
@@ -196,8 +196,8 @@ def test_matmulnbits_layout_matches_the_kernel(bits, group, k, sym):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from slimkit.export.genai_weights import block_size, default_zero, layer_codes, nbits_dequantize, nbits_tensors
-    from slimkit.quantize.modules import WeightOnlyLinear
+    from slimkit.exporters.genai_weights import block_size, default_zero, layer_codes, nbits_dequantize, nbits_tensors
+    from slimkit.quantization.modules import WeightOnlyLinear
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(k, 48, bias=False)
@@ -228,7 +228,7 @@ def test_bad_accuracy_level_names_the_fix():
 
 
 @pytest.mark.parametrize("method,options", [("int4", {"zero_point": "integer"}), ("int4", {"symmetric": True}),
-                                            ("awq", {"group_size": 32, "n_samples": 2, "seq_len": 32, "grid": 4, "zero_point": "integer"})])
+                                            ("awq", {"group_size": 32, "calibration_samples": 2, "seq_len": 32, "grid": 4, "zero_point": "integer"})])
 def test_four_bit_tied_head_is_carried_and_shared_with_the_lookup(tiny, tmp_path, method, options):
     """embedding_bits=4: the head is a 4-bit MatMulNBits and the embedding a 4-bit GatherBlockQuantized on its codes
     (symmetric: both without zero points, the kernels' default)."""

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import slimkit
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 
 pytest.importorskip("onnxruntime", reason="ONNX export tests need the extra: pip install 'slimkit[onnx]'")
 
-from slimkit.export import ExportConfig, export  # noqa: E402
-from slimkit.export.onnx import check_parity, graph_spec  # noqa: E402
-from slimkit.export.runtime import OrtCache, OrtModel  # noqa: E402
+from slimkit.exporters import ExportConfig, export  # noqa: E402
+from slimkit.exporters.onnx import check_parity, graph_spec  # noqa: E402
+from slimkit.exporters.runtime import OrtCache, OrtModel  # noqa: E402
 
 ARCHS = ["llama", "gpt2", "bert", "bert-cls"]
 
@@ -169,7 +169,7 @@ def test_non_empty_out_is_refused_and_kept(tiny, tmp_path):
 
 
 def test_failed_export_leaves_nothing(tiny, tmp_path, monkeypatch):
-    import slimkit.export.onnxruntime as backend
+    import slimkit.exporters.onnxruntime as backend
 
     def broken(*a, **k):
         raise SlimkitError("ONNX parity check failed: max difference 9")

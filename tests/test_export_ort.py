@@ -6,13 +6,13 @@ import json
 import pytest
 
 import slimkit
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 
 pytest.importorskip("onnxruntime", reason="ONNX Runtime tests need the extra: pip install 'slimkit[onnx]'")
 onnx = pytest.importorskip("onnx", reason="ONNX Runtime tests need the extra: pip install 'slimkit[onnx]'")
 
-from slimkit.export import ExportConfig, export  # noqa: E402
-from slimkit.generate import generate  # noqa: E402
+from slimkit.exporters import ExportConfig, export  # noqa: E402
+from slimkit.measure.generation import generate  # noqa: E402
 
 EVAL = slimkit.EvalConfig(window=64, stride=32, max_tokens=400, max_passages=16)
 
@@ -95,9 +95,9 @@ def test_smoothing_is_exact_before_quantization_and_zeroes_padded_rows(tiny, tmp
     import numpy as np
     import onnxruntime as ort
 
-    from slimkit.export.onnx import example_inputs, graph_spec
-    from slimkit.export.onnxruntime import calibration_feeds
-    from slimkit.export.smoothquant import smooth
+    from slimkit.exporters.onnx import example_inputs, graph_spec
+    from slimkit.exporters.onnxruntime import calibration_feeds
+    from slimkit.exporters.smoothquant import smooth
 
     lm = slimkit.load(tiny("bert"))
     spec = graph_spec(lm)
@@ -129,8 +129,8 @@ def test_smoothing_tames_outlier_channels(tiny, tmp_path):
     """A BERT whose LayerNorms emit outlier channels, like real ones: int8 error at least 2x lower smoothed."""
     import torch
 
-    from slimkit.export.onnx import check_parity, graph_spec
-    from slimkit.export.onnxruntime import quantize
+    from slimkit.exporters.onnx import check_parity, graph_spec
+    from slimkit.exporters.onnxruntime import quantize
 
     lm = slimkit.load(tiny("bert"))
     with torch.no_grad():

@@ -7,16 +7,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import assert_user_error, cli_json, run_cli
 
 import slimkit
-from conftest import assert_user_error, cli_json, run_cli
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 
 pytest.importorskip("onnxruntime", reason="TensorRT export starts from ONNX: pip install 'slimkit[onnx]'")
 onnx = pytest.importorskip("onnx", reason="TensorRT export starts from ONNX: pip install 'slimkit[onnx]'")
 
-from slimkit.export import ExportConfig, export  # noqa: E402
-from slimkit.export import tensorrt as T  # noqa: E402
+from slimkit.exporters import ExportConfig, export  # noqa: E402
+from slimkit.exporters import tensorrt as T  # noqa: E402
 
 USABLE, WHY_NOT = T.available()
 gpu = pytest.mark.skipif(not USABLE, reason=f"needs a CUDA GPU and TensorRT 10: {WHY_NOT}")
@@ -89,7 +89,7 @@ def test_unknown_precision_is_refused(tiny, tmp_path):
 
 def _fake_engine_dir(tiny, tmp_path, built: dict):
     """An ONNX export relabelled as a TensorRT one: what a directory built on a GPU looks like, minus a real engine."""
-    from slimkit.models import file_sha256
+    from slimkit.io.files import file_sha256
 
     out = export(tiny("bert"), tmp_path / "trt", ExportConfig("onnx"))
     (out / "model.engine").write_bytes(b"not an engine")
@@ -135,7 +135,7 @@ def test_int8_graph_is_symmetric_qdq(tiny, tmp_path):
     """The graph an int8 engine is built from: Q/DQ with signed int8 and zero points 0 (TensorRT reads nothing else)."""
     from onnx import numpy_helper
 
-    from slimkit.export.onnx import graph_spec
+    from slimkit.exporters.onnx import graph_spec
 
     lm = slimkit.load(tiny("bert"))
     (tmp_path / "o").mkdir()

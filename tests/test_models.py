@@ -5,17 +5,20 @@ import torch
 import transformers as T
 
 import slimkit
-from slimkit import models as M
-from slimkit.errors import SlimkitError
+from slimkit.core import arch as A
+from slimkit.core import attention as AT
+from slimkit.core.errors import SlimkitError
+from slimkit.io import files as F
+from slimkit.io import sources as S
 
 
 @pytest.mark.parametrize(
     "arch,kind,cls",
     [
-        ("llama", M.CAUSAL_LM, T.LlamaForCausalLM),
-        ("gpt2", M.CAUSAL_LM, T.GPT2LMHeadModel),
-        ("bert", M.ENCODER, T.BertModel),
-        ("bert-cls", M.CLASSIFIER, T.BertForSequenceClassification),
+        ("llama", A.CAUSAL_LM, T.LlamaForCausalLM),
+        ("gpt2", A.CAUSAL_LM, T.GPT2LMHeadModel),
+        ("bert", A.ENCODER, T.BertModel),
+        ("bert-cls", A.CLASSIFIER, T.BertForSequenceClassification),
     ],
 )
 def test_load_hf_directory_detects_kind(tiny, arch, kind, cls):
@@ -33,8 +36,8 @@ def test_load_in_bf16(tiny):
 
 
 def test_detect_kind_without_architectures():
-    assert M.detect_kind(T.LlamaConfig()) == M.CAUSAL_LM
-    assert M.detect_kind(T.BertConfig()) == M.ENCODER
+    assert A.detect_kind(T.LlamaConfig()) == A.CAUSAL_LM
+    assert A.detect_kind(T.BertConfig()) == A.ENCODER
 
 
 @pytest.mark.parametrize(
@@ -43,7 +46,7 @@ def test_detect_kind_without_architectures():
 )
 def test_unsupported_kinds_are_refused(config):
     with pytest.raises(SlimkitError, match="unsupported model"):
-        M.detect_kind(config)
+        A.detect_kind(config)
 
 
 def test_missing_path(tmp_path):
@@ -124,13 +127,13 @@ def test_unknown_embedded_name_suggests_the_right_one(monkeypatch, tmp_path):
 
 
 def test_embedded_package_missing(monkeypatch):
-    monkeypatch.setitem(M.EMBEDDED, "ghost", M.EmbeddedModel("ghost", "no_such_pkg_xyz", "ghost-pkg", "m", "test"))
+    monkeypatch.setitem(S.EMBEDDED, "ghost", S.EmbeddedModel("ghost", "no_such_pkg_xyz", "ghost-pkg", "m", "test"))
     with pytest.raises(SlimkitError, match="pip install --no-deps ghost-pkg"):
         slimkit.load("ghost")
 
 
 def test_check_safetensors_accepts_good_file(tiny):
-    M.check_safetensors(tiny("gpt2") / "model.safetensors")
+    F.check_safetensors(tiny("gpt2") / "model.safetensors")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
@@ -141,8 +144,8 @@ def test_float32_attention_for_cpu_training_matches_sdpa(tiny, arch, monkeypatch
     lm = slimkit.load(tiny(arch))
     model = lm.model
     assert model.config._attn_implementation == "sdpa"
-    name = M.training_attention(model)
-    assert name == M.FLOAT32_SDPA
+    name = AT.training_attention(model)
+    assert name == AT.FLOAT32_SDPA
     lm.tokenizer.padding_side = "right"
     texts = ["a short one", "a longer passage of text with more words in it than the first"]
     batch = dict(lm.tokenizer(texts, padding=True, return_tensors="pt"))
@@ -151,7 +154,7 @@ def test_float32_attention_for_cpu_training_matches_sdpa(tiny, arch, monkeypatch
 
     def run(impl, autocast, **b):
         model.zero_grad()
-        with M.attention_implementation(model, impl), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with AT.attention_implementation(model, impl), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = model(**(b or batch))
         out = (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
         out.pow(2).mean().backward()
@@ -175,5 +178,5 @@ def test_float32_attention_for_cpu_training_matches_sdpa(tiny, arch, monkeypatch
 
 def test_training_attention_leaves_other_implementations(tiny):
     model = slimkit.load(tiny("bert")).model
-    with M.attention_implementation(model, "eager"):
-        assert M.training_attention(model) is None
+    with AT.attention_implementation(model, "eager"):
+        assert AT.training_attention(model) is None

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import slimkit
-from slimkit import optimize as O
-from slimkit import registry
-from slimkit.errors import SlimkitError
+from slimkit.core import registry
+from slimkit.core.errors import SlimkitError
+from slimkit.search import loop as O
 
 
 @dataclass(frozen=True)
@@ -23,14 +23,14 @@ class NoiseConfig:
 def techniques(monkeypatch):
     """Two real transformations: a bf16 cast (smaller) and weight noise (worse)."""
     registry.techniques()  # register the built-ins first, into the real table
-    monkeypatch.setattr(registry, "_TECHNIQUES", dict(registry._TECHNIQUES))
+    monkeypatch.setattr(registry, "TECHNIQUES", dict(registry.TECHNIQUES))
 
-    def cast(model, config, **ctx):
+    def cast(model, config, ctx):
         new = copy.deepcopy(model)
         new.model.to(torch.bfloat16)
         return new
 
-    def noise(model, config, **ctx):
+    def noise(model, config, ctx):
         new = copy.deepcopy(model)
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -142,7 +142,7 @@ def fake_bench(monkeypatch):
     size, times `jitter` — a random relative error like a shared machine's, unseeded on purpose."""
     import random
 
-    from slimkit.benchmark import dir_size_mb
+    from slimkit.measure.speed import dir_size_mb
 
     state = {"jitter": 0.0, "calls": []}
     noise = random.Random()
@@ -195,7 +195,7 @@ def test_same_seed_same_winner_despite_speed_noise(techniques, tiny, tmp_path, m
 
 def test_near_miss_rolls_back_to_higher_precision(tiny, tmp_path, monkeypatch, fake_bench, one_thread):
     """int4 misses a 0.12% budget by less than 2x: its sensitive blocks go back to int8-wo, and that passes."""
-    from slimkit.recipe import Recipe
+    from slimkit.core.recipe import Recipe
 
     monkeypatch.setitem(O.PRESETS, "test", [[("int4", {})]])
     lm = slimkit.load(tiny("llama"))
@@ -294,7 +294,7 @@ def test_ort_genai_candidates_for_a_causal_lm(techniques, tiny, tmp_path, monkey
     pytest.importorskip("onnxruntime_genai")
     from conftest import invoke_cli
 
-    from slimkit.recipe import Recipe
+    from slimkit.core.recipe import Recipe
 
     monkeypatch.setitem(O.PRESETS, "test", [])
     monkeypatch.setitem(O.GENAI_PRESETS, "test", [([("test-noise", {"scale": 3.0})], None), ([("int4", {"zero_point": "integer"})], None)])

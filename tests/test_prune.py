@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import slimkit
-from slimkit.errors import SlimkitError
-from slimkit.prune import common
-from slimkit.prune.schedule import RecoveryConfig, recover
-from slimkit.prune.structured import find_arch, head_groups
+from slimkit.core.data import TextSource
+from slimkit.core.errors import SlimkitError
+from slimkit.core.selection import select_linears
+from slimkit.pruning import common
+from slimkit.pruning.recovery import RecoveryConfig, recover
+from slimkit.pruning.structured import find_arch
 
 IDS = torch.arange(5, 45)[None]
 
@@ -22,7 +24,7 @@ def outputs(lm, ids=IDS):
 
 
 def linears(lm):
-    return common.select_linears(lm.model, ("*",), common.DEFAULT_IGNORE)
+    return select_linears(lm.model, ("*",), common.DEFAULT_IGNORE, what="prune")
 
 
 # --------------------------------------------------------------------------- unstructured
@@ -170,7 +172,7 @@ def test_refit_brings_outputs_closer_than_slicing(tiny, arch):
     lm = slimkit.load(tiny(arch))
     units = ["mlp"] if arch == "gpt2" else ["heads", "mlp"]
     opts = dict(units=units, sparsity=0.2, importance="magnitude-l1", calibration_samples=16, seq_len=32)
-    batches = common.calibration_inputs(lm, 16, 32, 4)
+    batches = common.calibration_inputs(lm, TextSource.parse(None, "calibration"), 16, 32, 4)
 
     def error(pruned):
         total = 0.0
@@ -188,7 +190,7 @@ def test_refit_brings_outputs_closer_than_slicing(tiny, arch):
 
 def test_refit_solves_the_least_squares_problem():
     """refit_inputs on a linear layer with a bias gives the normal-equation solution."""
-    from slimkit.prune.structured import refit_inputs
+    from slimkit.pruning.structured import refit_inputs
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(6, 3)
@@ -207,7 +209,7 @@ def test_refit_solves_the_least_squares_problem():
 def test_obs_removes_the_feature_the_others_can_take_over():
     """A feature that duplicates another costs nothing once the refit moves its weight
     over: OBS removes it (or its twin) first, even though its weights are the largest."""
-    from slimkit.prune.structured import obs_keep, refit_inputs
+    from slimkit.pruning.structured import obs_keep, refit_inputs
 
     torch.manual_seed(0)
     x = torch.randn(300, 5)
@@ -301,7 +303,7 @@ def test_recovery_lowers_the_loss_and_repairs_a_pruned_model(tiny):
 
 
 def test_encoder_recovery_moves_embeddings_back_towards_the_original(tiny):
-    from slimkit.evaluate import EvalConfig, evaluate
+    from slimkit.measure.quality import EvalConfig, evaluate
 
     lm = slimkit.load(tiny("bert"))
     pruned = slimkit.prune(lm, "structured", units=["layers"], layers=1)
@@ -326,7 +328,7 @@ def test_encoder_recovery_moves_embeddings_back_towards_the_original(tiny):
         ("structured", {"sparsity": 0.2, "layers": 1}, "either sparsity or explicit amounts"),
         ("structured", {"units": ["layers", "mlp"]}, "prune layers alone"),
         ("structured", {"targets": ["decoder.*"]}, "no layers to prune"),
-        ("magnitude", {"sparsity": 0.5, "spars": 1}, "has no option 'spars'"),
+        ("magnitude", {"sparsity": 0.5, "spars": 1}, "unknown option(s) spars for prune method 'magnitude'"),
         ("magnitude", {"scope": "model"}, "unknown scope 'model'"),
         ("magnitude", {"importance": "tayler"}, "did you mean 'taylor'"),
         ("structured", {"recovery": "kd"}, "unknown recovery 'kd'"),

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import assert_user_error, cli_json, run_cli
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import slimkit
-from slimkit.evaluate import EvalConfig, evaluate
+from slimkit.measure.quality import EvalConfig, evaluate
 
 pytestmark = pytest.mark.slow
 

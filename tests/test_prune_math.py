@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from slimkit.errors import SlimkitError
-from slimkit.prune import importance
-from slimkit.distill.losses import embedding_loss, kd_loss, mean_pool
-from slimkit.prune.schedule import cubic_sparsity
-from slimkit.prune.semi_structured import nm_mask
-from slimkit.prune.unstructured import global_masks, layer_mask, row_mask
+from slimkit.core.errors import SlimkitError
+from slimkit.core.losses import embedding_loss, kd_loss, mean_pool
+from slimkit.pruning import importance
+from slimkit.pruning.schedule import cubic_sparsity
+from slimkit.pruning.semi_structured import nm_mask
+from slimkit.pruning.unstructured import global_masks, layer_mask, row_mask
 
 
 def test_criteria_formulas():

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 import slimkit
-from slimkit import registry
-from slimkit.artifacts import save
-from slimkit.benchmark import dir_size_mb
-from slimkit.errors import SlimkitError
-from slimkit.quantize import formats as F
-from slimkit.quantize.modules import Int8DynamicLinear, Int8Embedding, NF4Linear, TiedInt8Head, WeightOnlyLinear
+from slimkit.core import registry
+from slimkit.core.errors import SlimkitError
+from slimkit.io.artifacts import save
+from slimkit.measure.speed import dir_size_mb
+from slimkit.quantization import formats as F
+from slimkit.quantization.modules import Int8DynamicLinear, Int8Embedding, NF4Linear, TiedInt8Head, WeightOnlyLinear
 
 METHODS = {
     "int8-dynamic": ({}, 25),
@@ -103,7 +103,7 @@ def test_compute_dtype_bf16_casts_what_stays_float(tiny, method):
 
 
 def test_compute_dtype_is_validated():
-    from slimkit.quantize.weight_only import Int8WeightOnlyConfig
+    from slimkit.quantization.weight_only import Int8WeightOnlyConfig
 
     with pytest.raises(SlimkitError, match="compute_dtype='int8' is not supported: use one of fp32, bf16, fp16"):
         Int8WeightOnlyConfig(compute_dtype="int8")
@@ -130,13 +130,11 @@ def test_size_on_disk_shrinks(tiny, tmp_path):
 
 def test_unknown_format_in_manifest_is_refused(tiny, tmp_path):
     out = save(slimkit.quantize(tiny("llama"), "int8-wo"), tmp_path / "q")
-    from slimkit.artifacts import _load_quantized
-    from slimkit.models import read_config
-
-    modules = json.loads((out / "slimkit.json").read_text())["modules"]
-    modules["model.layers.0.mlp.up_proj"]["format"] = "int3-magic"
+    manifest = json.loads((out / "slimkit.json").read_text())
+    manifest["modules"]["model.layers.0.mlp.up_proj"]["format"] = "int3-magic"
+    (out / "slimkit.json").write_text(json.dumps(manifest))
     with pytest.raises(SlimkitError, match="unknown quantized format 'int3-magic': upgrade slimkit"):
-        _load_quantized(out, "causal-lm", read_config(out), modules, None)
+        slimkit.load(out)
 
 
 def test_registry_lists_every_method():
@@ -174,7 +172,7 @@ def test_smoothquant_on_outlier_channels(tiny):
             layer.post_attention_layernorm.weight[:4] = 50.0  # a few huge input channels to gate/up
     ids = torch.arange(5, 69)[None]
     plain = slimkit.quantize(lm, "int8-dynamic", targets=["mlp.*"])
-    smooth = slimkit.quantize(lm, "int8-dynamic", targets=["mlp.*"], smooth_alpha=0.5, n_samples=4, seq_len=64)
+    smooth = slimkit.quantize(lm, "int8-dynamic", targets=["mlp.*"], smooth_alpha=0.5, calibration_samples=4, seq_len=64)
     assert smooth.model.model.layers[0].mlp.up_proj.inv_smooth is not None
     assert smooth.manifest["recipe"][-1]["smooth_alpha"] == 0.5
     ref = _out(lm, ids)
@@ -182,7 +180,7 @@ def test_smoothquant_on_outlier_channels(tiny):
 
 
 def test_smoothquant_round_trip(tiny, tmp_path):
-    q = slimkit.quantize(tiny("bert"), "int8-dynamic", smooth_alpha=0.5, n_samples=2, seq_len=32)
+    q = slimkit.quantize(tiny("bert"), "int8-dynamic", smooth_alpha=0.5, calibration_samples=2, seq_len=32)
     back = slimkit.load(str(save(q, tmp_path / "q")))
     assert torch.equal(_out(q), _out(back))
 

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 import slimkit
-from slimkit.artifacts import save
-from slimkit.errors import SlimkitError
-from slimkit.models import copy_model
-from slimkit.quantize import formats as F
-from slimkit.quantize.awq import AWQConfig, scale_model_
-from slimkit.quantize.awq_math import awq_scales, fake_quantize, scaled_error, search_scale
-from slimkit.quantize.modules import Int8Embedding, TiedInt8Head, WeightOnlyLinear
+from slimkit.core.errors import SlimkitError
+from slimkit.io.artifacts import save
+from slimkit.io.model import copy_model
+from slimkit.quantization import formats as F
+from slimkit.quantization.awq import AWQConfig, scale_model_
+from slimkit.quantization.awq_math import awq_scales, fake_quantize, scaled_error, search_scale
+from slimkit.quantization.modules import Int8Embedding, TiedInt8Head, WeightOnlyLinear
 
-CALIB = {"n_samples": 4, "seq_len": 64, "grid": 10}
+CALIB = {"calibration_samples": 4, "seq_len": 64, "grid": 10}
 
 
 def _layer(n=96, k=128, seed=0):
@@ -152,7 +152,7 @@ def test_save_and_reload_is_exact(tiny, tmp_path, arch, options):
         ({"group_size": None}, "awq int4 needs groups"),
         ({"group_size": 48}, "group_size=48 is not supported"),
         ({"grid": 1}, "grid=1 is out of range"),
-        ({"n_samples": 0}, "calibration needs n_samples >= 1"),
+        ({"calibration_samples": 0}, "calibration needs calibration_samples >= 1"),
         ({"targets": []}, "targets is empty"),
     ],
 )
@@ -168,13 +168,13 @@ def test_group_not_dividing_fails_before_calibrating(tiny):
 
 
 def test_cli_options_reach_int8_per_channel():
-    from slimkit.quantize import parse_options
+    from slimkit.core.options import parse_options
 
     assert parse_options("awq", ["bits=8", "group_size=none", "symmetric=true", "grid=10"]) == {"bits": 8, "group_size": None, "symmetric": True, "grid": 10}
 
 
 def test_awq_with_integer_zero_points_on_tiny_llama(tiny):
-    q = slimkit.quantize(tiny("llama"), "awq", group_size=32, zero_point="integer", n_samples=2, seq_len=32, grid=4)
+    q = slimkit.quantize(tiny("llama"), "awq", group_size=32, zero_point="integer", calibration_samples=2, seq_len=32, grid=4)
     layer = q.model.model.layers[0].mlp.down_proj
     assert layer.spec()["zero_point"] == "integer" and layer.offset is None
     assert q.manifest["recipe"][-1]["zero_point"] == "integer"
@@ -183,10 +183,10 @@ def test_awq_with_integer_zero_points_on_tiny_llama(tiny):
 @pytest.mark.parametrize("method", ["awq", "gptq"])
 def test_four_bit_tied_head_owns_the_codes_and_reloads_exactly(tiny, tmp_path, method):
     """embedding_bits=4: the head is a 4-bit WeightOnlyLinear, the embedding looks its rows up there."""
-    from slimkit.quantize.modules import TiedEmbedding
+    from slimkit.quantization.modules import TiedEmbedding
 
     lm = _with_outliers(slimkit.load(tiny("llama")), "llama")
-    extra = CALIB if method == "awq" else {"n_samples": 4, "seq_len": 64}
+    extra = CALIB if method == "awq" else {"calibration_samples": 4, "seq_len": 64}
     q = slimkit.quantize(lm, method, group_size=32, zero_point="integer", embedding_bits=4, **extra)
     head, emb = q.model.lm_head, q.model.model.embed_tokens
     assert isinstance(head, WeightOnlyLinear) and head.bits == 4 and head.kernel() == "int4pack"

@@ -4,7 +4,7 @@ import json
 
 from conftest import assert_user_error, cli_json, run_cli
 
-from slimkit.quantize import parse_options
+from slimkit.core.options import parse_options
 
 
 def test_list_shows_every_method():
@@ -41,15 +41,15 @@ def test_parse_options_types():
     assert parse_options("int8-wo", ["group_size=none", "symmetric=false", "ignore=lm_head,q_proj"]) == {
         "group_size": None, "symmetric": False, "ignore": ("lm_head", "q_proj")}
     assert parse_options("nf4", ["double-quant=yes"]) == {"double_quant": True}
-    assert parse_options("int8-dynamic", ["smooth_alpha=0.5", "n_samples=8"]) == {"smooth_alpha": 0.5, "n_samples": 8}
+    assert parse_options("int8-dynamic", ["smooth_alpha=0.5", "calibration_samples=8"]) == {"smooth_alpha": 0.5, "calibration_samples": 8}
     assert parse_options("int8-dynamic", ["smooth_alpha=none"]) == {"smooth_alpha": None}
 
 
 def test_int8_static_with_an_observer(tiny, tmp_path):
     out = tmp_path / "q"
     info = cli_json("quantize", str(tiny("llama")), "--method", "int8-static", "--out", str(out),
-                    "-o", "observer=entropy", "-o", "n_samples=2", "-o", "seq_len=64")
-    assert info["options"] == {"observer": "entropy", "n_samples": 2, "seq_len": 64} and info["quantized_modules"] > 0
+                    "-o", "observer=entropy", "-o", "calibration_samples=2", "-o", "seq_len=64")
+    assert info["options"] == {"observer": "entropy", "calibration_samples": 2, "seq_len": 64} and info["quantized_modules"] > 0
     manifest = json.loads((out / "slimkit.json").read_text())
     assert manifest["recipe"][-1]["method"] == "int8-static" and manifest["recipe"][-1]["observer"] == "entropy"
     assert {spec["format"] for spec in manifest["modules"].values()} == {"int8-static"}

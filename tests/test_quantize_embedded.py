@@ -3,7 +3,7 @@
 import pytest
 
 import slimkit
-from slimkit.evaluate import EvalConfig, evaluate
+from slimkit.measure.quality import EvalConfig, evaluate
 
 
 def _state_bytes(lm) -> int:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from slimkit.errors import SlimkitError
-from slimkit.quantize import formats as F
+from slimkit.core.errors import SlimkitError
+from slimkit.quantization import formats as F
 
 
 def _w(n=96, k=256, seed=0):

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import slimkit
-from slimkit.artifacts import save
-from slimkit.errors import SlimkitError
-from slimkit.quantize import formats as F
-from slimkit.quantize.gptq_math import gptq_quantize, layer_loss
-from slimkit.quantize.modules import WeightOnlyLinear
+from slimkit.core.errors import SlimkitError
+from slimkit.io.artifacts import save
+from slimkit.quantization import formats as F
+from slimkit.quantization.gptq_math import gptq_quantize, layer_loss
+from slimkit.quantization.modules import WeightOnlyLinear
 
 
 def _problem(n=64, k=128, seed=0):
@@ -43,7 +43,7 @@ def test_gptq_on_tiny_llama_is_closer_than_rtn(tiny, tmp_path):
     ids = torch.arange(5, 69)[None]
     with torch.no_grad():
         ref = lm.model(input_ids=ids).logits
-        g = slimkit.quantize(lm, "gptq", group_size=32, symmetric=True, n_samples=4, seq_len=64, embeddings=False)
+        g = slimkit.quantize(lm, "gptq", group_size=32, symmetric=True, calibration_samples=4, seq_len=64, embeddings=False)
         r = slimkit.quantize(lm, "int4-wo", group_size=32, symmetric=True, embeddings=False)
         out_g, out_r = g.model(input_ids=ids).logits, r.model(input_ids=ids).logits
     assert isinstance(g.model.model.layers[0].mlp.up_proj, WeightOnlyLinear)
@@ -55,7 +55,7 @@ def test_gptq_on_tiny_llama_is_closer_than_rtn(tiny, tmp_path):
 
 
 def test_gptq_on_gpt2_conv1d(tiny):
-    q = slimkit.quantize(tiny("gpt2"), "gptq", group_size=32, n_samples=2, seq_len=32)
+    q = slimkit.quantize(tiny("gpt2"), "gptq", group_size=32, calibration_samples=2, seq_len=32)
     assert isinstance(q.model.transformer.h[0].attn.c_attn, WeightOnlyLinear)
 
 
@@ -65,18 +65,18 @@ def test_gptq_on_gpt2_conv1d(tiny):
 )
 def test_bad_gptq_options(tiny, options, fragment):
     with pytest.raises(SlimkitError, match=fragment):
-        slimkit.quantize(tiny("llama"), "gptq", n_samples=1, seq_len=16, **options)
+        slimkit.quantize(tiny("llama"), "gptq", calibration_samples=1, seq_len=16, **options)
 
 
 def test_calibrates_on_the_users_file(tiny, tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"paragraph {i}: " + "the quick brown fox jumps over the lazy dog " * 30 for i in range(40)))
-    q = slimkit.quantize(tiny("llama"), "gptq", data=str(text), group_size=32, n_samples=2, seq_len=32)
+    q = slimkit.quantize(tiny("llama"), "gptq", data=str(text), group_size=32, calibration_samples=2, seq_len=32)
     assert isinstance(q.model.model.layers[1].self_attn.o_proj, WeightOnlyLinear)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     with pytest.raises(SlimkitError, match="shorter than one sequence of 32 tokens"):
-        slimkit.quantize(tiny("llama"), "gptq", data=str(empty), group_size=32, n_samples=2, seq_len=32)
+        slimkit.quantize(tiny("llama"), "gptq", data=str(empty), group_size=32, calibration_samples=2, seq_len=32)
 
 
 def test_gptq_with_integer_zero_points():

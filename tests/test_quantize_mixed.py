@@ -4,15 +4,15 @@ import json
 
 import pytest
 import torch
+from test_quantize_sensitivity import PROBE, SENSITIVE, make_sensitive
 from torch import nn
 
 import slimkit
-from slimkit.artifacts import save
-from slimkit.errors import SlimkitError
-from slimkit.quantize import parse_options
-from slimkit.quantize.mixed import MixedConfig, fallback
-from slimkit.quantize.modules import Int8Embedding, WeightOnlyLinear
-from test_quantize_sensitivity import PROBE, SENSITIVE, make_sensitive
+from slimkit.core.errors import SlimkitError
+from slimkit.core.options import parse_options
+from slimkit.io.artifacts import save
+from slimkit.quantization.mixed import MixedConfig, fallback
+from slimkit.quantization.modules import Int8Embedding, WeightOnlyLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,11 +88,11 @@ def test_save_reload_is_exact_and_the_recipe_reproduces(sensitive_llama, tmp_pat
 
 
 def test_yaml_recipe_nests_the_options(sensitive_llama, tmp_path):
-    from slimkit.recipe import Recipe
+    from slimkit.core.recipe import Recipe
 
     path = tmp_path / "r.yaml"
     path.write_text("steps:\n  - method: mixed\n    low: int4-wo\n    low_options: {group_size: 32, ignore: [lm_head]}\n"
-                    "    high: int8-wo\n    max_kl: 10\n    n_samples: 2\n    seq_len: 64\n")
+                    "    high: int8-wo\n    max_kl: 10\n    calibration_samples: 2\n    seq_len: 64\n")
     recipe = Recipe.load(path)
     config = recipe.steps[0].config
     assert config.low_options == {"group_size": 32, "ignore": ["lm_head"]} and config.max_kl == 10.0
@@ -116,7 +116,7 @@ def test_cli_options_nest_with_a_dot(sensitive_llama, tiny, tmp_path):
         parse_options("mixed", ["low_options=group_size=32"])
     out = tmp_path / "m"
     proc = invoke_cli("quantize", str(tiny("llama")), "--method", "mixed", "--out", str(out), "-o", "low.group_size=32",
-                      "-o", "max_kl=10", "-o", "n_samples=2", "-o", "seq_len=64", "--json")
+                      "-o", "max_kl=10", "-o", "calibration_samples=2", "-o", "seq_len=64", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["options"]["low_options"] == {"group_size": 32}
     assert_user_error(invoke_cli("quantize", str(tiny("llama")), "--method", "mixed", "--out", str(tmp_path / "x")), "needs a quality budget")

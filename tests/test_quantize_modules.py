@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from slimkit.quantize import formats as F
-from slimkit.quantize.modules import Int8DynamicLinear, Int8Embedding, NF4Linear, TiedInt8Head, WeightOnlyLinear
+from slimkit.quantization import formats as F
+from slimkit.quantization.modules import Int8DynamicLinear, Int8Embedding, NF4Linear, TiedInt8Head, WeightOnlyLinear
 
 
 def _linear(n=96, k=128, bias=True, seed=0):

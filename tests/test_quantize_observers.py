@@ -3,9 +3,17 @@
 import pytest
 import torch
 
-from slimkit.errors import SlimkitError
-from slimkit.quantize.observers import (
-    OBSERVERS, Histogram, Observer, entropy_threshold, fake_quantize, mse_threshold, percentile_threshold, qparams, quantize_weight,
+from slimkit.core.errors import SlimkitError
+from slimkit.quantization.observers import (
+    OBSERVERS,
+    Histogram,
+    Observer,
+    entropy_threshold,
+    fake_quantize,
+    mse_threshold,
+    percentile_threshold,
+    qparams,
+    quantize_weight,
 )
 
 

@@ -2,20 +2,18 @@
 
 import pytest
 import torch
-import torch.nn.functional as Fn
-
-import slimkit
-from slimkit.artifacts import save
-from slimkit.errors import SlimkitError
-from slimkit.evaluate import EvalConfig, evaluate
-from slimkit.quantize import formats as F
-from slimkit.quantize.fake_quant import FakeQuantLinear, fake_quantize_tokens, fake_quantize_weight, straight_through
-from slimkit.quantize.modules import Int8DynamicLinear, Int8Embedding, WeightOnlyLinear
-from slimkit.quantize.qat import QATConfig, convert, prepare
-
 from conftest import invoke_cli
 
-FAST = {"seq_len": 64, "batch_size": 4, "n_samples": 32}
+import slimkit
+from slimkit.core.errors import SlimkitError
+from slimkit.io.artifacts import save
+from slimkit.measure.quality import EvalConfig, evaluate
+from slimkit.quantization import formats as F
+from slimkit.quantization.fake_quant import FakeQuantLinear, fake_quantize_tokens, fake_quantize_weight, straight_through
+from slimkit.quantization.modules import Int8DynamicLinear, Int8Embedding, WeightOnlyLinear
+from slimkit.quantization.qat import QATConfig, convert, prepare
+
+FAST = {"seq_len": 64, "batch_size": 4, "calibration_samples": 32}
 IDS = torch.arange(5, 69)[None]
 
 
@@ -209,7 +207,7 @@ def test_bad_options_name_the_fix(tiny, options, fragment):
 
 
 def test_cli_trains_and_saves(tiny, tmp_path):
-    proc = invoke_cli("quantize", str(tiny("gpt2")), "--method", "qat", "-o", "steps=2", "-o", "seq_len=64", "-o", "n_samples=8",
+    proc = invoke_cli("quantize", str(tiny("gpt2")), "--method", "qat", "-o", "steps=2", "-o", "seq_len=64", "-o", "calibration_samples=8",
                       "-o", "lr=2e-4", "-o", "group_size=none", "--out", str(tmp_path / "q"), "--json")
     assert proc.returncode == 0, proc.stderr
     back = slimkit.load(str(tmp_path / "q"))

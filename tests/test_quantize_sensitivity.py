@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import slimkit
-from slimkit.errors import SlimkitError
-from slimkit.quantize.sensitivity import SensitivityConfig, block_of, exact, finish, loss_terms, units
-from slimkit.targets import matches
+from slimkit.core.errors import SlimkitError
+from slimkit.core.selection import matches
+from slimkit.quantization.ranking import SensitivityConfig, block_of, exact, finish, loss_terms, units
 
-PROBE = {"n_samples": 2, "seq_len": 64, "batch_size": 2}
+PROBE = {"calibration_samples": 2, "seq_len": 64, "batch_size": 2}
 SENSITIVE = "model.layers.1.mlp.down_proj"
 
 
@@ -99,7 +99,7 @@ def test_block_and_layer_granularity_agree(sensitive_llama):
     assert block.units[0].score == pytest.approx(layer.units[0].score, rel=0.5)
 
 
-@pytest.mark.parametrize("method,options", [("nf4", {}), ("int8-dynamic", {}), ("gptq", {"n_samples": 2, "seq_len": 64, "group_size": 32})])
+@pytest.mark.parametrize("method,options", [("nf4", {}), ("int8-dynamic", {}), ("gptq", {"calibration_samples": 2, "seq_len": 64, "group_size": 32})])
 def test_every_method_with_targets_can_be_ranked(sensitive_llama, method, options):
     r = slimkit.sensitivity(sensitive_llama, method, options, granularity="block", **PROBE)
     assert len(r.units) == 2 and all(u.score >= 0 for u in r.units)
@@ -115,7 +115,7 @@ def test_other_architectures(tiny, arch, metric):
 def test_perplexity_metric_is_the_relative_increase_on_the_probe(sensitive_llama):
     """On a random model perplexity deltas are noise-sized (KL ranks better), so
     check the number itself against perplexity computed by hand on the same batches."""
-    from slimkit.quantize.sensitivity import Probe
+    from slimkit.quantization.ranking import Probe
 
     r = slimkit.sensitivity(sensitive_llama, "int4-wo", {"group_size": 32}, granularity="layer", metric="ppl", **PROBE)
     assert r.metric == "ppl"
@@ -143,7 +143,7 @@ def test_perplexity_metric_is_the_relative_increase_on_the_probe(sensitive_llama
         ({"options": {"bits": 3}}, "unknown option(s) bits for quantize method 'int4-wo'"),
         ({"granularity": "row"}, "granularity 'row' is unknown: use block"),
         ({"metric": "mse"}, "metric 'mse' is unknown"),
-        ({"n_samples": 0}, "n_samples >= 1"),
+        ({"calibration_samples": 0}, "calibration_samples >= 1"),
     ],
 )
 def test_bad_config_names_the_fix(kwargs, fragment):
@@ -163,7 +163,7 @@ def test_cli_json_and_table(tiny):
     from conftest import assert_user_error, invoke_cli
 
     path = str(tiny("gpt2"))
-    args = ["sensitivity", path, "--method", "int4-wo", "-o", "group_size=32", "--samples", "2", "--seq-len", "64", "--threads", "1"]
+    args = ["sensitivity", path, "--method", "int4-wo", "-o", "group_size=32", "--calibration-samples", "2", "--seq-len", "64", "--threads", "1"]
     proc = invoke_cli(*args, "--granularity", "layer", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)

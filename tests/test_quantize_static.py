@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 import slimkit
-from slimkit.artifacts import save
-from slimkit.errors import SlimkitError
-from slimkit.quantize import formats as F
-from slimkit.quantize.modules import StaticInt8Linear, int8_matmul
-from slimkit.quantize.observers import qparams
+from slimkit.core.errors import SlimkitError
+from slimkit.io.artifacts import save
+from slimkit.quantization import formats as F
+from slimkit.quantization.modules import StaticInt8Linear, int8_matmul
+from slimkit.quantization.observers import qparams
 
-CAL = {"n_samples": 2, "seq_len": 64}  # small calibration: the tiny models need little
+CAL = {"calibration_samples": 2, "seq_len": 64}  # small calibration: the tiny models need little
 
 
 def _out(lm, ids=None):
@@ -97,7 +97,7 @@ def test_int8_matmul_is_exact_for_any_shape(m, k, n):
         ({"observer": "kl"}, "observer='kl' is unknown: use one of minmax, percentile, entropy, mse"),
         ({"percentile": 0.0}, "percentile=0.0 is out of range: use a value in (0, 100]"),
         ({"percentile": 100.5}, "percentile=100.5 is out of range"),
-        ({"n_samples": 0}, "calibration needs n_samples >= 1"),
+        ({"calibration_samples": 0}, "calibration needs calibration_samples >= 1"),
         ({"batch_size": 0}, "batch_size >= 1"),
         ({"weight_granularity": "per_group"}, "weight_granularity='per_group' is unknown: use one of per_channel, per_tensor"),
         ({"smooth_alpha": 1.0}, "smooth_alpha=1.0 is out of range"),

@@ -2,9 +2,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from slimkit import registry
-from slimkit.errors import SlimkitError
-from slimkit.recipe import Recipe
+from slimkit.core import registry
+from slimkit.core.errors import SlimkitError
+from slimkit.core.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,9 @@ def scale_technique(monkeypatch):
     import torch
 
     registry.techniques()  # register the built-ins first, into the real table
-    monkeypatch.setattr(registry, "_TECHNIQUES", dict(registry._TECHNIQUES))
+    monkeypatch.setattr(registry, "TECHNIQUES", dict(registry.TECHNIQUES))
 
-    def apply(model, config, **context):
+    def apply(model, config, ctx):
         new = copy.deepcopy(model)
         with torch.no_grad():
             for m in new.model.modules():
@@ -95,9 +95,9 @@ def test_run_command_applies_measures_and_saves(scale_technique, tiny, tmp_path)
     import json
 
     import torch
+    from conftest import assert_user_error, invoke_cli
 
     import slimkit
-    from conftest import assert_user_error, invoke_cli
 
     recipe = Recipe.of(("test-scale", {"factor": 1.5})).save(tmp_path / "r.yaml")
     out = tmp_path / "out"

@@ -2,8 +2,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from slimkit import registry
-from slimkit.errors import SlimkitError
+from slimkit.core import registry
+from slimkit.core.errors import SlimkitError
 
 
 @dataclass(frozen=True)
@@ -12,8 +12,7 @@ class _Cfg:
 
 
 def test_register_and_get(monkeypatch):
-    monkeypatch.setattr(registry, "_TECHNIQUES", {})
-    monkeypatch.setattr(registry, "_BUILTIN", [])  # only the demo method in this table
+    monkeypatch.setattr(registry, "TECHNIQUES", {})
     registry.register("demo-method", "quantize", _Cfg, "a demo")(lambda model, config: model)
     t = registry.get("demo-method", "quantize")
     assert t.config_cls is _Cfg and t.apply("m", _Cfg()) == "m"

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from slimkit.pareto import dominates, pareto_front
 from slimkit.report import recommendation, write_report
+from slimkit.report.pareto import dominates, pareto_front
 
 
 def _results(winner="int8-dynamic"):

@@ -27,8 +27,8 @@ import json
 import os
 from pathlib import Path
 
-from slimkit.pareto import pareto_front
 from slimkit.report import plots
+from slimkit.report.pareto import pareto_front
 
 
 def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:

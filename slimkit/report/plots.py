@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 
-from slimkit.pareto import pareto_front
+from slimkit.report.pareto import pareto_front
 
 PASS, FAIL, FRONT, WIN, BASE = "#2a7ab9", "#c44e52", "#2a7ab9", "#e3a21a", "#555555"
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import assert_user_error, invoke_cli
+from safetensors.torch import load_file, save_file
 
 FAST_EVAL = ["--max-tokens", "100", "--window", "32", "--stride", "32"]
 

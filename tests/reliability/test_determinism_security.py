@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import slimkit
-from slimkit.evaluate import EvalConfig
+from slimkit.measure.quality import EvalConfig
 
 
 def _files(d):
@@ -55,7 +55,7 @@ def test_remote_code_is_off_by_default(tiny, tmp_path):
 
 
 def _distill_recipe(tmp_path, **paths):
-    from slimkit.recipe import Recipe
+    from slimkit.core.recipe import Recipe
 
     step = {"student_layers": 1, "steps": 2, "seq_len": 16, "batch_size": 2, "eval_batches": 1, "mixed_precision": "no", **paths}
     return Recipe.of(("distill", step)).save(tmp_path / "r.yaml")

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 import slimkit
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 
 
 @pytest.fixture

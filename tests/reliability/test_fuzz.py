@@ -2,14 +2,13 @@
 
 import struct
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slimkit import data as D
-from slimkit.benchmark import latency_stats
-from slimkit.errors import SlimkitError
-from slimkit.models import check_safetensors
+from slimkit.core import data as D
+from slimkit.core.errors import SlimkitError
+from slimkit.io.files import check_safetensors
+from slimkit.measure.speed import latency_stats
 
 
 class CharTokenizer:

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from slimkit.errors import SlimkitError
-from slimkit.quantize import formats as F
-from slimkit.quantize.modules import WeightOnlyLinear
+from slimkit.core.errors import SlimkitError
+from slimkit.quantization import formats as F
+from slimkit.quantization.modules import WeightOnlyLinear
 
 FMAX = float(torch.finfo(torch.float32).max)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

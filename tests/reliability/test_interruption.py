@@ -9,7 +9,7 @@ import time
 import pytest
 
 import slimkit
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 
 CHILD = r"""
 import sys, slimkit

@@ -10,7 +10,8 @@ import pytest
 from conftest import assert_user_error, invoke_cli
 
 import slimkit
-from slimkit import resources
+from slimkit.core import memory
+from slimkit.io import resources
 
 COMMANDS = {
     "quantize": ["quantize", "{model}", "-m", "int8-wo", "--out", "{out}"],
@@ -32,7 +33,7 @@ def test_over_the_limit_refuses_before_loading(command, tiny, tmp_path, monkeypa
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the memory check")
 
-    monkeypatch.setattr("slimkit.models.load_dir", no_loading)
+    monkeypatch.setattr("slimkit.io.loader.load_dir", no_loading)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("steps:\n  - method: int8-wo\n")
     out = tmp_path / "out"
@@ -119,8 +120,8 @@ def test_tensors_left_in_a_mapped_weights_file_are_copied_out(tiny):
     weights = str(tiny("llama") / "model.safetensors")
     mapped = lambda: any(line.rstrip().endswith(weights) for line in open("/proc/self/maps"))  # noqa: E731
     assert mapped()
-    assert resources.detach_from_files(lm.model) > 0
+    assert memory.detach_from_files(lm.model) > 0
     gc.collect()
-    assert not mapped() and resources.detach_from_files(lm.model) == 0
+    assert not mapped() and memory.detach_from_files(lm.model) == 0
     with torch.no_grad():
         assert torch.equal(lm.model(input_ids=ids).logits, before)

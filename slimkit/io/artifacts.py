@@ -1,0 +1,239 @@
+"""slimkit artifacts: a model directory that reloads exactly and proves what it is.
+
+Layout of an artifact directory:
+  model.safetensors (or shards)   weights; no pickle anywhere
+  config.json, generation_config  the Hugging Face config (plain HF loaders read it)
+  tokenizer files
+  slimkit.json                    the manifest, written last: format version, slimkit
+                                  and library versions, model kind, source, dtypes,
+                                  the resolved recipe, measured metrics, the format
+                                  of every quantized module, and the SHA-256 of
+                                  every other file
+
+Modules that a model built from config.json does not have are recorded in the
+manifest, each kind under its own key, through the table `RECORDS` that the
+techniques register into (`register_modules`), so this layer never imports them:
+quantization records each quantized module's format and shape under `modules`
+(`{"format": "weight-only", "bits": 4, "group_size": 64, ...}`), pruning the
+linear layers smaller than the config says under `pruned_shapes`. A quantized
+model's weights are the small tensors themselves (int8, packed int4, scales),
+saved from its state dict. Loading builds the plain architecture from
+config.json, swaps the recorded modules in, then loads the safetensors state
+dict into them and checks that every tensor found its place, so no pickle and
+no fp32 copy is ever involved.
+
+Saving is atomic: everything is written to a temporary sibling directory,
+the manifest last, then renamed into place, so an interrupted save never
+leaves a directory that looks complete. Loading reads the manifest, checks
+every file's hash (a truncated or tampered file is refused with its name),
+then reads the safetensors weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from slimkit.core.arch import KINDS, auto_class
+from slimkit.core.errors import SlimkitError, short_reason
+from slimkit.io.files import check_safetensors, file_sha256, quiet_transformers, read_config, read_tokenizer, read_weights
+from slimkit.io.model import MANIFEST, LoadedModel
+
+FORMAT = "slimkit-artifact"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModuleRecord:
+    """Modules that a model built from its config.json lacks, recorded in the manifest under `key`."""
+
+    key: str
+    describe: Callable[[nn.Module], dict]  # name -> spec of each such module; {} where the model has none
+    rebuild: Callable[[nn.Module, dict], None]  # put empty modules of those specs in place, before the weights load
+    own_weights: bool = False  # the state dict is written by safetensors itself (save_pretrained cannot write these modules)
+
+
+RECORDS: dict[str, ModuleRecord] = {}
+
+
+def register_modules(record: ModuleRecord) -> None:
+    """Record (on save) and rebuild (on load) a kind of module that config.json does not describe."""
+    if record.key in RECORDS and RECORDS[record.key] != record:
+        raise ValueError(f"manifest key {record.key!r} registered twice")
+    RECORDS[record.key] = record
+
+
+def save(
+    model: LoadedModel,
+    out: str | os.PathLike,
+    *,
+    recipe: dict | list | None = None,
+    metrics: dict | None = None,
+    overwrite: bool = False,
+    keep: tuple[str, ...] | list[str] = (),
+) -> Path:
+    """Write `model` as an artifact directory at `out`, atomically; return its path.
+
+    `keep`: entries of an existing `out` to carry into the new artifact
+    (training logs or checkpoints a recipe wrote there); they are not hashed.
+    """
+    quiet_transformers()
+    with staging(out, overwrite, "the artifact") as tmp:
+        records = {key: entry for key, r in RECORDS.items() if (entry := r.describe(model.model))}
+        if any(RECORDS[key].own_weights for key in records):
+            _save_state(model.model, tmp)
+        else:
+            model.model.save_pretrained(tmp, safe_serialization=True)
+        model.tokenizer.save_pretrained(tmp)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "versions": versions(),
+            "kind": model.kind,
+            "source": model.source,
+            "dtypes": sorted({str(p.dtype).replace("torch.", "") for p in model.model.parameters()}),
+            "parameters": model.num_parameters(),
+            "recipe": recipe if recipe is not None else model.manifest.get("recipe", []),
+            "metrics": metrics or {},
+            "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+            **records,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        out = Path(out).expanduser()
+        for name in keep:
+            if (out / name).is_dir() and not (tmp / name).exists():
+                shutil.copytree(out / name, tmp / name, symlinks=True)
+    return Path(out).expanduser()
+
+
+@contextmanager
+def staging(out: str | os.PathLike, overwrite: bool = False, what: str = "the artifact"):
+    """A temporary sibling directory of `out` that replaces it only if the block succeeds, so an
+    interrupted write never leaves a directory that looks complete."""
+    out = check_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except (OSError, SafetensorError) as exc:
+        raise SlimkitError(f"cannot write {what} to {out} ({short_reason(exc)}): free disk space or choose another --out") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_destination(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse a destination that would lose data; call before long work, not after."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SlimkitError(f"{out} exists and is a file: choose a directory path for the artifact")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SlimkitError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
+    return out
+
+
+def load_artifact(path: Path, *, source: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    config = read_config(path)
+    kind = manifest["kind"]
+    records = {key: manifest[key] for key in RECORDS if manifest.get(key)}
+    if records:
+        model = _rebuild(path, kind, config, records, dtype)
+    else:
+        model = read_weights(path, kind, config, dtype or "auto")
+    tokenizer = read_tokenizer(path)
+    return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, source=source or str(path), path=path, manifest=manifest)
+
+
+def _save_state(model: nn.Module, out: Path) -> None:
+    """Config, generation config and the state dict (tied tensors stored once) of a model with recorded modules."""
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _rebuild(path: Path, kind: str, config, records: dict[str, dict], dtype: torch.dtype | None) -> nn.Module:
+    """Build from `config`, put the recorded modules in place, then load the safetensors weights into them."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise SlimkitError(f"no *.safetensors weights in {path}: the artifact is incomplete; save it again")
+    state = {}
+    for f in files:
+        check_safetensors(f)
+        state.update(load_file(f))
+    saved = getattr(config, "dtype", None)
+    saved = getattr(torch, saved) if isinstance(saved, str) else saved
+    first = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    model = auto_class(kind).from_config(config, dtype=dtype or saved or first)
+    for key, entry in records.items():
+        RECORDS[key].rebuild(model, entry)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise SlimkitError(f"cannot load the weights in {path} ({short_reason(exc)}): save the artifact again") from exc
+    model.tie_weights()
+    loaded = {t.data_ptr() for n, t in model.state_dict().items() if n in state}
+    untied = [k for k in result.missing_keys if model.state_dict()[k].data_ptr() not in loaded]
+    if untied or result.unexpected_keys:
+        raise SlimkitError(f"the weights in {path} do not match the model (e.g. {(untied or result.unexpected_keys)[0]}): save the artifact again")
+    return model.eval()
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise SlimkitError(f"{path / MANIFEST} is unreadable ({short_reason(exc)}): the artifact is damaged; save it again") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SlimkitError(f"{path / MANIFEST} is not a slimkit manifest: save the artifact again with slimkit")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise SlimkitError(f"{path} was written by a newer slimkit (format {manifest['format_version']}): upgrade slimkit")
+    if manifest.get("kind") not in KINDS or not isinstance(manifest.get("files"), dict):
+        raise SlimkitError(f"{path / MANIFEST} is incomplete (kind or files missing): save the artifact again")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    for name, digest in manifest["files"].items():
+        f = path / name
+        if Path(name).name != name or not f.is_file():
+            raise SlimkitError(f"{path} is missing {name}: the artifact is incomplete; save it again")
+        if file_sha256(f) != digest:
+            raise SlimkitError(f"{f} does not match its hash in {MANIFEST} (truncated or modified): save the artifact again")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move tmp to out; an existing out is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "x")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def versions(extra: dict | None = None) -> dict:
+    """Library versions recorded in a manifest (and `extra`: an exporter's runtimes)."""
+    import transformers
+
+    from slimkit import __version__
+
+    out = {"slimkit": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+    return {**out, **(extra or {})}

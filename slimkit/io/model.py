@@ -1,0 +1,71 @@
+"""`LoadedModel`: a model ready to run, with its tokenizer and what slimkit knows of it."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+MANIFEST = "slimkit.json"  # the file that makes a directory a slimkit artifact (see `artifacts`)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with its tokenizer and what slimkit knows of it."""
+
+    model: nn.Module
+    tokenizer: object
+    kind: str
+    source: str
+    path: Path | None = None  # local directory the weights were read from
+    manifest: dict = field(default_factory=dict)  # slimkit.json of an artifact
+    donated: bool = False  # the caller gave it away: the next technique changes it in place (see `copy_model`)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def name(self) -> str:
+        return self.source
+
+    def num_parameters(self) -> int:
+        if getattr(self.model, "slimkit_parameters", None) is not None:  # an exported model holds none in torch
+            return self.model.slimkit_parameters
+        seen, total = set(), 0
+        for p in self.model.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel()
+        for b in self.model.buffers():  # packed quantized weights live in buffers;
+            # `_slimkit_weight` is True or the number of weights per element (2 for packed int4)
+            total += b.numel() * int(getattr(b, "_slimkit_weight", 0))
+        return total
+
+    def record(self, stage: str, method: str, config, **facts) -> "LoadedModel":
+        """Append a technique's step (its config, and what it measured) to the recipe the artifact saves."""
+        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+        step = {"stage": stage, "method": method, **plain, **facts}
+        self.manifest["recipe"] = list(self.manifest.get("recipe", [])) + [step]
+        return self
+
+
+def copy_model(lm: LoadedModel, suffix: str) -> LoadedModel:
+    """A deep copy for a technique to change; the caller's model is never touched.
+
+    A `donated` model, one its caller no longer uses, is changed in place
+    instead: one fp32 copy of the model in memory, not two.
+    """
+    if lm.donated:
+        lm.donated, lm.source, lm.path = False, f"{lm.source}+{suffix}", None
+        return lm
+    return LoadedModel(
+        model=copy.deepcopy(lm.model),
+        tokenizer=lm.tokenizer,
+        kind=lm.kind,
+        source=f"{lm.source}+{suffix}",
+        path=None,
+        manifest=copy.deepcopy(lm.manifest),
+    )

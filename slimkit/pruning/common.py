@@ -1,0 +1,192 @@
+"""What every pruning method shares: option checks, calibration inputs, statistics
+hooks and the sparsity report.
+
+Weights are chosen as everywhere in slimkit (`core.selection`): linear layers that
+match `targets` and none of `ignore`.
+
+Calibration data is always the calibration split: token windows for causal
+LMs, padded passages for encoders. Evaluation text is never seen here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from slimkit.core import data as D
+from slimkit.core.arch import CAUSAL_LM
+from slimkit.core.errors import SlimkitError
+from slimkit.core.selection import is_conv1d, linear_weight
+from slimkit.io.model import LoadedModel
+
+DEFAULT_IGNORE = ("lm_head", "score", "classifier", "pooler.*")
+NO_SPEED = "no speed without sparse kernels: zeroed weights are stored and multiplied like any others on this runtime"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_sparsity(value, name: str = "sparsity") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise SlimkitError(f"{name} must be a fraction in [0, 1), got {value!r}: e.g. --sparsity 0.5 removes half")
+
+
+def check_calibration(samples: int, seq_len: int, batch_size: int) -> None:
+    for name, v in (("calibration_samples", samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SlimkitError(f"{name} must be a positive integer, got {v!r}")
+
+
+def check_minutes(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise SlimkitError(f"recover_minutes must be a number of minutes >= 0, got {value!r}")
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def calibration_inputs(lm: LoadedModel, source: D.TextSource, samples: int, seq_len: int, batch_size: int) -> list[dict]:
+    """Model inputs from `source` (a calibration split): (B, seq_len) windows for causal
+    LMs, padded passages (B, <=seq_len) with an attention mask for encoders."""
+    if lm.kind == CAUSAL_LM:
+        batches = [{"input_ids": ids} for ids in D.calibration_batches(lm.tokenizer, source, seq_len, samples, batch_size)]
+    else:
+        texts = D.passages(source.texts(), limit=samples)
+        batches = [
+            dict(lm.tokenizer(b, padding=True, truncation=True, max_length=seq_len, return_tensors="pt"))
+            for b in D.batched(texts, batch_size)
+        ]
+    if not batches:
+        raise SlimkitError(f"the calibration split gave no sequences of {seq_len} tokens: lower seq_len")
+    return batches
+
+
+def forward(lm: LoadedModel, batch: dict, **kw):
+    device = next(lm.model.parameters()).device
+    return lm.model(**{k: v.to(device) for k, v in batch.items()}, **kw)
+
+
+def input_sq_norms(lm: LoadedModel, modules: dict[str, nn.Module], batches: list[dict]) -> dict[str, torch.Tensor]:
+    """name -> sum over calibration tokens of x_j^2 for each input feature j: (in_features,).
+
+    sqrt of it is the input-activation L2 norm that Wanda and the activation
+    criterion weigh weights by. Padding tokens of encoder batches are skipped.
+    """
+    sums = {n: torch.zeros(linear_weight(m).shape[1], dtype=torch.float64) for n, m in modules.items()}
+    mask: dict[str, torch.Tensor | None] = {"m": None}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().float()  # (B, T, in)
+            if mask["m"] is not None and x.dim() == 3 and x.shape[:2] == mask["m"].shape:
+                x = x * mask["m"][..., None]
+            sums[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0).double().cpu()
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                am = batch.get("attention_mask")
+                mask["m"] = am.float() if am is not None else None
+                forward(lm, batch, **({"use_cache": False} if lm.kind == CAUSAL_LM else {}))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: s.float() for n, s in sums.items()}
+
+
+def input_grams(lm: LoadedModel, modules: dict[str, nn.Module], batches: list[dict]) -> dict[str, torch.Tensor]:
+    """name -> Gram matrix of the module's inputs over calibration tokens, with a
+    trailing constant feature: [[X^T X, X^T 1], [1^T X, n]], (in + 1, in + 1).
+
+    What a least-squares refit of the module needs (`structured.refit_inputs`).
+    Accumulated in float32 per batch and summed in float64; padding tokens of
+    encoder batches are skipped.
+    """
+    grams = {n: torch.zeros(linear_weight(m).shape[1] + 1, linear_weight(m).shape[1] + 1, dtype=torch.float64) for n, m in modules.items()}
+    mask: dict[str, torch.Tensor | None] = {"m": None}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().float()  # (B, T, in)
+            if mask["m"] is not None and x.dim() == 3 and x.shape[:2] == mask["m"].shape:
+                x = x[mask["m"].to(x.device).bool()]  # (tokens, in)
+            x = x.reshape(-1, x.shape[-1])
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+            grams[name] += (x.T @ x).double().cpu()
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                mask["m"] = batch.get("attention_mask")
+                forward(lm, batch, **({"use_cache": False} if lm.kind == CAUSAL_LM else {}))
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+def gradient_stats(lm: LoadedModel, modules: dict[str, nn.Module], batches: list[dict]) -> tuple[dict, dict]:
+    """name -> (mean gradient, mean squared per-batch gradient) of the weight, both
+    (out, in), from the next-token loss on calibration batches (causal LMs only)."""
+    if lm.kind != CAUSAL_LM:
+        raise SlimkitError(
+            f"gradient criteria (taylor, fisher) need a loss, which a {lm.kind} has not here: "
+            "use importance='magnitude-l1', 'magnitude-l2' or 'activation'"
+        )
+    model = lm.model
+    params = {n: m.weight for n, m in modules.items()}
+    grad = {n: torch.zeros(linear_weight(m).shape) for n, m in modules.items()}
+    grad_sq = {n: torch.zeros(linear_weight(m).shape) for n, m in modules.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            ids = batch["input_ids"]
+            loss = forward(lm, {"input_ids": ids, "labels": ids}, use_cache=False).loss
+            loss.backward()
+            for n, p in params.items():
+                g = p.grad.detach().float().cpu()
+                g = g.T if is_conv1d(modules[n]) else g
+                grad[n] += g / len(batches)
+                grad_sq[n] += g.pow(2) / len(batches)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return grad, grad_sq
+
+
+# --------------------------------------------------------------------------- report
+
+
+def sparsity_report(model: nn.Module, names) -> dict:
+    """Fraction of exact zeros per selected weight, and overall."""
+    layers, zeros, total = {}, 0, 0
+    for n in names:
+        w = model.get_submodule(n).weight
+        z = int((w == 0).sum())
+        layers[n] = round(z / w.numel(), 6)
+        zeros += z
+        total += w.numel()
+    return {"overall": round(zeros / max(total, 1), 6), "layers": layers}
+
+
+def calibration(lm: LoadedModel, config, ctx) -> Callable[[], list[dict]]:
+    """The calibration inputs a pruning `config` asks for (`calibration_samples`, `seq_len`, `batch_size`)
+    from the context's text, made only when first needed (criteria without data never need them)."""
+    made: list = []
+
+    def get() -> list[dict]:
+        if not made:
+            made.append(calibration_inputs(lm, ctx.calibration(), config.calibration_samples, config.seq_len, config.batch_size))
+        return made[0]
+
+    return get

@@ -1,0 +1,339 @@
+"""AWQ: activation-aware weight-only int4/int8 (the search is in awq_math.py).
+
+Each group of layers that reads one input (q/k/v, gate/up, o_proj, down_proj,
+GPT-2's c_attn, ...) gets per-input-channel scales s (K,) from calibration
+activations: the layers store Q(W diag(s)) and read x / s. Where the 1 / s
+goes decides the cost at run time:
+
+  * folded into the layer that produces x, for free: an elementwise norm whose
+    output feeds only this group (its weight, and bias, divided by s), v_proj's
+    output rows into o_proj (with grouped-query attention, s is shared by the
+    query heads that read one value head, so the fold stays exact), up_proj's
+    rows into down_proj;
+  * otherwise kept in the quantized layer (`WeightOnlyLinear.inv_input_scale`,
+    one multiply per call), so any architecture works.
+Whether a fold is exact is not assumed from names: each candidate fold is
+made on the float model and kept only if a probe batch gives the same output
+(to float rounding); otherwise it is undone and the scale stays explicit.
+(A post-norm BERT LayerNorm also feeds the residual, so it fails the check.)
+
+With `embeddings=True` and a head tied to the input embedding, the head is a
+group too: the final norm's output feeds it, so 1 / s folds into that norm,
+the head's rows store E diag(s), and the embedding lookup multiplies the rows
+it returns by 1 / s (`inv_column_scale`). The head is searched on the grid it
+gets: int8 rows (`embedding_bits=8`, the int8 weight kernel) or the layers'
+4-bit grid (`embedding_bits=4`, see embedding.py).
+
+Calibration runs the float model once on `calibration_samples` windows of the
+calibration split (never evaluation); every group's scales are searched
+against its float inputs (a subsample of `SEARCH_TOKENS` tokens; the mean
+magnitudes use all tokens). Cost: `grid` quantizations of each group.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slimkit.core import data as D
+from slimkit.core.arch import CAUSAL_LM
+from slimkit.core.errors import SlimkitError
+from slimkit.core.memory import release_memory
+from slimkit.core.progress import track
+from slimkit.core.registry import Context, register
+from slimkit.core.selection import check_patterns, linear_weight, select_linears, set_module
+from slimkit.io.model import copy_model
+from slimkit.quantization.awq_math import search_scale
+from slimkit.quantization.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_int_format
+from slimkit.quantization.embedding import check_embedding_bits, head_grid, quantize_embeddings, tied_head
+from slimkit.quantization.formats import check_group, check_zero_point, sqnr_db
+from slimkit.quantization.modules import WeightOnlyLinear
+from slimkit.quantization.smoothing import require_batches
+
+SEARCH_TOKENS = 512  # cached input rows per group for the search
+PROBE_TOKENS = 32  # tokens of the batch that checks each fold
+FOLD_SQNR_DB = 90.0  # float rounding only; a wrong fold changes outputs far more
+HEAD = "<head>"  # the group of the tied LM head
+
+# consumer name suffix -> the linear whose output rows feed it through a channel-wise op
+ROW_PRODUCERS = {
+    "self_attn.o_proj": "self_attn.v_proj",
+    "mlp.down_proj": "mlp.up_proj",
+    "attention.output.dense": "attention.self.value",
+}
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    bits: int = 4
+    group_size: int | None = 64  # int8 with the fast kernel: group_size=None, symmetric=True
+    symmetric: bool = False
+    zero_point: str = "float"  # or "integer": w = (u - z) * s, exportable to MatMulNBits exactly
+    calibration_samples: int = 16
+    seq_len: int = 512
+    grid: int = 20
+    embeddings: bool = True
+    embedding_bits: int = 8  # 4: the embedding and its tied head on the layers' 4-bit grid (embedding.py)
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    compute_dtype: str = "fp32"  # dtype of what stays unquantized (common.cast_unquantized)
+
+    def __post_init__(self):
+        check_compute_dtype(self.compute_dtype)
+        check_int_format("awq", self.bits, self.group_size)
+        check_zero_point(self.zero_point, self.symmetric)
+        check_embedding_bits("awq", self.embedding_bits, self.bits)
+        if self.group_size is None and self.bits == 4:
+            raise SlimkitError("awq int4 needs groups: use group_size 32, 64, 128 or 256")
+        if self.calibration_samples < 1 or self.seq_len < 8:
+            raise SlimkitError(f"calibration needs calibration_samples >= 1 and seq_len >= 8, got {self.calibration_samples} and {self.seq_len}")
+        if not 2 <= self.grid <= 100:
+            raise SlimkitError(f"grid={self.grid} is out of range: use 2..100 alpha points, e.g. 20")
+        check_patterns(self.targets, self.ignore)
+
+
+@dataclass
+class Group:
+    members: list[str]  # layers that read this input (HEAD for the tied head)
+    abs_sum: torch.Tensor  # (K,) sum |x| over all tokens
+    count: int
+    rows: list[torch.Tensor]  # subsampled inputs, each (t, K)
+    norm: str | None = None  # the norm whose output this input is, if any
+
+    def inputs(self) -> torch.Tensor:
+        return torch.cat(self.rows)[:SEARCH_TOKENS]  # (T, K)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return (isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")) and isinstance(w, torch.Tensor) and w.dim() == 1
+
+
+def _where(x: torch.Tensor) -> tuple:
+    return x.data_ptr(), tuple(x.shape), x.stride()
+
+
+def _forward(model, ids, causal: bool):
+    out = model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
+    return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float()
+
+
+def calibrate(model: nn.Module, names: list[str], head: str | None, batches: list, causal: bool) -> dict[str, Group]:
+    """owner layer -> Group: who reads the input, its statistics, its producing norm."""
+    groups: dict[str, Group] = {}
+    # A weak reference: holding every layer's input for the whole batch would cost hundreds of MB;
+    # an entry whose tensor has died does not match a new tensor that reuses its id.
+    seen: dict[int, tuple] = {}  # id(input) -> (weakref to it, owner), this batch
+    produced: dict[tuple, tuple] = {}  # where a norm output lies -> (tensor, norm name), this batch (held: a view may outlive it)
+    per_batch = math.ceil(SEARCH_TOKENS / len(batches))
+    gen = torch.Generator().manual_seed(0)
+
+    def pre_hook(name):
+        def fn(module, args):
+            x = args[0]
+            entry = seen.get(id(x))
+            if entry is None or entry[0]() is not x:
+                entry = seen[id(x)] = (weakref.ref(x), name)
+            owner = entry[1]
+            if owner != name:
+                if name not in groups[owner].members:
+                    groups[owner].members.append(name)
+                return
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, K)
+            pick = x2[torch.randperm(x2.shape[0], generator=gen)[:per_batch]]
+            if name not in groups:
+                groups[name] = Group([HEAD if name == head else name], torch.zeros(x2.shape[1]), 0, [])
+            g = groups[name]
+            g.abs_sum += x2.abs().sum(0)
+            g.count += x2.shape[0]
+            g.rows.append(pick)
+            if _where(x) in produced:  # the head reads a view of the norm's output, not the tensor
+                g.norm = produced[_where(x)][1]
+
+        return fn
+
+    def norm_hook(name):
+        def fn(module, args, out):
+            produced[_where(out)] = (out, name)
+
+        return fn
+
+    hooked = names + ([head] if head else [])
+    handles = [model.get_submodule(n).register_forward_pre_hook(pre_hook(n)) for n in hooked]
+    handles += [m.register_forward_hook(norm_hook(n)) for n, m in model.named_modules() if n and _is_norm(m)]
+    try:
+        with torch.inference_mode():
+            for ids in track(batches, "Calibrating (AWQ)"):
+                seen.clear()
+                produced.clear()
+                _forward(model, ids, causal)
+                seen.clear()  # every layer's input was held for the batch: hand those pages back
+                produced.clear()
+                release_memory()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if not any(n in g.members for g in groups.values())]
+    if missing:
+        raise SlimkitError(f"layer {missing[0]} saw no calibration input: it is not used in the forward pass; add it to ignore")
+    return groups
+
+
+def _row_producer(model: nn.Module, owner: str, group: Group) -> str | None:
+    if len(group.members) != 1:
+        return None
+    for suffix, producer in ROW_PRODUCERS.items():
+        if owner == suffix or owner.endswith("." + suffix):
+            name = owner[: len(owner) - len(suffix)] + producer
+            try:
+                return name if isinstance(model.get_submodule(name), nn.Linear) else None
+            except AttributeError:
+                return None
+    return None
+
+
+def _head_dim(config, k: int) -> int:
+    heads = getattr(config, "num_attention_heads", None) or 1
+    return getattr(config, "head_dim", None) or k // heads
+
+
+def _row_index(producer_rows: int, k: int, head_dim: int) -> torch.Tensor | None:
+    """(K,) producer row feeding each consumer input channel, or None if the layout is unknown.
+
+    With grouped-query attention, o_proj's input (H * D) reads value head
+    h // (H / H_kv) of v_proj's output (H_kv * D)."""
+    if producer_rows == k:
+        return torch.arange(k)
+    if k % producer_rows or producer_rows % head_dim:
+        return None
+    n_kv, n_rep = producer_rows // head_dim, k // producer_rows
+    heads = torch.arange(n_kv).repeat_interleave(n_rep)  # (H,)
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)  # (H * D,)
+
+
+def _tie(stat: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """Average a (K,) statistic over the channels that share a producer row; back to (K,)."""
+    sums = torch.zeros(rows).index_add_(0, index, stat)
+    counts = torch.zeros(rows).index_add_(0, index, torch.ones_like(stat))
+    return (sums / counts)[index]
+
+
+def _scale_columns_(layer: nn.Module, s: torch.Tensor) -> None:
+    """W[:, j] *= s_j for nn.Linear (out, in) or Conv1D (in, out)."""
+    if isinstance(layer, nn.Linear):
+        layer.weight.mul_(s[None, :])
+    else:
+        layer.weight.mul_(s[:, None])
+
+
+def _fold(model: nn.Module, producer: str, rows: torch.Tensor | None, members: list[str], s: torch.Tensor, inv: bool = False) -> None:
+    """Divide `producer`'s output by s (per channel or via `rows`) and scale members' columns by s."""
+    p = model.get_submodule(producer)
+    if rows is None:  # a norm: output channel j = weight_j * (...) + bias_j
+        d = 1 / s
+    else:  # a linear: output row r feeds the consumer channels index r
+        d = torch.ones(p.weight.shape[0]).index_copy_(0, rows, 1 / s)
+    d = 1 / d if inv else d
+    p.weight.mul_(d[:, None] if p.weight.dim() == 2 else d)
+    if getattr(p, "bias", None) is not None:
+        p.bias.mul_(d)
+    for m in members:
+        _scale_columns_(model.get_submodule(m), 1 / s if inv else s)
+
+
+def scale_model_(lm, config: AWQConfig, source: D.TextSource | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Search every group's scales and fold what folds exactly, in place on `lm`'s float model.
+
+    Returns (layer -> s for the layers that must keep an explicit input scale,
+    s of the tied head or None). Call on a copy.
+    """
+    model, causal = lm.model, lm.kind == CAUSAL_LM
+    names = list(select_linears(model, tuple(config.targets), tuple(config.ignore)))
+    for name in names:  # a group size that does not fit fails before calibrating
+        check_group(linear_weight(model.get_submodule(name)).shape[1], config.group_size)
+    head = tied_head(model) if config.embeddings else None
+    batches = require_batches(D.calibration_batches(lm.tokenizer, source or D.TextSource.parse(None, "calibration"), config.seq_len, config.calibration_samples, batch_size=1))
+    groups = calibrate(model, names, head, batches, causal)
+    probe = batches[0][:, :PROBE_TOKENS]
+    explicit: dict[str, torch.Tensor] = {}
+    head_scale = None
+    with torch.no_grad():
+        reference = _forward(model, probe, causal)
+        for owner, g in track(list(groups.items()), "Searching scales (AWQ)"):
+            is_head = g.members == [HEAD]
+            members = [head] if is_head else g.members
+            stat = g.abs_sum / g.count  # (K,)
+            producer, rows = g.norm, None
+            if producer is None and (rp := _row_producer(model, owner, g)) is not None:
+                rows = _row_index(model.get_submodule(rp).weight.shape[0], stat.shape[0], _head_dim(model.config, stat.shape[0]))
+                producer = rp if rows is not None else None
+                if rows is not None:
+                    stat = _tie(stat, rows, model.get_submodule(rp).weight.shape[0])
+            ws = [linear_weight(model.get_submodule(m)).float() for m in members]
+            w = ws[0] if len(ws) == 1 else torch.cat(ws)  # (sum N, K); a lone layer (the 49k-row head) is not copied
+            int8_rows = is_head and config.embedding_bits == 8
+            bits, group, sym, zp = (8, None, True, "float") if int8_rows else (config.bits, config.group_size, config.symmetric, config.zero_point)
+            s = search_scale(w, g.inputs(), bits, group, sym, config.grid, stat, zp).scale
+            if is_head:
+                if producer is not None and _try_head_fold(model, producer, head, s, probe, causal, reference):
+                    head_scale = s
+                continue
+            if producer is not None and _try_fold(model, producer, rows, members, s, probe, causal, reference):
+                continue
+            explicit.update({m: s for m in members})
+    return explicit, head_scale
+
+
+def _try_fold(model, producer, rows, members, s, probe, causal, reference) -> bool:
+    _fold(model, producer, rows, members, s)
+    if sqnr_db(reference, _forward(model, probe, causal)) >= FOLD_SQNR_DB:
+        return True
+    _fold(model, producer, rows, members, s, inv=True)  # undo: the producer's output feeds more than the group
+    return False
+
+
+def _try_head_fold(model, norm, head, s, probe, causal, reference) -> bool:
+    """The head's weight is the embedding's: check the fold with an untied copy of the head."""
+    tied = model.get_submodule(head)
+    untied = nn.Linear(tied.in_features, tied.out_features, bias=tied.bias is not None)
+    untied.weight = nn.Parameter(tied.weight.detach() * s[None, :], requires_grad=False)
+    if tied.bias is not None:
+        untied.bias = tied.bias
+    set_module(model, head, untied)
+    try:
+        _fold(model, norm, None, [], s)
+        if sqnr_db(reference, _forward(model, probe, causal)) >= FOLD_SQNR_DB:
+            return True
+        _fold(model, norm, None, [], s, inv=True)
+        return False
+    finally:
+        set_module(model, head, tied)
+
+
+@register("awq", "quantize", AWQConfig, "AWQ: int4/int8 weight-only with activation-aware per-channel scales, calibrated (same kernels as int4-wo)")
+def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
+    lm = copy_model(model, "awq")
+    explicit, head_scale = scale_model_(lm, config, ctx.calibration())
+    names = list(select_linears(lm.model, tuple(config.targets), tuple(config.ignore)))
+    with torch.no_grad():
+        for name in track(names, "Quantizing (AWQ)"):
+            layer = lm.model.get_submodule(name)
+            w = linear_weight(layer).float()  # (N, K)
+            s = explicit.get(name)
+            module = WeightOnlyLinear(w.shape[1], w.shape[0], getattr(layer, "bias", None) is not None, config.bits, config.group_size,
+                                      config.symmetric, input_scale=s is not None, zero_point=config.zero_point)
+            if s is not None:
+                w = w * s[None, :]
+                module.inv_input_scale.copy_(1 / s)
+            module.set_weight(w)
+            if module.bias is not None:
+                module.bias.copy_(layer.bias.float())
+            set_module(lm.model, name, module)
+    if config.embeddings:
+        quantize_embeddings(lm.model, head_scale, head_grid(config))
+    cast_unquantized(lm.model, config.compute_dtype)
+    return lm.record("quantize", "awq", config)

@@ -1,0 +1,405 @@
+"""Number formats for quantized weights: pure tensor math, no modules, no models.
+
+Integer formats (int8, int4) map a real weight `w` to an integer `q` with a
+scale `s` (and, asymmetric, an offset `m`, the group's minimum):
+
+    symmetric   q = clamp(round(w / s), lo, hi),        s = absmax / hi,           w ~ q * s
+    asymmetric  q = round((w - m) / s) + lo,            s = (max - min) / (hi - lo), w ~ (q - lo) * s + m
+
+with lo, hi = -2^(b-1), 2^(b-1) - 1: both grids are stored as signed int8. The
+asymmetric grid spans exactly [min, max] of its group (the offset is a float,
+as in GGUF's Q4_1 and the CPU int4 kernel, not an integer zero point), so no
+level is wasted on a range the group does not use.
+
+Integer zero point (`zero_point="integer"`): the asymmetric grid with its
+offset constrained to -z * s, z an integer in [0, 2^b - 1], so that
+
+    integer     u = q - lo in [0, 2^b - 1],  w ~ (u - z) * s
+
+the convention of GPTQ and AutoAWQ checkpoints and of ONNX Runtime's
+MatMulNBits kernel (whose float zero points take a slow path). Such a grid
+cannot start exactly at the group's minimum: its levels are multiples of s
+shifted by a whole number of steps, so 0 is always a level. Each group takes
+the (scale, zero point) pair with the least squared error among a few: the
+smallest scales whose grid covers [min, max] for the two zero points next to
+-min / s0 (s0 = (max - min) / (2^b - 1), the range stretched to include 0),
+and s0 shrunk by up to 20%, which clips the extremes a little to step finer
+everywhere else. On random normal weights this is about as accurate as the
+float offset (22.3 vs 22.1 dB SQNR, group 32); on weights shipped in a
+float-offset format (SmolLM2's Q4_1, which the float offset re-finds
+exactly) it is a real loss, measured in benchmarks/RESULTS-export.md.
+
+The scale is shared by a *group* of consecutive input channels of one output
+row: `group_size=None` means one scale per output channel (the whole row),
+`group_size=g` means K / g scales per row. Smaller groups follow the weights'
+local range more closely (less error) at the cost of more scales to store:
+an fp16 scale per 32 weights adds 0.5 bit per weight, per 128 only 0.125.
+Symmetric grids waste one level and fit skewed rows worse; asymmetric grids
+cost an offset per group but fit rows whose range is not centred on 0.
+
+NF4 (QLoRA's "normal float") is a fixed 16-entry code book whose levels are
+quantiles of a standard normal distribution, scaled per block by the block's
+absmax: trained weights are roughly normal, so equal-probability levels give
+lower error than the evenly spaced int4 grid at the same 4 bits. Double
+quantization stores those per-block fp32 absmax scales themselves as int8
+(blocks of 256 scales, each with one fp32 scale, around their mean), which
+saves about 0.37 bit per weight at block size 64.
+
+Two 4-bit values are packed per byte (`pack_int4`), low nibble first, so the
+stored tensor is really half the size of int8.
+
+Edges. A weight holding NaN or Inf is refused (SlimkitError): no grid can
+represent it, and a silent NaN would poison every later measurement. Every
+finite weight quantizes, dequantizes to finite values, and lies within half
+a step (scale / 2) of its dequantized value, with two exceptions near
+float32's maximum (3.4e38), both refused with an error that names the fix:
+an asymmetric group whose range max - min overflows float32, and double
+quantized NF4 scales that would dequantize past it. An all-zero group gets
+the smallest positive scale and stays exactly zero. A double-quantized scale
+is off by up to half its second-level step (1/254 of the scales' spread
+around their mean), so a block far below the mean can come back with a tiny
+scale of either sign, and one within 0.4% of fp16's largest value (65504)
+can dequantize to Inf in fp16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slimkit.core.errors import SlimkitError
+
+GROUP_SIZES = (32, 64, 128, 256)
+INT_BITS = (4, 8)
+DQ_BLOCK = 256  # scales per second-level block in double quantization
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Smallest and largest integer of a signed `bits`-wide grid."""
+    if bits not in INT_BITS:
+        raise SlimkitError(f"bits={bits} is not supported: use one of {', '.join(map(str, INT_BITS))}")
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def check_group(in_features: int, group_size: int | None) -> int:
+    """The effective group size (the whole row when None); errors name the fix."""
+    if group_size is None:
+        return in_features
+    if group_size not in GROUP_SIZES:
+        raise SlimkitError(f"group_size={group_size} is not supported: use one of {', '.join(map(str, GROUP_SIZES))} or None (per channel)")
+    if in_features % group_size:
+        raise SlimkitError(f"group_size={group_size} does not divide the input dimension {in_features}: choose a group size that divides it or ignore this layer")
+    return group_size
+
+
+@dataclass
+class QuantizedInt:
+    """An integer-quantized 2-D weight.
+
+    q: (N, K) int8 holding values of the grid (unpacked); scale, offset: (N, K // group)
+    zero_point: (N, K // group) uint8 integer zero points z (then offset is None)
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor | None
+    bits: int
+    group_size: int
+    zero_point: torch.Tensor | None = None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int(self.q, self.scale, self.offset, self.group_size, self.bits, dtype, self.zero_point)
+
+
+ZERO_POINTS = ("float", "integer")
+SPAN_TOO_WIDE = ("a group of this weight spans more than float32 can hold (max - min over 3.4e38): "
+                 "quantize it with a symmetric grid (symmetric=true)")
+
+
+def check_zero_point(zero_point: str, symmetric: bool) -> None:
+    """Validate a config's zero_point option; errors name the fix."""
+    if zero_point not in ZERO_POINTS:
+        raise SlimkitError(f"zero_point={zero_point!r} is not supported: use 'float' (offset m, w = u * s + m) "
+                           "or 'integer' (w = (u - z) * s, as MatMulNBits and GPTQ checkpoints store it)")
+    if zero_point == "integer" and symmetric:
+        raise SlimkitError("zero_point='integer' shapes the asymmetric grid: set symmetric=false with it "
+                           "(a symmetric grid needs no zero point)")
+
+
+ROWS_PER_CHUNK = 4096  # rows quantized at a time: a 49k-row embedding costs a few MB of temporaries, not 4 copies
+
+
+def quantize_int(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                 zero_point: str = "float") -> QuantizedInt:
+    """Round-to-nearest integer quantization of `w` (N, K) with per-group scales.
+
+    zero_point: 'float' or 'integer', the asymmetric grid's offset (see the module docstring).
+    Every group lies within one row, so rows are quantized `ROWS_PER_CHUNK` at a time and
+    joined: the same result as all at once, without full-size float temporaries."""
+    check_zero_point(zero_point, symmetric)
+    if w.dim() != 2:
+        raise SlimkitError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    g = check_group(k, group_size)
+    if n <= ROWS_PER_CHUNK:
+        return _quantize_rows(w, bits, g, symmetric, zero_point)
+    parts = [_quantize_rows(w[i : i + ROWS_PER_CHUNK], bits, g, symmetric, zero_point) for i in range(0, n, ROWS_PER_CHUNK)]
+    join = lambda field: None if getattr(parts[0], field) is None else torch.cat([getattr(p, field) for p in parts])  # noqa: E731
+    return QuantizedInt(join("q"), join("scale"), join("offset"), bits, g, join("zero_point"))
+
+
+def _quantize_rows(w: torch.Tensor, bits: int, g: int, symmetric: bool, zero_point: str) -> QuantizedInt:
+    n, k = w.shape
+    lo, hi = qrange(bits)
+    wg = w.detach().float().reshape(n, k // g, g)  # (N, G, g)
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        absmax = wg.abs().amax(-1)  # (N, G)
+        check_finite(absmax)
+        scale = fit_scale((absmax / hi).clamp(min=tiny), hi)  # (N, G)
+        q, _ = round_to_grid(wg, scale[..., None], bits=bits)
+        offset = None
+    else:
+        offset, top = wg.amin(-1), wg.amax(-1)  # (N, G)
+        check_finite(offset, top)
+        scale = ((top - offset) / (hi - lo)).clamp(min=tiny)  # (N, G)
+        if not torch.isfinite((hi - lo) * scale + offset).all():  # the grid's top level, by monotonicity every level
+            raise SlimkitError(SPAN_TOO_WIDE)
+        if zero_point == "integer":
+            scale, z = integer_grid(wg, offset, top, bits)  # (N, G) each
+            q, _ = round_to_grid(wg, scale[..., None], None, z[..., None], bits)
+            return QuantizedInt(q.reshape(n, k).to(torch.int8), scale, None, bits, g, z.to(torch.uint8))
+        q, _ = round_to_grid(wg, scale[..., None], offset[..., None], bits=bits)
+    return QuantizedInt(q.reshape(n, k).to(torch.int8), scale, offset, bits, g)
+
+
+SHRINK = torch.linspace(0.8, 1.0, 11).tolist()  # scale factors the integer grid tries below the full range
+
+
+def integer_grid(wg: torch.Tensor, low: torch.Tensor, top: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point of each group, the pair with the least squared error.
+
+    wg (N, G, g); low/top (N, G) the groups' min and max. Candidates: for each
+    of the two zero points next to the ideal (floor, ceil), the smallest scale
+    whose grid covers [low, top]; and scales s0 * f, f in SHRINK, which clip
+    the extremes a little to step finer everywhere else.
+    Returns (scale (N, G) fp32, z (N, G) float holding integers in [0, 2^b - 1])."""
+    levels = 2**bits - 1
+    tiny = torch.finfo(torch.float32).tiny
+    low, top = low.clamp(max=0), top.clamp(min=0)  # 0 must be a level: z is an integer
+    if not torch.isfinite(top - low).all():
+        raise SlimkitError(SPAN_TOO_WIDE)
+    s0 = ((top - low) / levels).clamp(min=tiny)  # (N, G)
+    candidates = []
+    for z in ((-low / s0).floor(), (-low / s0).ceil()):
+        z = z.clamp(0, levels)
+        below = torch.where(z > 0, -low / z.clamp(min=1), torch.where(low < 0, torch.inf, 0.0))
+        above = torch.where(z < levels, top / (levels - z).clamp(min=1), torch.where(top > 0, torch.inf, 0.0))
+        candidates.append((torch.maximum(below, above).clamp(min=tiny), z))  # inf where z cannot cover
+    for f in SHRINK:
+        s = s0 * f
+        candidates += [(s, (-low / s).floor().clamp(0, levels)), (s, (-low / s).ceil().clamp(0, levels))]
+    best_err = best_scale = best_z = None
+    for scale, z in candidates:
+        _, deq = round_to_grid(wg, scale[..., None], None, z[..., None], bits)
+        err = torch.where(torch.isfinite(scale), (wg - deq).pow(2).sum(-1), torch.inf)  # (N, G)
+        if best_err is None:
+            best_err, best_scale, best_z = err, scale, z
+            continue
+        take = err < best_err
+        best_err = torch.where(take, err, best_err)
+        best_scale, best_z = torch.where(take, scale, best_scale), torch.where(take, z, best_z)
+    return fit_scale(best_scale, levels), best_z
+
+
+def round_to_grid(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
+                  zero_point: torch.Tensor | None = None, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest level of one grid for each entry of x: (q as stored, in [lo, hi], float; its dequantized value).
+
+    scale, offset, zero_point broadcast against x; neither offset nor zero_point: symmetric."""
+    lo, hi = qrange(bits)
+    if zero_point is not None:
+        q = (torch.round(x / scale) + zero_point + lo).clamp(lo, hi)
+        return q, (q - lo - zero_point) * scale
+    if offset is None:
+        q = torch.round(x / scale).clamp(lo, hi)
+        return q, q * scale
+    q = (torch.round((x - offset) / scale) + lo).clamp(lo, hi)
+    return q, (q - lo) * scale + offset
+
+
+def dequantize_int(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group_size: int, bits: int,
+                   dtype=torch.float32, zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """q * scale (symmetric), (q - lo) * scale + offset, or (q - lo - zero_point) * scale, group-wise:
+    q (N, K), scale/offset/zero_point (N, K // group) -> (N, K)."""
+    n, k = q.shape
+    qg = q.float().reshape(n, k // group_size, group_size)
+    if zero_point is not None:
+        w = (qg - qrange(bits)[0] - zero_point.float()[..., None]) * scale.float()[..., None]
+    elif offset is None:
+        w = qg * scale.float()[..., None]
+    else:
+        w = (qg - qrange(bits)[0]) * scale.float()[..., None] + offset.float()[..., None]
+    return w.reshape(n, k).to(dtype)
+
+
+def check_finite(*stats: torch.Tensor) -> None:
+    """Refuse NaN / Inf, seen in per-group statistics (amax and amin propagate both), so no extra pass over w."""
+    if not all(torch.isfinite(t).all() for t in stats):
+        raise SlimkitError("cannot quantize a weight that holds NaN or Inf: the weights are corrupt or training diverged; "
+                           "check the model (slimkit refuses such checkpoints at load)")
+
+
+def fit_scale(scale: torch.Tensor, levels: int) -> torch.Tensor:
+    """`scale`, one float step smaller where `levels * scale` rounds past float32's maximum.
+
+    Only scales of groups within about an ulp of 3.4e38 change (127 * (3.4e38 / 127)
+    rounds up to Inf); their weights still round to the top level.
+    """
+    over = torch.isinf(scale * levels)
+    return torch.where(over, torch.nextafter(scale, torch.zeros_like(scale)), scale)
+
+
+def stored_scales(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scales or offsets cast to the dtype a module stores them in; refuses values that dtype cannot hold."""
+    out = t.to(dtype)
+    if not torch.isfinite(out).all():
+        raise SlimkitError(f"this weight's group scales or offsets (up to {t.abs().max().item():.3g}) overflow {str(dtype).replace('torch.', '')}, "
+                           "which stores them: quantize it per channel (group_size=None keeps fp32 scales)")
+    return out
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic int8 activations, one symmetric scale per token (row), full range +-127:
+    x (M, K) float -> (q (M, K) int8, scale (M, 1) fp32); x ~ q * scale."""
+    x = x.float()
+    scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)  # (M, 1)
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def scale_dtype(group_size: int | None) -> torch.dtype:
+    """How weight-only scales are stored: fp32 per channel, fp16 per group (4 bytes a row vs 2 a group)."""
+    return torch.float32 if group_size is None else torch.float16
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) integers in [0, 15] -> (N, K // 2) uint8, element 2i in the low nibble."""
+    if q.shape[-1] % 2:
+        raise SlimkitError(f"int4 packing needs an even number of columns, got {q.shape[-1]}")
+    u = q.to(torch.uint8)
+    if u.numel() and int(u.max()) > 15:
+        raise ValueError("pack_int4 takes values in [0, 15]; offset signed values by 8 first")
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K // 2) uint8 -> (N, K) uint8 in [0, 15]; the inverse of pack_int4."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+# --------------------------------------------------------------------------- NF4
+
+
+def nf4_code() -> torch.Tensor:
+    """The 16 NF4 levels in [-1, 1], ascending, with 0 exact.
+
+    Quantiles of N(0, 1) at evenly spaced probabilities: 8 levels on the
+    positive side and 7 on the negative (plus 0), so that the grid is
+    asymmetric by one level like int4 but holds both -1 and 1; the outermost
+    probability is the mean of 1 - 1/32 and 1 - 1/30, as QLoRA describes.
+    """
+    edge = 0.5 * (1 - 1 / 32 + 1 - 1 / 30)
+    pos = torch.special.ndtri(torch.linspace(0.5, edge, 9, dtype=torch.float64)[1:])  # 8 levels > 0
+    neg = -torch.special.ndtri(torch.linspace(0.5, edge, 8, dtype=torch.float64)[1:])  # 7 levels < 0
+    code = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos])
+    return (code / code.abs().max()).sort().values.float()
+
+
+@dataclass
+class QuantizedNF4:
+    """NF4 weight: codes (N, K // 2) uint8 packed indices into nf4_code(); per-block absmax.
+
+    absmax is (N, K // block) fp32, or, double quantized, `absmax_q` int8 with
+    `absmax_scale` (ceil(n_blocks / 256),) fp32 and `absmax_mean` () fp32.
+    """
+
+    codes: torch.Tensor
+    shape: tuple[int, int]
+    block_size: int
+    absmax: torch.Tensor | None = None
+    absmax_q: torch.Tensor | None = None
+    absmax_scale: torch.Tensor | None = None
+    absmax_mean: torch.Tensor | None = None
+
+    def scales(self) -> torch.Tensor:
+        if self.absmax is not None:
+            return self.absmax
+        return dequantize_scales(self.absmax_q, self.absmax_scale, self.absmax_mean)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_nf4(self.codes, self.scales(), self.block_size, dtype)
+
+
+def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = False) -> QuantizedNF4:
+    """Nearest NF4 level of w / block absmax, per block of `block_size` input channels."""
+    if w.dim() != 2:
+        raise SlimkitError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    b = check_group(k, block_size)
+    code = nf4_code()  # (16,)
+    wb = w.detach().float().reshape(n, k // b, b)  # (N, B, b)
+    absmax = wb.abs().amax(-1)  # (N, B)
+    check_finite(absmax)
+    absmax = absmax.clamp(min=torch.finfo(torch.float32).tiny)
+    normed = wb / absmax[..., None]  # in [-1, 1]
+    mids = (code[1:] + code[:-1]) / 2  # (15,) decision boundaries between levels
+    idx = torch.bucketize(normed.contiguous(), mids)  # (N, B, b) in [0, 15]
+    out = QuantizedNF4(pack_int4(idx.reshape(n, k)), (n, k), b)
+    if double_quant:
+        out.absmax_q, out.absmax_scale, out.absmax_mean = quantize_scales(absmax)
+        if not torch.isfinite(out.scales()).all():
+            raise SlimkitError("this weight's block scales are too close to float32's maximum (3.4e38) to be "
+                               "double quantized: quantize it with double_quant=false")
+    else:
+        out.absmax = absmax
+    return out
+
+
+def dequantize_nf4(codes: torch.Tensor, absmax: torch.Tensor, block_size: int, dtype=torch.float32) -> torch.Tensor:
+    """codes (N, K // 2) uint8, absmax (N, K // block) -> (N, K)."""
+    idx = unpack_int4(codes).long()  # (N, K)
+    n, k = idx.shape
+    w = nf4_code()[idx].reshape(n, k // block_size, block_size) * absmax.float()[..., None]
+    return w.reshape(n, k).to(dtype)
+
+
+def quantize_scales(scales: torch.Tensor, block: int = DQ_BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Double quantization: fp32 scales (any shape) -> (int8 same shape, fp32 per 256, fp32 mean)."""
+    flat = scales.float().reshape(-1)
+    mean = flat.double().mean().float()  # a float32 sum of scales near 3.4e38 would overflow
+    centred = flat - mean
+    pad = (-flat.numel()) % block
+    blocks = torch.nn.functional.pad(centred, (0, pad)).reshape(-1, block)  # (nb, 256)
+    s2 = fit_scale((blocks.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny), 127)  # (nb,)
+    q = torch.round(blocks / s2[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(-1)[: flat.numel()].reshape(scales.shape), s2, mean
+
+
+def dequantize_scales(q: torch.Tensor, s2: torch.Tensor, mean: torch.Tensor, block: int = DQ_BLOCK) -> torch.Tensor:
+    flat = q.reshape(-1).float()
+    per = s2.repeat_interleave(block)[: flat.numel()]
+    return (flat * per + mean).reshape(q.shape)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|x|^2 / |x - x~|^2)."""
+    ref = reference.detach().float()
+    noise = (ref - approx.detach().float()).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))

@@ -1,0 +1,1 @@
+"""`slimkit optimize`: presets, plans, the time budget, candidates and the search loop."""
