@@ -7,7 +7,7 @@ from torch import nn
 
 import slimkit
 from slimkit.measure.quality import EvalConfig, evaluate
-from slimkit.quantization.modules import Int8Embedding, TiedInt8Head
+from slimkit.quantization.embedding import Int8Embedding, TiedInt8Head
 
 torch.set_num_threads(2)
 ref = slimkit.load("smollm2-135m")

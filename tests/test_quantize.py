@@ -12,7 +12,8 @@ from slimkit.core.errors import SlimkitError
 from slimkit.io.artifacts import save
 from slimkit.measure.speed import dir_size_mb
 from slimkit.quantization import formats as F
-from slimkit.quantization.modules import Int8DynamicLinear, Int8Embedding, NF4Linear, TiedInt8Head, WeightOnlyLinear
+from slimkit.quantization.embedding import Int8Embedding, TiedInt8Head
+from slimkit.quantization.modules import Int8DynamicLinear, NF4Linear, WeightOnlyLinear
 
 METHODS = {
     "int8-dynamic": ({}, 25),

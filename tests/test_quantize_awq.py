@@ -12,7 +12,8 @@ from slimkit.io.model import copy_model
 from slimkit.quantization import formats as F
 from slimkit.quantization.awq import AWQConfig, scale_model_
 from slimkit.quantization.awq_math import awq_scales, fake_quantize, scaled_error, search_scale
-from slimkit.quantization.modules import Int8Embedding, TiedInt8Head, WeightOnlyLinear
+from slimkit.quantization.embedding import Int8Embedding, TiedInt8Head
+from slimkit.quantization.modules import WeightOnlyLinear
 
 CALIB = {"calibration_samples": 4, "seq_len": 64, "grid": 10}
 
@@ -183,7 +184,7 @@ def test_awq_with_integer_zero_points_on_tiny_llama(tiny):
 @pytest.mark.parametrize("method", ["awq", "gptq"])
 def test_four_bit_tied_head_owns_the_codes_and_reloads_exactly(tiny, tmp_path, method):
     """embedding_bits=4: the head is a 4-bit WeightOnlyLinear, the embedding looks its rows up there."""
-    from slimkit.quantization.modules import TiedEmbedding
+    from slimkit.quantization.embedding import TiedEmbedding
 
     lm = _with_outliers(slimkit.load(tiny("llama")), "llama")
     extra = CALIB if method == "awq" else {"calibration_samples": 4, "seq_len": 64}

@@ -11,8 +11,9 @@ import slimkit
 from slimkit.core.errors import SlimkitError
 from slimkit.core.options import parse_options
 from slimkit.io.artifacts import save
+from slimkit.quantization.embedding import Int8Embedding
 from slimkit.quantization.mixed import MixedConfig, fallback
-from slimkit.quantization.modules import Int8Embedding, WeightOnlyLinear
+from slimkit.quantization.modules import WeightOnlyLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from slimkit.quantization import formats as F
-from slimkit.quantization.modules import Int8DynamicLinear, Int8Embedding, NF4Linear, TiedInt8Head, WeightOnlyLinear
+from slimkit.quantization.embedding import Int8Embedding, TiedInt8Head
+from slimkit.quantization.modules import Int8DynamicLinear, NF4Linear, WeightOnlyLinear
 
 
 def _linear(n=96, k=128, bias=True, seed=0):

@@ -9,8 +9,9 @@ from slimkit.core.errors import SlimkitError
 from slimkit.io.artifacts import save
 from slimkit.measure.quality import EvalConfig, evaluate
 from slimkit.quantization import formats as F
+from slimkit.quantization.embedding import Int8Embedding
 from slimkit.quantization.fake_quant import FakeQuantLinear, fake_quantize_tokens, fake_quantize_weight, straight_through
-from slimkit.quantization.modules import Int8DynamicLinear, Int8Embedding, WeightOnlyLinear
+from slimkit.quantization.modules import Int8DynamicLinear, WeightOnlyLinear
 from slimkit.quantization.qat import QATConfig, convert, prepare
 
 FAST = {"seq_len": 64, "batch_size": 4, "calibration_samples": 32}

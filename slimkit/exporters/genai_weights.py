@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from slimkit.quantization import formats as Q
-from slimkit.quantization.modules import Int8DynamicLinear, Int8Embedding, NF4Linear, StaticInt8Linear, TiedEmbedding, TiedInt8Head, WeightOnlyLinear
+from slimkit.quantization.embedding import Int8Embedding, TiedEmbedding, TiedInt8Head
+from slimkit.quantization.modules import Int8DynamicLinear, NF4Linear, StaticInt8Linear, WeightOnlyLinear
 
 BLOCKS = (256, 128, 64, 32, 16)  # MatMulNBits block sizes, largest first
 

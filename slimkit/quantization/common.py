@@ -16,7 +16,8 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.selection import select_linears, set_module
 from slimkit.io.artifacts import ModuleRecord, register_modules
 from slimkit.io.model import LoadedModel
-from slimkit.quantization.modules import LINEAR_FORMATS, TIED_FORMATS, Int8Embedding, TiedEmbedding, TiedInt8Head
+from slimkit.quantization.embedding import TIED_FORMATS, Int8Embedding, TiedEmbedding, TiedInt8Head
+from slimkit.quantization.modules import LINEAR_FORMATS
 
 DEFAULT_IGNORE = ("lm_head",)
 

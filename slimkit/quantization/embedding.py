@@ -20,13 +20,147 @@ Either way the tie survives and nothing is stored twice.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.selection import set_module
-from slimkit.quantization.modules import Int8Embedding, TiedEmbedding, TiedInt8Head, WeightOnlyLinear
+from slimkit.quantization.modules import KERNEL_DTYPE, WeightOnlyLinear, int8_rows, weight_buffer
 
 EMBEDDING_BITS = (8, 4)
+
+
+class Int8Embedding(nn.Module):
+    """int8 rows with one fp32 scale per row (per token); looked-up rows are dequantized.
+
+    With a tied LM head, the same int8 matrix serves `TiedInt8Head`: the head's
+    output channels are the embedding's rows, so one set of scales fits both.
+    With `column_scale` (AWQ on the tied head), the stored matrix is E diag(s):
+    the head reads it as is (1 / s is folded into the norm before the head)
+    and looked-up rows are multiplied by `inv_column_scale` = 1 / s (D,).
+    """
+
+    fmt = "int8-embedding"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, column_scale: bool = False):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.compute_dtype = torch.float32  # dtype of the looked-up rows (common.cast_unquantized sets it)
+        weight_buffer(self, "weight_q", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings))
+        self.register_buffer("inv_column_scale", torch.ones(embedding_dim) if column_scale else None)
+        self._kernel: dict = {}
+
+    @classmethod
+    def from_float(cls, emb: nn.Embedding, column_scale: torch.Tensor | None = None) -> "Int8Embedding":
+        """column_scale: (D,) AWQ factors s, or None."""
+        module = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, column_scale is not None)
+        if column_scale is not None:
+            module.inv_column_scale.copy_(1 / column_scale)
+        q, scale = int8_rows(emb.weight.detach().float(), column_scale)  # (V, D), (V,)
+        module.weight_q.copy_(q)
+        module.weight_scale.copy_(scale)
+        return module
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "Int8Embedding":
+        module = cls(spec["num_embeddings"], spec["embedding_dim"], spec.get("padding_idx"), spec.get("column_scale", False))
+        module.compute_dtype = getattr(torch, spec.get("compute_dtype", "float32"))
+        return module
+
+    def spec(self) -> dict:
+        spec = {"format": self.fmt, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx}
+        if self.inv_column_scale is not None:
+            spec["column_scale"] = True
+        if self.compute_dtype != torch.float32:
+            spec["compute_dtype"] = str(self.compute_dtype).removeprefix("torch.")
+        return spec
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight_q).float()  # (..., D)
+        rows = rows * self.weight_scale[ids][..., None]
+        rows = rows if self.inv_column_scale is None else rows * self.inv_column_scale
+        return rows.to(self.compute_dtype)
+
+    def head_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, D) @ dequantized(weight).T -> (M, V) through the int8 weight kernel."""
+        if x.device.type != "cpu":
+            return F.linear(x.float(), self.weight_q.float() * self.weight_scale[:, None])
+        if "s" not in self._kernel:
+            self._kernel["s"] = self.weight_scale.to(KERNEL_DTYPE)
+        return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.weight_q, self._kernel["s"])
+
+
+class TiedInt8Head(nn.Module):
+    """An LM head that shares an Int8Embedding's weights; it owns no tensors."""
+
+    fmt = "tied-int8-head"
+
+    def __init__(self, embedding: Int8Embedding, embedding_name: str):
+        super().__init__()
+        self._embedding = [embedding]  # a list: not a submodule, so nothing is saved twice
+        self.embedding_name = embedding_name
+
+    def spec(self) -> dict:
+        return {"format": self.fmt, "tied_to": self.embedding_name}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._embedding[0].head_matmul(x.reshape(-1, shape[-1]))
+        return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+class TiedEmbedding(nn.Module):
+    """An input embedding that reads its rows from the tied LM head's codes; it owns no weight.
+
+    The reverse of `TiedInt8Head`, for a head quantized like the other layers (4-bit,
+    group-wise): the head, a `WeightOnlyLinear` with the vocabulary as its output
+    channels, owns the codes and keeps its fast kernel; a lookup dequantizes only the
+    rows it returns. With `column_scale` (AWQ on the tied head), the head stores
+    E diag(s), 1 / s is folded into the norm before it, and looked-up rows are
+    multiplied by `inv_column_scale` = 1 / s (D,).
+    """
+
+    fmt = "tied-embedding"
+
+    def __init__(self, head: WeightOnlyLinear, head_name: str, padding_idx: int | None = None, column_scale: bool = False):
+        super().__init__()
+        self._head = [head]  # a list: not a submodule, so nothing is saved twice
+        self.head_name = head_name
+        self.num_embeddings, self.embedding_dim, self.padding_idx = head.out_features, head.in_features, padding_idx
+        self.compute_dtype = torch.float32  # dtype of the looked-up rows (common.cast_unquantized sets it)
+        self.register_buffer("inv_column_scale", torch.ones(head.in_features) if column_scale else None)
+
+    @property
+    def head(self) -> WeightOnlyLinear:
+        return self._head[0]
+
+    @classmethod
+    def from_spec(cls, spec: dict, head: WeightOnlyLinear) -> "TiedEmbedding":
+        module = cls(head, spec["tied_to"], spec.get("padding_idx"), spec.get("column_scale", False))
+        module.compute_dtype = getattr(torch, spec.get("compute_dtype", "float32"))
+        return module
+
+    def spec(self) -> dict:
+        spec = {"format": self.fmt, "tied_to": self.head_name, "padding_idx": self.padding_idx}
+        if self.inv_column_scale is not None:
+            spec["column_scale"] = True
+        if self.compute_dtype != torch.float32:
+            spec["compute_dtype"] = str(self.compute_dtype).removeprefix("torch.")
+        return spec
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.head.rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+        rows = rows if self.inv_column_scale is None else rows * self.inv_column_scale
+        return rows.to(self.compute_dtype)
+
+
+TIED_FORMATS = (TiedInt8Head.fmt, TiedEmbedding.fmt)  # modules that own no weight: built after what they read
+
 
 
 def check_embedding_bits(method: str, embedding_bits: int, bits: int) -> None:

@@ -1,4 +1,4 @@
-"""Quantized replacements for linear layers and embeddings.
+"""Quantized replacements for linear layers (the embeddings' are in `embedding.py`).
 
 Each module keeps its compressed weight in buffers marked `_slimkit_weight`
 (so `LoadedModel.num_parameters()` counts them and `state_dict()` saves the
@@ -23,23 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.core.selection import linear_weight
 from slimkit.quantization import formats as Q
 from slimkit.quantization import observers as O
 
 KERNEL_DTYPE = torch.bfloat16
 
 
-def _weight_buffer(module: nn.Module, name: str, tensor: torch.Tensor, per_element: int = 1) -> None:
+def weight_buffer(module: nn.Module, name: str, tensor: torch.Tensor, per_element: int = 1) -> None:
     """A buffer that holds weights: LoadedModel.num_parameters() counts `per_element` per entry."""
     module.register_buffer(name, tensor)
     getattr(module, name)._slimkit_weight = per_element
-
-
-def linear_weight(layer: nn.Module) -> torch.Tensor:
-    """(out, in) weight of nn.Linear or transformers' Conv1D (stored (in, out))."""
-    if isinstance(layer, nn.Linear):
-        return layer.weight
-    return layer.weight.t()
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -58,6 +52,15 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         padded = torch.cat([a, a.new_zeros(17 - m, k)])  # (17, K): zero rows add nothing
         return torch._int_mm(padded, b)[:m]
     return torch._int_mm(a, b)
+
+
+def int8_rows(w: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K), its columns first multiplied by `column_scale` (K,) where given, as symmetric
+    int8 rows: (q (N, K) int8, one scale per row (N,))."""
+    if column_scale is not None:
+        w = w * column_scale[None, :]
+    qt = Q.quantize_int(w, 8, None, symmetric=True)
+    return qt.q, qt.scale[:, 0]
 
 
 class QuantLinear(nn.Module):
@@ -114,7 +117,7 @@ class Int8DynamicLinear(QuantLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, smooth: bool = False):
         super().__init__(in_features, out_features, bias)
-        _weight_buffer(self, "weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        weight_buffer(self, "weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("inv_smooth", torch.ones(in_features) if smooth else None)
 
@@ -124,11 +127,10 @@ class Int8DynamicLinear(QuantLinear):
     def set_weight(self, w: torch.Tensor, smooth: torch.Tensor | None = None) -> None:
         """w (N, K); smooth (K,) per-input-channel factors, or None."""
         if smooth is not None:
-            w = w * smooth[None, :]
             self.inv_smooth.copy_(1 / smooth)
-        qt = Q.quantize_int(w, 8, None, symmetric=True)
-        self.weight_q.copy_(qt.q)
-        self.weight_scale.copy_(qt.scale[:, 0])
+        q, scale = int8_rows(w, smooth)
+        self.weight_q.copy_(q)
+        self.weight_scale.copy_(scale)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -157,7 +159,7 @@ class StaticInt8Linear(QuantLinear):
         if weight_granularity not in ("per_channel", "per_tensor"):
             raise ValueError(f"unknown weight_granularity {weight_granularity!r}")
         self.weight_granularity, self.symmetric_activations = weight_granularity, symmetric_activations
-        _weight_buffer(self, "weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        weight_buffer(self, "weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features if weight_granularity == "per_channel" else 1))
         self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
@@ -236,7 +238,7 @@ class WeightOnlyLinear(QuantLinear):
         n_groups = in_features // g
         scale_dtype = Q.scale_dtype(self.group_size)
         cols = in_features if bits == 8 else in_features // 2
-        _weight_buffer(self, "qweight", torch.zeros(out_features, cols, dtype=torch.int8 if bits == 8 else torch.uint8), 8 // bits)
+        weight_buffer(self, "qweight", torch.zeros(out_features, cols, dtype=torch.int8 if bits == 8 else torch.uint8), 8 // bits)
         self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=scale_dtype))
         integer = zero_point == "integer"
         self.register_buffer("offset", torch.zeros(out_features, n_groups, dtype=scale_dtype) if not symmetric and not integer else None)
@@ -338,7 +340,7 @@ class NF4Linear(QuantLinear):
         super().__init__(in_features, out_features, bias)
         self.block_size, self.double_quant = Q.check_group(in_features, block_size), double_quant
         n_blocks = in_features // block_size
-        _weight_buffer(self, "codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8), 2)
+        weight_buffer(self, "codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8), 2)
         if double_quant:
             n_dq = -(-out_features * n_blocks // Q.DQ_BLOCK)
             self.register_buffer("absmax_q", torch.zeros(out_features, n_blocks, dtype=torch.int8))
@@ -366,136 +368,4 @@ class NF4Linear(QuantLinear):
         return F.linear(x.to(w.dtype), w)
 
 
-class Int8Embedding(nn.Module):
-    """int8 rows with one fp32 scale per row (per token); looked-up rows are dequantized.
-
-    With a tied LM head, the same int8 matrix serves `TiedInt8Head`: the head's
-    output channels are the embedding's rows, so one set of scales fits both.
-    With `column_scale` (AWQ on the tied head), the stored matrix is E diag(s):
-    the head reads it as is (1 / s is folded into the norm before the head)
-    and looked-up rows are multiplied by `inv_column_scale` = 1 / s (D,).
-    """
-
-    fmt = "int8-embedding"
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, column_scale: bool = False):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.compute_dtype = torch.float32  # dtype of the looked-up rows (common.cast_unquantized sets it)
-        _weight_buffer(self, "weight_q", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(num_embeddings))
-        self.register_buffer("inv_column_scale", torch.ones(embedding_dim) if column_scale else None)
-        self._kernel: dict = {}
-
-    @classmethod
-    def from_float(cls, emb: nn.Embedding, column_scale: torch.Tensor | None = None) -> "Int8Embedding":
-        """column_scale: (D,) AWQ factors s, or None."""
-        module = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, column_scale is not None)
-        w = emb.weight.detach().float()  # (V, D)
-        if column_scale is not None:
-            w = w * column_scale[None, :]
-            module.inv_column_scale.copy_(1 / column_scale)
-        qt = Q.quantize_int(w, 8, None, symmetric=True)
-        module.weight_q.copy_(qt.q)
-        module.weight_scale.copy_(qt.scale[:, 0])
-        return module
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> "Int8Embedding":
-        module = cls(spec["num_embeddings"], spec["embedding_dim"], spec.get("padding_idx"), spec.get("column_scale", False))
-        module.compute_dtype = getattr(torch, spec.get("compute_dtype", "float32"))
-        return module
-
-    def spec(self) -> dict:
-        spec = {"format": self.fmt, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx}
-        if self.inv_column_scale is not None:
-            spec["column_scale"] = True
-        if self.compute_dtype != torch.float32:
-            spec["compute_dtype"] = str(self.compute_dtype).removeprefix("torch.")
-        return spec
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel.clear()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids, self.weight_q).float()  # (..., D)
-        rows = rows * self.weight_scale[ids][..., None]
-        rows = rows if self.inv_column_scale is None else rows * self.inv_column_scale
-        return rows.to(self.compute_dtype)
-
-    def head_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, D) @ dequantized(weight).T -> (M, V) through the int8 weight kernel."""
-        if x.device.type != "cpu":
-            return F.linear(x.float(), self.weight_q.float() * self.weight_scale[:, None])
-        if "s" not in self._kernel:
-            self._kernel["s"] = self.weight_scale.to(KERNEL_DTYPE)
-        return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.weight_q, self._kernel["s"])
-
-
-class TiedInt8Head(nn.Module):
-    """An LM head that shares an Int8Embedding's weights; it owns no tensors."""
-
-    fmt = "tied-int8-head"
-
-    def __init__(self, embedding: Int8Embedding, embedding_name: str):
-        super().__init__()
-        self._embedding = [embedding]  # a list: not a submodule, so nothing is saved twice
-        self.embedding_name = embedding_name
-
-    def spec(self) -> dict:
-        return {"format": self.fmt, "tied_to": self.embedding_name}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = self._embedding[0].head_matmul(x.reshape(-1, shape[-1]))
-        return y.reshape(*shape[:-1], -1).to(x.dtype)
-
-
-class TiedEmbedding(nn.Module):
-    """An input embedding that reads its rows from the tied LM head's codes; it owns no weight.
-
-    The reverse of `TiedInt8Head`, for a head quantized like the other layers (4-bit,
-    group-wise): the head, a `WeightOnlyLinear` with the vocabulary as its output
-    channels, owns the codes and keeps its fast kernel; a lookup dequantizes only the
-    rows it returns. With `column_scale` (AWQ on the tied head), the head stores
-    E diag(s), 1 / s is folded into the norm before it, and looked-up rows are
-    multiplied by `inv_column_scale` = 1 / s (D,).
-    """
-
-    fmt = "tied-embedding"
-
-    def __init__(self, head: WeightOnlyLinear, head_name: str, padding_idx: int | None = None, column_scale: bool = False):
-        super().__init__()
-        self._head = [head]  # a list: not a submodule, so nothing is saved twice
-        self.head_name = head_name
-        self.num_embeddings, self.embedding_dim, self.padding_idx = head.out_features, head.in_features, padding_idx
-        self.compute_dtype = torch.float32  # dtype of the looked-up rows (common.cast_unquantized sets it)
-        self.register_buffer("inv_column_scale", torch.ones(head.in_features) if column_scale else None)
-
-    @property
-    def head(self) -> WeightOnlyLinear:
-        return self._head[0]
-
-    @classmethod
-    def from_spec(cls, spec: dict, head: WeightOnlyLinear) -> "TiedEmbedding":
-        module = cls(head, spec["tied_to"], spec.get("padding_idx"), spec.get("column_scale", False))
-        module.compute_dtype = getattr(torch, spec.get("compute_dtype", "float32"))
-        return module
-
-    def spec(self) -> dict:
-        spec = {"format": self.fmt, "tied_to": self.head_name, "padding_idx": self.padding_idx}
-        if self.inv_column_scale is not None:
-            spec["column_scale"] = True
-        if self.compute_dtype != torch.float32:
-            spec["compute_dtype"] = str(self.compute_dtype).removeprefix("torch.")
-        return spec
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.head.rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
-        rows = rows if self.inv_column_scale is None else rows * self.inv_column_scale
-        return rows.to(self.compute_dtype)
-
-
-TIED_FORMATS = (TiedInt8Head.fmt, TiedEmbedding.fmt)  # modules that own no weight: built after what they read
 LINEAR_FORMATS = {cls.fmt: cls for cls in (Int8DynamicLinear, StaticInt8Linear, WeightOnlyLinear, NF4Linear)}
