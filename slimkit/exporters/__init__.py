@@ -1,6 +1,6 @@
 """Export to deployment runtimes: one module per runtime, one directory per export.
 
-    slimkit.export.export("minilm-l6", "out/minilm-int8", ExportConfig("onnxruntime", quantize="int8"))
+    slimkit.export("minilm-l6", "out/minilm-int8", ExportConfig("onnxruntime", quantize="int8"))
     lm = slimkit.load("out/minilm-int8")   # served by ONNX Runtime, measured by evaluate/benchmark
 
 Formats
@@ -16,7 +16,7 @@ Formats
                (see `tensorrt.py`; untested on a GPU in this version)
 
 An exported directory is a slimkit artifact whose manifest (`slimkit.json`,
-same conventions as `slimkit.artifacts`: written last, SHA-256 of every file,
+same conventions as `slimkit.io.artifacts`: written last, SHA-256 of every file,
 temporary directory renamed into place) carries `"runtime"`; `slimkit.load`
 dispatches on it, so the directory is evaluated and benchmarked through the
 runtime that serves it.

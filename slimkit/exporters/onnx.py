@@ -262,6 +262,28 @@ class Parity:
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("max_abs_diff", "rel_l2", "reference_max_abs", "tolerance", "metric", "cases")}
 
+    @classmethod
+    def of(cls, pairs, tolerance: float, metric: str) -> "Parity":
+        """Over (exported output, PyTorch output) tensor pairs of any shape, one case each."""
+        worst = scale = err2 = ref2 = 0.0
+        cases = 0
+        for got, want in pairs:
+            got, want = got.float(), want.float()
+            worst = max(worst, (got - want).abs().max().item())
+            scale = max(scale, want.abs().max().item())
+            err2 += (got - want).double().pow(2).sum().item()
+            ref2 += want.double().pow(2).sum().item()
+            cases += 1
+        return cls(worst, (err2 / max(ref2, 1e-30)) ** 0.5, scale, tolerance, metric, cases)
+
+    def check(self, what: str, fix: str) -> "Parity":
+        """Itself when within tolerance; else a one-line error that says by how much, and `fix`."""
+        if not self.ok:
+            measured = f"relative L2 error {self.rel_l2:.3g}" if self.metric == "rel_l2" else f"max difference {self.max_abs_diff:.3g}"
+            raise SlimkitError(f"{what} parity check failed: {measured} against PyTorch exceeds the tolerance "
+                               f"{self.tolerance:.3g} (outputs up to {self.reference_max_abs:.3g}): {fix}")
+        return self
+
 
 # ONNX Runtime's load-time fusions that cost time on CPU for a kind of graph. all-MiniLM-L6-v2 int8, batch 1 x 128,
 # 2 threads, each in its own process, in turns: 8.3 -> 7.3 ms per sequence without SkipLayerNormalization, whose CPU
@@ -311,34 +333,22 @@ def check_parity(lm: LoadedModel, path: Path, spec: GraphSpec, tolerance: float,
     """
     sess = sess or session(path, kind=spec.kind)
     vocab = int(getattr(lm.model.config, "vocab_size", 100) or 100)
-    worst, scale, cases, err2, ref2 = 0.0, 0.0, 0, 0.0, 0.0
+    pairs = []
     for feeds in parity_cases(spec, vocab):
         got = sess.run(None, _feeds(sess, feeds))
         ref = _torch_outputs(lm, spec, feeds)
         keep = feeds["attention_mask"][:, -feeds["input_ids"].shape[1]:].bool()
-        pairs = [(got[0], ref[0], keep)]
+        outputs = [(got[0], ref[0], keep)]
         if spec.kind == CAUSAL_LM:  # one decode step on each side's own cache
             step = _decode_step(feeds, spec, got[1:], vocab)
             got2 = sess.run(None, _feeds(sess, step))
-            ref2_out = _torch_outputs(lm, spec, {**step, **dict(zip(spec.past_names, ref[1:]))})
-            pairs.append((got2[0], ref2_out[0], torch.ones(step["input_ids"].shape, dtype=torch.bool)))
-        for g, r, k in pairs:
+            ref2 = _torch_outputs(lm, spec, {**step, **dict(zip(spec.past_names, ref[1:]))})
+            outputs.append((got2[0], ref2[0], torch.ones(step["input_ids"].shape, dtype=torch.bool)))
+        for g, r, k in outputs:
             g = torch.from_numpy(np.asarray(g, dtype=np.float32))
-            r = r.float()
-            if spec.kind != CLASSIFIER:
-                g, r = g[k], r[k]
-            worst = max(worst, (g - r).abs().max().item())
-            scale = max(scale, r.abs().max().item())
-            err2 += (g - r).double().pow(2).sum().item()
-            ref2 += r.double().pow(2).sum().item()
-            cases += 1
-    result = Parity(worst, (err2 / max(ref2, 1e-30)) ** 0.5, scale, tolerance, metric, cases)
-    if not result.ok:
-        measured = f"relative L2 error {result.rel_l2:.3g}" if metric == "rel_l2" else f"max difference {worst:.3g}"
-        raise SlimkitError(f"{what} parity check failed: {measured} against PyTorch exceeds the tolerance "
-                           f"{tolerance:.3g} (outputs up to {scale:.3g}): the graph does not reproduce the model; "
-                           "try another --exporter, or raise --tolerance if the difference is expected")
-    return result
+            pairs.append((g, r) if spec.kind == CLASSIFIER else (g[k], r[k]))
+    return Parity.of(pairs, tolerance, metric).check(what, "the graph does not reproduce the model; try another --exporter, "
+                                                       "or raise --tolerance if the difference is expected")
 
 
 def _torch_outputs(lm: LoadedModel, spec: GraphSpec, feeds: dict) -> list[torch.Tensor]:

@@ -48,6 +48,7 @@ from torch import nn
 
 from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError, short_reason
+from slimkit.exporters.onnx import Parity
 from slimkit.exporters.runtime import serve_with
 from slimkit.io.files import read_config
 from slimkit.io.model import LoadedModel
@@ -225,36 +226,22 @@ def load_genai(path: Path, manifest: dict) -> GenaiModel:
 
 
 def check_parity(lm: LoadedModel, path: Path, tolerance: float, metric: str):
-    from slimkit.exporters.onnx import Parity
-
     served = GenaiModel(path, lm.model.config)
     vocab = int(getattr(lm.model.config, "vocab_size", 100) or 100)
     g = torch.Generator().manual_seed(0)
-    worst = scale = err2 = norm2 = 0.0
-    cases = 0
+    pairs = []
     for batch, length in ((1, 9), (2, 6)):
         ids = torch.randint(4, vocab, (batch, length), generator=g)
         nxt = torch.randint(4, vocab, (batch, 1), generator=g)
         with torch.no_grad():
             ref = lm.model(input_ids=ids, use_cache=True)
-            pairs = [(served(input_ids=ids, use_cache=True), ref)]
+            got = served(input_ids=ids, use_cache=True)
+            pairs.append((got.logits, ref.logits))
             if batch == 1:  # genai appends to one sequence at a time
                 step = lm.model(input_ids=nxt, past_key_values=ref.past_key_values, use_cache=True)
-                pairs.append((served(input_ids=nxt, past_key_values=pairs[0][0].past_key_values, use_cache=True), step))
-        for got, want in pairs:
-            a, b = got.logits.float(), want.logits.float()
-            worst = max(worst, (a - b).abs().max().item())
-            scale = max(scale, b.abs().max().item())
-            err2 += (a - b).double().pow(2).sum().item()
-            norm2 += b.double().pow(2).sum().item()
-            cases += 1
-    result = Parity(worst, (err2 / max(norm2, 1e-30)) ** 0.5, scale, tolerance, metric, cases)
-    if not result.ok:
-        measured = f"relative L2 error {result.rel_l2:.3g}" if metric == "rel_l2" else f"max difference {worst:.3g}"
-        raise SlimkitError(f"onnxruntime-genai parity check failed: {measured} against PyTorch exceeds the tolerance "
-                           f"{tolerance:.3g}: the exported model does not reproduce {lm.name}; raise --tolerance "
-                           "if the difference is expected")
-    return result
+                pairs.append((served(input_ids=nxt, past_key_values=got.past_key_values, use_cache=True).logits, step.logits))
+    return Parity.of(pairs, tolerance, metric).check("onnxruntime-genai", f"the exported model does not reproduce {lm.name}; "
+                                                     "raise --tolerance if the difference is expected")
 
 
 serve_with("ort-genai", load_genai)

@@ -12,7 +12,7 @@ which are quantized per output channel. For every input x of a weight MatMul
 or of ONNX Runtime's fused Attention (Q, K and V read one x and share one
 factor; fused, they are one (K, 3N) weight), from the largest |x_j| seen on
 the calibration split and the largest weight reading channel j
-(`slimkit.quantize.smoothing.smooth_factors`),
+(`slimkit.quantization.smoothing.smooth_factors`),
 
     s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)
     x W = (x / s) (s W)          # x (B, T, K), s (K,), W (K, N): row j of W times s_j
