@@ -7,7 +7,7 @@ records. YAML, JSON, Python and the CLI all build the same typed object:
     seed: 0                    # the Context's seed, for every step
     data: my_corpus.txt        # optional: what calibrating steps read (its calibration split); default pydoc
     steps:
-      - method: wanda          # a registered technique (see `slimkit.registry`)
+      - method: wanda          # a registered technique (see `slimkit.core.registry`)
         sparsity: 0.5
       - method: int8-dynamic
 

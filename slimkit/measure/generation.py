@@ -37,7 +37,7 @@ class Generation:
 def generate(model: LoadedModel | str, prompt: str, max_new_tokens: int = 32, chat: bool = False, compile: bool = False) -> Generation:
     """Greedy continuation of `prompt`; stops at EOS or after `max_new_tokens`.
 
-    `compile` decodes through torch.compile with a static KV cache (compiled.py);
+    `compile` decodes through torch.compile with a static KV cache (decoding.py);
     the first step then includes the compilation, so its tokens/s are lower.
     """
     lm = load(model)

@@ -9,7 +9,7 @@
   * decode tokens/s (causal LMs): greedy decoding with a KV cache for exactly
     `new_tokens` tokens after the prompt (no stop at EOS); only the decode
     steps are timed; the median of `decode_repeats` runs. With `compile`,
-    through `torch.compile` and a static cache (compiled.py); the result says
+    through `torch.compile` and a static cache (decoding.py); the result says
     which runtime decoded (`decode_runtime`) and how long compiling took.
     For encoders and classifiers, `compile` runs latency and throughput
     through `torch.compile`d forwards instead; `compile_seconds` is the first
@@ -59,7 +59,7 @@ class BenchConfig:
     decode_repeats: int = 3
     threads: int | None = None
     measure_size: bool = True
-    compile: bool = False  # decode through torch.compile with a static KV cache (slimkit.compiled)
+    compile: bool = False  # decode through torch.compile with a static KV cache (measure.decoding)
 
     def __post_init__(self):
         checks = {

@@ -26,7 +26,7 @@ returns a new model, registered by name (see `slimkit quantize --list`):
   int8, int4          the recommended method of that width (aliases.py)
   mixed               a low method (int4-wo, ...) on most layers, a high one
                       (int8-wo, or float) on the most sensitive, to a quality
-                      budget (mixed.py; the ranking in sensitivity.py)
+                      budget (mixed.py; the ranking in ranking.py)
 
 Methods that calibrate or train (gptq, awq, qat, int8-static, int8-dynamic
 with smooth_alpha) read the calibration split of `data` (default: the

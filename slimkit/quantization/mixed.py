@@ -3,7 +3,7 @@
 A model rarely suffers evenly: a few layers (often the first and last blocks,
 or the MLP down-projections that carry outlier features) account for most of
 int4's loss. `mixed` ranks the layers the low method would quantize by
-sensitivity (`sensitivity.py`: each unit quantized alone, measured against
+sensitivity (`ranking.py`: each unit quantized alone, measured against
 the float model), then keeps the most sensitive units at the high precision
 (`high`: another method such as int8-wo, or `none` to leave them in float)
 until a quality budget holds on the calibration batches:

@@ -13,7 +13,7 @@ judged on. Three steps:
             each token's inputs to int8 as well, as `Int8DynamicLinear` does.
   fine-tune on the calibration split (never evaluation): `loss="kd"` (the
             default) distils from the unquantized model, KL(float || quantized)
-            of the next-token distributions (`slimkit.distill.losses.LogitKD`),
+            of the next-token distributions (`slimkit.core.losses.LogitKD`),
             or, for encoders, the cosine distance of mean-pooled sentence
             embeddings (`EmbeddingLoss`); `loss="ce"` trains on next-token
             cross-entropy alone (causal LMs). AdamW, linear warmup then cosine
