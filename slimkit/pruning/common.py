@@ -11,6 +11,7 @@ LMs, padded passages for encoders. Evaluation text is never seen here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 from slimkit.core import data as D
 from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError
-from slimkit.core.selection import is_conv1d, linear_weight
+from slimkit.core.selection import check_patterns, is_conv1d, linear_weight
 from slimkit.io.model import LoadedModel
 
 DEFAULT_IGNORE = ("lm_head", "score", "classifier", "pooler.*")
@@ -42,6 +43,25 @@ def check_calibration(samples: int, seq_len: int, batch_size: int) -> None:
 def check_minutes(value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise SlimkitError(f"recover_minutes must be a number of minutes >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """What every pruning method's config holds besides its own amounts: the layers it may
+    touch, the calibration text its criteria read (those that need data), and the recovery
+    training that follows (`recovery.py`)."""
+
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    calibration_samples: int = 32  # used only by criteria that need data
+    seq_len: int = 256
+    batch_size: int = 4
+    recover_minutes: float = 0.0
+
+    def __post_init__(self):
+        check_patterns(self.targets, self.ignore)
+        check_calibration(self.calibration_samples, self.seq_len, self.batch_size)
+        check_minutes(self.recover_minutes)
 
 
 # --------------------------------------------------------------------------- calibration

@@ -22,7 +22,7 @@ from torch import nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Context, register
-from slimkit.core.selection import check_patterns, linear_weight, select_linears
+from slimkit.core.selection import linear_weight, select_linears
 from slimkit.io.model import LoadedModel, copy_model
 from slimkit.pruning import common, importance
 from slimkit.pruning.masks import apply_masks
@@ -41,26 +41,18 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class SemiStructuredConfig:
+class SemiStructuredConfig(common.PruneOptions):
     n: int = 2
     m: int = 4
     importance: str = "activation"  # or magnitude-l1, magnitude-l2, taylor, fisher
     kernels: bool = True  # on CUDA fp16/bf16: convert to torch's semi-structured sparse tensors
-    targets: tuple[str, ...] = ("*",)
-    ignore: tuple[str, ...] = common.DEFAULT_IGNORE
-    calibration_samples: int = 32
-    seq_len: int = 256
-    batch_size: int = 4
-    recover_minutes: float = 0.0
 
     def __post_init__(self):
         ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (self.n, self.m))
         if not ok or not 0 < self.n < self.m:
             raise SlimkitError(f"N:M sparsity needs 0 < N < M, got {self.n}:{self.m}: use e.g. 2:4")
         importance.get(self.importance)
-        check_patterns(self.targets, self.ignore)
-        common.check_calibration(self.calibration_samples, self.seq_len, self.batch_size)
-        common.check_minutes(self.recover_minutes)
+        super().__post_init__()
 
     @property
     def sparsity(self) -> float:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Context, register
-from slimkit.core.selection import check_patterns, select_linears
+from slimkit.core.selection import select_linears
 from slimkit.io.model import LoadedModel, copy_model
 from slimkit.pruning import common, importance
 from slimkit.pruning.masks import apply_masks, global_masks, layer_mask, row_mask
@@ -38,42 +38,26 @@ SCOPES = ("layer", "global")
 
 
 @dataclass(frozen=True)
-class MagnitudeConfig:
+class MagnitudeConfig(common.PruneOptions):
     sparsity: float = 0.5
     scope: str = "layer"  # "layer": each layer alike; "global": one threshold across layers
     importance: str = "magnitude-l1"
-    targets: tuple[str, ...] = ("*",)
-    ignore: tuple[str, ...] = common.DEFAULT_IGNORE
-    calibration_samples: int = 32  # used only by criteria that need data
-    seq_len: int = 256
-    batch_size: int = 4
-    recover_minutes: float = 0.0
 
     def __post_init__(self):
         common.check_sparsity(self.sparsity)
         if self.scope not in SCOPES:
             raise SlimkitError(f"unknown scope '{self.scope}': use 'layer' (each layer alike) or 'global' (one threshold)")
         importance.get(self.importance)
-        check_patterns(self.targets, self.ignore)
-        common.check_calibration(self.calibration_samples, self.seq_len, self.batch_size)
-        common.check_minutes(self.recover_minutes)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
-class WandaConfig:
+class WandaConfig(common.PruneOptions):
     sparsity: float = 0.5
-    targets: tuple[str, ...] = ("*",)
-    ignore: tuple[str, ...] = common.DEFAULT_IGNORE
-    calibration_samples: int = 32
-    seq_len: int = 256
-    batch_size: int = 4
-    recover_minutes: float = 0.0
 
     def __post_init__(self):
         common.check_sparsity(self.sparsity)
-        check_patterns(self.targets, self.ignore)
-        common.check_calibration(self.calibration_samples, self.seq_len, self.batch_size)
-        common.check_minutes(self.recover_minutes)
+        super().__post_init__()
 
 
 # --------------------------------------------------------------------------- apply
