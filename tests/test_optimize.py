@@ -395,3 +395,14 @@ def test_causal_candidates_are_built_on_their_own_load(tiny, tmp_path, monkeypat
     memory = results["memory"]
     assert memory["peak_rss_mib"] > 0 and memory["fp32_model_mib"] == round(4 * lm.num_parameters() / 2**20, 1)
     assert "Peak resident memory" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_result_is_written_whole_where_its_folder_does_not_exist_yet(techniques, tiny, tmp_path, monkeypatch, fake_bench, one_thread):
+    """OUT's parent is made, and OUT appears only complete: nothing else is left beside it."""
+    monkeypatch.setitem(PRESETS, "test", [[("test-bf16", {})]])
+    cfg = OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", proxy_tokens=200, full_tokens=400)
+    out = tmp_path / "runs" / "today" / "out"
+    results = optimize(slimkit.load(tiny("llama")), cfg, out)
+    assert results["winner"] == "test-bf16"
+    assert sorted(p.name for p in out.iterdir()) == ["model", "report.html", "report.md", "results.json"]
+    assert [p.name for p in out.parent.iterdir()] == ["out"] and [p.name for p in tmp_path.iterdir()] == ["runs"]

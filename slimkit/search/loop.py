@@ -34,7 +34,10 @@
 
 The winner is written to OUT/model (an artifact with its recipe, which the
 report also prints as YAML for `slimkit run`), the report to OUT/report.html
-and OUT/report.md, the measurements to OUT/results.json. An exported winner's export is no recipe step: the candidate records it apart
+and OUT/report.md, the measurements to OUT/results.json, all at once: they are
+written to a temporary sibling of OUT that replaces it only when complete
+(`io.artifacts.staging`), so a kill mid-way never leaves a half-written result.
+An exported winner's export is no recipe step: the candidate records it apart
 (`export`, the ExportConfig's fields), its manifest lists it after the recipe's
 steps, and the report reproduces it as `slimkit run` on the recipe (where it has
 steps), then `slimkit export` with the same format and options.
@@ -74,7 +77,7 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
     `started`: the `time.perf_counter()` at which the time budget began
     (default: now); the CLI passes its own start, model loading included.
     """
-    from slimkit.io.artifacts import check_destination, replace_dir, save
+    from slimkit.io.artifacts import check_destination, save, staging
     from slimkit.report import write_report
 
     started = time.perf_counter() if started is None else started
@@ -126,11 +129,10 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
         if winner is not None:  # the original's quality on the same full split as the winner's
             baseline.quality_value, baseline.quality_on = winner.metrics.quality.original_value, "full"
         results = _results(trials, config, target, compiled, baseline, reference, winner, timings)
-        staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        shutil.copytree(winner.artifact if winner is not None else base_artifact, staged / "model")
-        results["timings"]["seconds"] = round(time.perf_counter() - started, 1)  # the report's own few seconds aside
-        write_report(results, staged)
-        replace_dir(staged, out)  # a kill mid-way never leaves a half-deleted result in OUT
+        with staging(out, overwrite, "the search's model and report") as staged:
+            shutil.copytree(winner.artifact if winner is not None else base_artifact, staged / "model")
+            results["timings"]["seconds"] = round(time.perf_counter() - started, 1)  # the report's own few seconds aside
+            write_report(results, staged)
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
