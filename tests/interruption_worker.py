@@ -59,12 +59,13 @@ def register_cast() -> None:
     registry.register("test-bf16", "quantize", CastConfig, "bf16 cast")(cast)
 
 
-def fake_bench(artifact: Path, threads: int | None) -> dict:
+def fake_bench(artifact: Path, threads: int | None, compile: bool = False):
     """Benchmarks write nothing, and a real one is a fresh interpreter per candidate:
     measure only the size on disk, which is what the search's target (size) reads."""
+    from bench_stand_in import bench_result
+
     size = sum(f.stat().st_size for f in Path(artifact).rglob("*") if f.is_file()) / 2**20
-    return {"latency_ms_p50": 1.0, "decode_tokens_per_s": 1.0, "prefill_tokens_per_s": 1.0, "throughput_tokens_per_s": 1.0,
-            "peak_memory_mb": 1.0, "size_on_disk_mb": size, "environment": {}}
+    return bench_result(size, 1.0, compile, peak_memory_mb=1.0)
 
 
 def optimize_run(model: str, out: str) -> None:
@@ -72,12 +73,14 @@ def optimize_run(model: str, out: str) -> None:
     import torch
 
     import slimkit
-    from slimkit.search import loop as O
+    from slimkit.search import measurements, presets
+    from slimkit.search.config import OptimizeConfig
+    from slimkit.search.loop import optimize
 
     torch.set_num_threads(1)
     os.environ["SLIMKIT_QUIET"] = "1"
     register_cast()
-    O.PRESETS["test"] = [[("test-bf16", {})]]
-    O.bench_in_subprocess = fake_bench
-    config = O.OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", proxy_tokens=200, full_tokens=400, threads=1)
-    O.optimize(slimkit.load(model), config, out)
+    presets.PRESETS["test"] = [[("test-bf16", {})]]
+    measurements.bench_in_subprocess = fake_bench
+    config = OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", proxy_tokens=200, full_tokens=400, threads=1)
+    optimize(slimkit.load(model), config, out)

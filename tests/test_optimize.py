@@ -7,11 +7,25 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from bench_stand_in import bench_result
 
 import slimkit
 from slimkit.core import registry
 from slimkit.core.errors import SlimkitError
-from slimkit.search import loop as O
+from slimkit.core.recipe import Recipe
+from slimkit.search import loop, measurements
+from slimkit.search.budget import confirmation_seconds, rescaled_reserve
+from slimkit.search.candidate import Candidate, Metrics, Quality, Speed, ranked
+from slimkit.search.config import (
+    OptimizeConfig,
+    Target,
+    parse_duration,
+    parse_fraction,
+    target_for,
+)
+from slimkit.search.loop import optimize
+from slimkit.search.plan import auto_runtimes, candidate_plans, check_installed
+from slimkit.search.presets import GENAI_PRESETS, ORT_PRESETS, PRESETS, TRT_PRESETS
 
 
 @dataclass(frozen=True)
@@ -44,9 +58,9 @@ def techniques(monkeypatch):
 
 
 def _run(tiny, tmp_path, monkeypatch, preset, budget=0.05):
-    monkeypatch.setitem(O.PRESETS, "test", preset)
-    cfg = O.OptimizeConfig(target="size", max_quality_drop=budget, preset="test", proxy_tokens=200, full_tokens=400, threads=1)
-    return O.optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
+    monkeypatch.setitem(PRESETS, "test", preset)
+    cfg = OptimizeConfig(target="size", max_quality_drop=budget, preset="test", proxy_tokens=200, full_tokens=400, threads=1)
+    return optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
 
 
 def test_picks_the_best_passing_candidate(techniques, tiny, tmp_path, monkeypatch):
@@ -87,7 +101,7 @@ def test_combinations_wait_for_a_wide_enough_budget(techniques, tiny, tmp_path, 
     assert skipped["stage"] == "skipped" and "quality budgets of 4% or more" in skipped["reason"]
     wide = _run(tiny, tmp_path / "wide", monkeypatch, [combo], budget=0.05)
     assert wide["winner"] == "test-noise -> test-bf16" and wide["candidates"][0]["stage"] == "full"
-    latency = O.candidate_plans("encoder", "latency", "torch")
+    latency = candidate_plans("encoder", "latency", "torch")
     pruned = [p for p in latency if [s.method for s in p.recipe.steps] == ["structured", "int8-dynamic"]]
     assert len(pruned) == 1 and pruned[0].min_budget > 0.01  # the encoders' prune -> quantize combination
 
@@ -100,36 +114,35 @@ def test_combinations_wait_for_a_wide_enough_budget(techniques, tiny, tmp_path, 
 )
 def test_config_errors(kw, message):
     with pytest.raises(SlimkitError, match=message):
-        O.OptimizeConfig(**kw)
+        OptimizeConfig(**kw)
 
 
 def test_parsers():
-    assert O.parse_duration("10m") == 600 and O.parse_duration("90s") == 90 and O.parse_duration("2") == 2
-    assert O.parse_fraction("1%") == pytest.approx(0.01) and O.parse_fraction("0.05") == 0.05
+    assert parse_duration("10m") == 600 and parse_duration("90s") == 90 and parse_duration("2") == 2
+    assert parse_fraction("1%") == pytest.approx(0.01) and parse_fraction("0.05") == 0.05
     with pytest.raises(SlimkitError, match="duration"):
-        O.parse_duration("soon")
+        parse_duration("soon")
 
 
 def test_budget_keeps_time_for_the_confirmation(techniques, tiny, tmp_path, monkeypatch):
-    monkeypatch.setitem(O.PRESETS, "test", [[("test-bf16", {})]])
-    cfg = O.OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", proxy_tokens=200, full_tokens=400, threads=1, time_budget_s=1)
-    results = O.optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
+    monkeypatch.setitem(PRESETS, "test", [[("test-bf16", {})]])
+    cfg = OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", proxy_tokens=200, full_tokens=400, threads=1, time_budget_s=1)
+    results = optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
     (cand,) = results["candidates"]
     assert cand["stage"] == "skipped" and "final confirmation" in cand["reason"]
     assert results["winner"] is None
 
 
 def test_reserve_grows_with_a_slower_passing_candidate():
-    cands = [{"passed": True, "metrics": {"proxy_seconds": 16.0}}, {"passed": False, "metrics": {"proxy_seconds": 80.0}}]
-    assert O.rescaled_reserve(215.0, 8.0, cands) == 15.0 + 100.0 + 200.0  # the candidate's half, twice as slow
-    assert O.rescaled_reserve(215.0, 8.0, cands[1:]) == 215.0  # a failed candidate is never confirmed
-    assert O.rescaled_reserve(215.0, 8.0, []) == 215.0
+    assert rescaled_reserve(215.0, 8.0, [16.0]) == 15.0 + 100.0 + 200.0  # the candidate's half, twice as slow
+    assert rescaled_reserve(215.0, 8.0, [4.0, 16.0]) == 15.0 + 100.0 + 200.0  # the slowest passing one
+    assert rescaled_reserve(215.0, 8.0, []) == 215.0  # none passed: a failed candidate is never confirmed
 
 
 def test_confirmation_estimate_scales_with_the_evaluation(tiny):
     lm = slimkit.load(tiny("llama"))
-    small = O.confirmation_seconds(lm, 1.0, O.OptimizeConfig(proxy_tokens=200, full_tokens=400))
-    large = O.confirmation_seconds(lm, 1.0, O.OptimizeConfig(proxy_tokens=200, full_tokens=1600))
+    small = confirmation_seconds(lm, 1.0, OptimizeConfig(proxy_tokens=200, full_tokens=400))
+    large = confirmation_seconds(lm, 1.0, OptimizeConfig(proxy_tokens=200, full_tokens=1600))
     assert 15 < small < large
 
 
@@ -149,42 +162,44 @@ def fake_bench(monkeypatch):
 
     def bench(path, threads, compile=False):
         size = dir_size_mb(path)
-        speed = 100 / size * (1 + noise.uniform(-state["jitter"], state["jitter"]))
         state["calls"].append(compile)
-        return {"latency_ms_p50": 1000 / speed, "decode_tokens_per_s": speed, "prefill_tokens_per_s": speed, "throughput_tokens_per_s": speed,
-                "peak_memory_mb": 100.0, "size_on_disk_mb": size, "runtime": O._exported_runtime(path) or ("torch.compile" if compile else "eager"),
-                "decode_runtime": "torch.compile" if compile else "eager", "compile_seconds": 1.0 if compile else None,
-                "bench_seconds": 0.01, "environment": {"cpu": "test"}}
+        return bench_result(size, 100 / size * (1 + noise.uniform(-state["jitter"], state["jitter"])), compile)
 
-    monkeypatch.setattr(O, "bench_in_subprocess", bench)
+    monkeypatch.setattr(measurements, "bench_in_subprocess", bench)
     return state
+
+
+def _measured(name: str, drop: float, passed: bool = True, speed: float = 100.0, size: float = 1.0) -> Candidate:
+    """A candidate with a quality drop, benchmarked at `speed` tokens/s and `size` MiB on disk."""
+    figures = Speed.of(bench_result(size, speed), "eager", 1.0)
+    return Candidate(name, Recipe(), passed=passed, metrics=Metrics(quality=Quality(1.0, drop), speed=figures))
 
 
 def test_ties_go_to_the_smaller_quality_drop_then_the_name():
     def c(name, speed, drop):
-        return {"name": name, "passed": True, "metrics": {"decode_tokens_per_s": speed, "quality_drop": drop}}
+        return _measured(name, drop, speed=speed)
 
-    latency = O.target_for("latency", "causal-lm")
+    latency = target_for("latency", "causal-lm")
     cands = [c("b", 100.0, 0.004), c("a", 98.0, 0.004), c("fast-bad", 101.0, 0.009), c("slow", 90.0, 0.0), c("x", 200.0, 0.0)]
-    cands.append({"name": "failed", "passed": False, "metrics": {"decode_tokens_per_s": 999.0, "quality_drop": 0.5}})
-    order = [x["name"] for x in O.ranked(cands, latency, 0.03)]
+    cands.append(_measured("failed", 0.5, passed=False, speed=999.0))
+    order = [x.name for x in ranked(cands, latency, 0.03)]
     assert order == ["x", "a", "b", "fast-bad", "slow"]  # a, b, fast-bad within 3% of 101: by drop, then name
-    assert [x["name"] for x in O.ranked(cands, latency, 0.0)] == ["x", "fast-bad", "b", "a", "slow"]
-    size = O.target_for("size", "causal-lm")  # exact: no tolerance
-    sized = [{"name": n, "passed": True, "metrics": {"size_on_disk_mb": s, "quality_drop": d}} for n, s, d in [("p", 100.0, 0.01), ("q", 101.0, 0.0)]]
-    assert [x["name"] for x in O.ranked(sized, size, 0.03)] == ["p", "q"]
+    assert [x.name for x in ranked(cands, latency, 0.0)] == ["x", "fast-bad", "b", "a", "slow"]
+    size = target_for("size", "causal-lm")  # exact: no tolerance
+    sized = [_measured(n, d, size=s) for n, s, d in [("p", 100.0, 0.01), ("q", 101.0, 0.0)]]
+    assert [x.name for x in ranked(sized, size, 0.03)] == ["p", "q"]
 
 
 def test_same_seed_same_winner_despite_speed_noise(techniques, tiny, tmp_path, monkeypatch, fake_bench, one_thread):
     """Three candidates equally fast within the noise: the smallest quality drop wins, every time."""
     fake_bench["jitter"] = 0.01
-    monkeypatch.setitem(O.PRESETS, "test", [[("test-noise", {"scale": 0.002})], [("test-noise", {"scale": 0.001})], [("test-noise", {})]])
-    monkeypatch.setattr(O, "target_for", lambda name, kind: O.Target("latency", "decode_tokens_per_s", "decode tokens/s", True))
+    monkeypatch.setitem(PRESETS, "test", [[("test-noise", {"scale": 0.002})], [("test-noise", {"scale": 0.001})], [("test-noise", {})]])
+    monkeypatch.setattr(loop, "target_for", lambda name, kind: Target("latency", "decode_tokens_per_s", "decode tokens/s", True))
     lm = slimkit.load(tiny("llama"))
     runs = []
     for i in range(2):
-        cfg = O.OptimizeConfig(target="latency", max_quality_drop=0.05, preset="test", proxy_tokens=200, full_tokens=400, seed=3, compile=False)
-        runs.append(O.optimize(lm, cfg, tmp_path / f"out{i}"))
+        cfg = OptimizeConfig(target="latency", max_quality_drop=0.05, preset="test", proxy_tokens=200, full_tokens=400, seed=3, compile=False)
+        runs.append(optimize(lm, cfg, tmp_path / f"out{i}"))
     a, b = runs
     smallest = min(a["candidates"], key=lambda c: c["metrics"]["proxy_quality_drop"])["name"]
     assert a["winner"] == b["winner"] == smallest == "test-noise(scale=0.002)"  # noise made this random model's perplexity lower
@@ -197,10 +212,10 @@ def test_near_miss_rolls_back_to_higher_precision(tiny, tmp_path, monkeypatch, f
     """int4 misses a 0.12% budget by less than 2x: its sensitive blocks go back to int8-wo, and that passes."""
     from slimkit.core.recipe import Recipe
 
-    monkeypatch.setitem(O.PRESETS, "test", [[("int4", {})]])
+    monkeypatch.setitem(PRESETS, "test", [[("int4", {})]])
     lm = slimkit.load(tiny("llama"))
-    cfg = O.OptimizeConfig(target="size", max_quality_drop=0.0012, preset="test", proxy_tokens=200, full_tokens=400)
-    results = O.optimize(lm, cfg, tmp_path / "out")
+    cfg = OptimizeConfig(target="size", max_quality_drop=0.0012, preset="test", proxy_tokens=200, full_tokens=400)
+    results = optimize(lm, cfg, tmp_path / "out")
     source, rolled = results["candidates"]
     assert source["name"] == "int4" and not source["passed"]
     assert 0.0012 < source["metrics"]["proxy_quality_drop"] <= 0.0024
@@ -223,9 +238,9 @@ def test_near_miss_rolls_back_to_higher_precision(tiny, tmp_path, monkeypatch, f
 
 def test_compiled_candidates_against_the_eager_baseline(techniques, tiny, tmp_path, monkeypatch, fake_bench, one_thread):
     """Latency: candidates benchmarked compiled, the baseline eager, the original compiled as a reference."""
-    monkeypatch.setitem(O.PRESETS, "test", [[("test-bf16", {})]])
-    cfg = O.OptimizeConfig(target="latency", max_quality_drop=0.05, preset="test", proxy_tokens=200, full_tokens=400)
-    results = O.optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
+    monkeypatch.setitem(PRESETS, "test", [[("test-bf16", {})]])
+    cfg = OptimizeConfig(target="latency", max_quality_drop=0.05, preset="test", proxy_tokens=200, full_tokens=400)
+    results = optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
     assert fake_bench["calls"] == [False, True, True]  # baseline eager, candidate compiled, reference compiled
     assert results["baseline"]["runtime"] == "eager" and results["baseline_compiled"]["runtime"] == "torch.compile"
     (cand,) = results["candidates"]
@@ -239,10 +254,10 @@ def test_compiled_candidates_against_the_eager_baseline(techniques, tiny, tmp_pa
 
 def test_onnxruntime_candidates_for_an_encoder(tiny, tmp_path, monkeypatch, fake_bench, one_thread):
     pytest.importorskip("onnxruntime")
-    monkeypatch.setitem(O.PRESETS, "test", [])
-    monkeypatch.setitem(O.ORT_PRESETS, "test", ["int8"])
-    cfg = O.OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", runtime="onnxruntime", proxy_passages=16)
-    results = O.optimize(slimkit.load(tiny("bert")), cfg, tmp_path / "out")
+    monkeypatch.setitem(PRESETS, "test", [])
+    monkeypatch.setitem(ORT_PRESETS, "test", ["int8"])
+    cfg = OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", runtime="onnxruntime", proxy_passages=16)
+    results = optimize(slimkit.load(tiny("bert")), cfg, tmp_path / "out")
     (cand,) = results["candidates"]
     assert results["winner"] == "onnxruntime int8", cand["reason"]
     assert cand["export"]["quantize"] == "int8" and fake_bench["calls"] == [False, False]
@@ -252,19 +267,19 @@ def test_onnxruntime_candidates_for_an_encoder(tiny, tmp_path, monkeypatch, fake
 
 def test_auto_searches_pytorch_then_onnxruntime_for_encoders_only():
     pytest.importorskip("onnxruntime")
-    names = lambda kind, runtime: [p.name for p in O.candidate_plans(kind, "latency", runtime)]  # noqa: E731
-    assert O.OptimizeConfig().runtime == "auto" and O.OptimizeConfig().compiles("encoder")
+    names = lambda kind, runtime: [p.name for p in candidate_plans(kind, "latency", runtime)]  # noqa: E731
+    assert OptimizeConfig().runtime == "auto" and OptimizeConfig().compiles("encoder")
     assert names("encoder", "auto") == names("encoder", "torch") + names("encoder", "onnxruntime")
     assert names("causal-lm", "auto") == names("causal-lm", "torch")
-    assert O.auto_runtimes("classifier") == ["torch", "onnxruntime"] and O.auto_runtimes("causal-lm") == ["torch"]
+    assert auto_runtimes("classifier") == ["torch", "onnxruntime"] and auto_runtimes("causal-lm") == ["torch"]
 
 
 def test_auto_measures_both_runtimes_and_the_winner_keeps_its_own(techniques, tiny, tmp_path, monkeypatch, fake_bench, one_thread):
     pytest.importorskip("onnxruntime")
-    monkeypatch.setitem(O.PRESETS, "test", [[("test-bf16", {})]])
-    monkeypatch.setitem(O.ORT_PRESETS, "test", ["int8"])
-    cfg = O.OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", proxy_passages=16)
-    results = O.optimize(slimkit.load(tiny("bert")), cfg, tmp_path / "out")
+    monkeypatch.setitem(PRESETS, "test", [[("test-bf16", {})]])
+    monkeypatch.setitem(ORT_PRESETS, "test", ["int8"])
+    cfg = OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", proxy_passages=16)
+    results = optimize(slimkit.load(tiny("bert")), cfg, tmp_path / "out")
     assert results["runtime"] == "auto" and results["runtimes"] == ["torch", "onnxruntime"]
     cast, ort = results["candidates"]
     assert cast["name"] == "test-bf16" and "export" not in cast and ort["export"]["format"] == "onnxruntime"
@@ -277,16 +292,16 @@ def test_auto_measures_both_runtimes_and_the_winner_keeps_its_own(techniques, ti
 
 
 def test_export_runtimes_candidates_in_order():
-    genai = O.candidate_plans("causal-lm", "latency", "ort-genai", seed=2)
+    genai = candidate_plans("causal-lm", "latency", "ort-genai", seed=2)
     assert [p.name for p in genai] == ["int4(zero_point=integer) -> ort-genai", "ort-genai int4", "ort-genai fp32"]
     carried = genai[0]
     assert carried.recipe.to_dict()["steps"][0]["zero_point"] == "integer" and carried.recipe.seed == 2
     assert (carried.export.format, carried.export.quantize) == ("ort-genai", None)
     assert [p.recipe.steps for p in genai[1:]] == [(), ()] and [p.export.quantize for p in genai[1:]] == ["int4", None]
-    trt = O.candidate_plans("encoder", "latency", "tensorrt")
+    trt = candidate_plans("encoder", "latency", "tensorrt")
     assert [(p.name, p.export.format, p.export.quantize) for p in trt] == [("tensorrt fp16", "tensorrt", "fp16"),
                                                                           ("tensorrt int8", "tensorrt", "int8")]
-    assert set(O.GENAI_PRESETS) == set(O.TRT_PRESETS) == set(O.ORT_PRESETS) == set(O.PRESETS)  # every preset, every runtime
+    assert set(GENAI_PRESETS) == set(TRT_PRESETS) == set(ORT_PRESETS) == set(PRESETS)  # every preset, every runtime
 
 
 def test_ort_genai_candidates_for_a_causal_lm(techniques, tiny, tmp_path, monkeypatch, fake_bench, one_thread):
@@ -296,10 +311,10 @@ def test_ort_genai_candidates_for_a_causal_lm(techniques, tiny, tmp_path, monkey
 
     from slimkit.core.recipe import Recipe
 
-    monkeypatch.setitem(O.PRESETS, "test", [])
-    monkeypatch.setitem(O.GENAI_PRESETS, "test", [([("test-noise", {"scale": 3.0})], None), ([("int4", {"zero_point": "integer"})], None)])
-    cfg = O.OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", runtime="ort-genai", proxy_tokens=200, full_tokens=400)
-    results = O.optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
+    monkeypatch.setitem(PRESETS, "test", [])
+    monkeypatch.setitem(GENAI_PRESETS, "test", [([("test-noise", {"scale": 3.0})], None), ([("int4", {"zero_point": "integer"})], None)])
+    cfg = OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", runtime="ort-genai", proxy_tokens=200, full_tokens=400)
+    results = optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
     noisy, carried = results["candidates"]
     assert noisy["name"] == "test-noise(scale=3.0) -> ort-genai" and not noisy["passed"] and "far over" in noisy["reason"]
     assert results["winner"] == carried["name"] == "int4(zero_point=integer) -> ort-genai", carried["reason"]
@@ -336,7 +351,7 @@ def test_runtime_errors_name_the_fix(tiny, tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # as if not installed
     with pytest.raises(SlimkitError, match=r"--runtime ort-genai needs onnxruntime-genai: pip install 'slimkit\[onnx\]'"):
-        O.check_installed("ort-genai")
+        check_installed("ort-genai")
 
 
 @pytest.mark.parametrize(
@@ -355,9 +370,9 @@ def test_cli_refuses_impossible_arguments(tiny, tmp_path, args, message):
 
 def test_no_rollback_when_a_passing_candidate_already_beats_its_source(tiny, tmp_path, monkeypatch, fake_bench, one_thread):
     """Memory: every model peaks at 100 MiB here, so int8-wo matches int4 and a rollback of int4 cannot do better."""
-    monkeypatch.setitem(O.PRESETS, "test", [[("int8-wo", {"embeddings": False})], [("int4", {})]])
-    cfg = O.OptimizeConfig(target="memory", max_quality_drop=0.0012, preset="test", proxy_tokens=200, full_tokens=400)
-    results = O.optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
+    monkeypatch.setitem(PRESETS, "test", [[("int8-wo", {"embeddings": False})], [("int4", {})]])
+    cfg = OptimizeConfig(target="memory", max_quality_drop=0.0012, preset="test", proxy_tokens=200, full_tokens=400)
+    results = optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
     names = [c["name"] for c in results["candidates"]]
     assert names == ["int8-wo(embeddings=False)", "int4", "int4 + rollback"]
     rolled = results["candidates"][2]
@@ -368,11 +383,11 @@ def test_no_rollback_when_a_passing_candidate_already_beats_its_source(tiny, tmp
 def test_causal_candidates_are_built_on_their_own_load(tiny, tmp_path, monkeypatch, fake_bench, one_thread):
     """The search drops a causal LM while it builds candidates in place on fresh loads of its saved copy:
     the caller's model is untouched, the winner names the model it came from, and peak memory is reported."""
-    monkeypatch.setitem(O.PRESETS, "test", [[("int4", {})], [("bf16", {})]])
+    monkeypatch.setitem(PRESETS, "test", [[("int4", {})], [("bf16", {})]])
     lm = slimkit.load(tiny("llama"))
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    cfg = O.OptimizeConfig(target="size", max_quality_drop=0.5, preset="test", proxy_tokens=200, full_tokens=400)
-    results = O.optimize(lm, cfg, tmp_path / "out")
+    cfg = OptimizeConfig(target="size", max_quality_drop=0.5, preset="test", proxy_tokens=200, full_tokens=400)
+    results = optimize(lm, cfg, tmp_path / "out")
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
     assert results["winner"] == "int4"
     saved = slimkit.load(str(tmp_path / "out" / "model"))
@@ -380,3 +395,14 @@ def test_causal_candidates_are_built_on_their_own_load(tiny, tmp_path, monkeypat
     memory = results["memory"]
     assert memory["peak_rss_mib"] > 0 and memory["fp32_model_mib"] == round(4 * lm.num_parameters() / 2**20, 1)
     assert "Peak resident memory" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_result_is_written_whole_where_its_folder_does_not_exist_yet(techniques, tiny, tmp_path, monkeypatch, fake_bench, one_thread):
+    """OUT's parent is made, and OUT appears only complete: nothing else is left beside it."""
+    monkeypatch.setitem(PRESETS, "test", [[("test-bf16", {})]])
+    cfg = OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", proxy_tokens=200, full_tokens=400)
+    out = tmp_path / "runs" / "today" / "out"
+    results = optimize(slimkit.load(tiny("llama")), cfg, out)
+    assert results["winner"] == "test-bf16"
+    assert sorted(p.name for p in out.iterdir()) == ["model", "report.html", "report.md", "results.json"]
+    assert [p.name for p in out.parent.iterdir()] == ["out"] and [p.name for p in tmp_path.iterdir()] == ["runs"]

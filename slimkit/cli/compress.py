@@ -269,7 +269,9 @@ def optimize_cmd(
     import time
 
     from slimkit.core.progress import search_progress
-    from slimkit.search.loop import OptimizeConfig, check_installed, optimize, parse_duration, parse_fraction
+    from slimkit.search.config import OptimizeConfig, parse_duration, parse_fraction
+    from slimkit.search.loop import optimize
+    from slimkit.search.plan import check_installed
 
     started = time.perf_counter()
     config = OptimizeConfig(target=target, max_quality_drop=parse_fraction(max_quality_drop), preset=preset, runtime=runtime,

@@ -23,6 +23,10 @@
 
 Threads are fixed (`threads`, default: all cores) and recorded with the CPU
 model and library versions.
+
+A `BenchResult` crosses process boundaries as JSON: `slimkit bench --json`
+prints `to_dict()`, and `BenchResult.from_dict` reads it back (the search
+benchmarks every candidate in a fresh process, so peak memory is its own).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -110,6 +114,21 @@ class BenchResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BenchResult:
+        """The result back from what `to_dict` wrote (`slimkit bench --json`, read by a process that
+        ran the benchmark in another); a key this version does not write is an error, not dropped."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise SlimkitError(f"not a benchmark result of this slimkit version (unknown keys {', '.join(unknown)}): "
+                               "run the benchmark with the same slimkit")
+        return cls(**{**data, "latency_ms": Latency(**data["latency_ms"])})
+
+    @property
+    def best_tokens_per_s(self) -> float:
+        """The highest throughput over the measured batch sizes, in tokens/s."""
+        return max(t["tokens_per_s"] for t in self.throughput)
 
 
 def benchmark(model: LoadedModel | str, config: BenchConfig = BenchConfig()) -> BenchResult:
