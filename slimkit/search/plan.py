@@ -8,7 +8,7 @@ With `--runtime torch` a candidate is a recipe (PRESETS); with another runtime i
                with integer zero points, its codes carried exactly into MatMulNBits (a recipe
                step, then the export), the builder's own int4, and fp32
   tensorrt     encoders and classifiers on a CUDA GPU with TensorRT: fp16 and int8 engines
-               (TRT_PRESETS); refused before any work where `slimkit.export.tensorrt.check`
+               (TRT_PRESETS); refused before any work where `exporters.tensorrt.check`
                says no engine can be built (without CUDA or TensorRT 10; the engine path is
                untested on a GPU in this version)
 `auto` (the default) plans PyTorch's candidates and then, for encoders and classifiers, ONNX
