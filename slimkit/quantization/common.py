@@ -8,12 +8,13 @@ match `targets` and none of `ignore`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
-from slimkit.core.selection import select_linears, set_module
+from slimkit.core.selection import check_patterns, select_linears, set_module
 from slimkit.io.artifacts import ModuleRecord, register_modules
 from slimkit.io.model import LoadedModel
 from slimkit.quantization.embedding import TIED_FORMATS, Int8Embedding, TiedEmbedding, TiedInt8Head
@@ -29,6 +30,26 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 def check_compute_dtype(name: str) -> None:
     if name not in COMPUTE_DTYPES:
         raise SlimkitError(f"compute_dtype={name!r} is not supported: use one of {', '.join(COMPUTE_DTYPES)}")
+
+
+def check_calibration(calibration_samples: int, seq_len: int) -> None:
+    if calibration_samples < 1 or seq_len < 8:
+        raise SlimkitError(f"calibration needs calibration_samples >= 1 and seq_len >= 8, got {calibration_samples} and {seq_len}")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """What a quantization method's config holds besides its own grid: the layers it quantizes
+    (`targets` / `ignore`, see `core.selection`) and the dtype of everything it leaves in float
+    (`compute_dtype`, see `cast_unquantized`)."""
+
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    compute_dtype: str = "fp32"
+
+    def __post_init__(self):
+        check_patterns(self.targets, self.ignore)
+        check_compute_dtype(self.compute_dtype)
 
 
 def check_int_format(method: str, bits: int, group_size: int | None) -> None:

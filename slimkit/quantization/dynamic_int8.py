@@ -33,29 +33,24 @@ from slimkit.core import data as D
 from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Context, register
-from slimkit.core.selection import check_patterns, linear_weight, select_linears, set_module
+from slimkit.core.selection import linear_weight, select_linears, set_module
 from slimkit.io.model import copy_model
-from slimkit.quantization.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype
+from slimkit.quantization.common import QuantizeOptions, cast_unquantized, check_calibration
 from slimkit.quantization.modules import Int8DynamicLinear
 from slimkit.quantization.smoothing import input_absmax, smooth_factors
 
 
 @dataclass(frozen=True)
-class Int8DynamicConfig:
-    targets: tuple[str, ...] = ("*",)
-    ignore: tuple[str, ...] = DEFAULT_IGNORE
+class Int8DynamicConfig(QuantizeOptions):
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None: off
     calibration_samples: int = 16  # calibration windows (SmoothQuant only)
     seq_len: int = 512
-    compute_dtype: str = "fp32"  # dtype of what stays unquantized (norms, attention, softmax)
 
     def __post_init__(self):
-        check_patterns(self.targets, self.ignore)
-        check_compute_dtype(self.compute_dtype)
         if self.smooth_alpha is not None and not 0 < self.smooth_alpha < 1:
             raise SlimkitError(f"smooth_alpha={self.smooth_alpha} is out of range: use a value in (0, 1) such as 0.5, or None to turn smoothing off")
-        if self.calibration_samples < 1 or self.seq_len < 8:
-            raise SlimkitError(f"calibration needs calibration_samples >= 1 and seq_len >= 8, got {self.calibration_samples} and {self.seq_len}")
+        check_calibration(self.calibration_samples, self.seq_len)
+        super().__post_init__()
 
 
 @register("int8-dynamic", "quantize", Int8DynamicConfig, "int8 weights per channel x int8 activations per token (torch._int_mm), optional SmoothQuant")

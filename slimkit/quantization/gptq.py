@@ -24,9 +24,9 @@ from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError
 from slimkit.core.progress import track
 from slimkit.core.registry import Context, register
-from slimkit.core.selection import check_patterns, linear_weight, select_linears, set_module
+from slimkit.core.selection import linear_weight, select_linears, set_module
 from slimkit.io.model import copy_model
-from slimkit.quantization.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_int_format
+from slimkit.quantization.common import QuantizeOptions, cast_unquantized, check_calibration, check_int_format
 from slimkit.quantization.embedding import check_embedding_bits, head_grid, quantize_embeddings
 from slimkit.quantization.formats import check_group, check_zero_point
 from slimkit.quantization.gptq_math import gptq_quantize
@@ -35,7 +35,7 @@ from slimkit.quantization.smoothing import require_batches
 
 
 @dataclass(frozen=True)
-class GPTQConfig:
+class GPTQConfig(QuantizeOptions):
     bits: int = 4
     group_size: int | None = 64
     symmetric: bool = False
@@ -45,20 +45,15 @@ class GPTQConfig:
     seq_len: int = 512
     embeddings: bool = True
     embedding_bits: int = 8  # 4: the embedding and its tied head on the layers' 4-bit grid, round-to-nearest (embedding.py)
-    targets: tuple[str, ...] = ("*",)
-    ignore: tuple[str, ...] = DEFAULT_IGNORE
-    compute_dtype: str = "fp32"
 
     def __post_init__(self):
-        check_compute_dtype(self.compute_dtype)
         check_int_format("gptq", self.bits, self.group_size)
         check_zero_point(self.zero_point, self.symmetric)
         check_embedding_bits("gptq", self.embedding_bits, self.bits)
         if not 0 < self.damp < 1:
             raise SlimkitError(f"damp={self.damp} is out of range: use a fraction such as 0.01")
-        if self.calibration_samples < 1 or self.seq_len < 8:
-            raise SlimkitError(f"calibration needs calibration_samples >= 1 and seq_len >= 8, got {self.calibration_samples} and {self.seq_len}")
-        check_patterns(self.targets, self.ignore)
+        check_calibration(self.calibration_samples, self.seq_len)
+        super().__post_init__()
 
 
 def collect_hessians(model: torch.nn.Module, names: list[str], batches, causal: bool) -> dict[str, torch.Tensor]:

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Context, register
-from slimkit.core.selection import check_patterns
 from slimkit.io.model import copy_model
-from slimkit.quantization.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, replace_linears
+from slimkit.quantization.common import QuantizeOptions, cast_unquantized, replace_linears
 from slimkit.quantization.embedding import check_embedding_bits, head_grid, quantize_embeddings
 from slimkit.quantization.formats import GROUP_SIZES, check_zero_point
 from slimkit.quantization.modules import NF4Linear, WeightOnlyLinear
@@ -44,53 +43,41 @@ def _check_group(group_size, allow_none: bool) -> None:
 
 
 @dataclass(frozen=True)
-class Int8WeightOnlyConfig:
+class Int8WeightOnlyConfig(QuantizeOptions):
     group_size: int | None = None
     symmetric: bool = True
     embeddings: bool = True
-    targets: tuple[str, ...] = ("*",)
-    ignore: tuple[str, ...] = DEFAULT_IGNORE
-    compute_dtype: str = "fp32"
 
     def __post_init__(self):
         _check_group(self.group_size, allow_none=True)
-        check_patterns(self.targets, self.ignore)
-        check_compute_dtype(self.compute_dtype)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
-class Int4WeightOnlyConfig:
+class Int4WeightOnlyConfig(QuantizeOptions):
     group_size: int = 32
     symmetric: bool = False
     zero_point: str = "float"  # or "integer": w = (u - z) * s, exportable to MatMulNBits exactly
     embeddings: bool = True
     embedding_bits: int = 8  # 4: the embedding and its tied head on this 4-bit grid (embedding.py)
-    targets: tuple[str, ...] = ("*",)
-    ignore: tuple[str, ...] = DEFAULT_IGNORE
-    compute_dtype: str = "fp32"
 
     def __post_init__(self):
         _check_group(self.group_size, allow_none=False)
         check_zero_point(self.zero_point, self.symmetric)
         check_embedding_bits("int4-wo", self.embedding_bits, 4)
-        check_patterns(self.targets, self.ignore)
-        check_compute_dtype(self.compute_dtype)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
-class NF4Config:
+class NF4Config(QuantizeOptions):
     block_size: int = 64
     double_quant: bool = False
     embeddings: bool = True
-    targets: tuple[str, ...] = ("*",)
-    ignore: tuple[str, ...] = DEFAULT_IGNORE
-    compute_dtype: str = "fp32"
 
     def __post_init__(self):
         if self.block_size not in GROUP_SIZES:
             raise SlimkitError(f"block_size={self.block_size} is not supported: use one of {', '.join(map(str, GROUP_SIZES))}")
-        check_patterns(self.targets, self.ignore)
-        check_compute_dtype(self.compute_dtype)
+        super().__post_init__()
 
 
 def _apply(model, config, name: str, make):
