@@ -32,7 +32,7 @@ import slimkit
 from slimkit.core.attention import attention_implementation, training_attention
 from slimkit.core.data import TextSource
 from slimkit.core.hardware import environment
-from slimkit.distillation.method import DistillConfig, freeze, make_batches, set_dropout
+from slimkit.distillation.method import DistillConfig, frozen_parameters, make_batches, set_dropout
 from slimkit.distillation.student import make_student
 
 
@@ -96,7 +96,8 @@ def training_rows(rounds: int, sample: int) -> list[str]:
         teacher = slimkit.load(name)
         keep = keep or list(range(0, teacher.model.config.num_hidden_layers, 2))
         model = make_student(teacher, keep).model.train()
-        freeze(model, ["embeddings"] if name == "minilm-l6" else [])  # as bench_distill.py trains them
+        for p in frozen_parameters(model, ["embeddings"] if name == "minilm-l6" else []):  # as bench_distill.py trains them
+            p.requires_grad_(False)
         batches = make_batches(teacher, TextSource.parse(None, "calibration"), cfg, limit=None)
         batches = [batches[i * len(batches) // n] for i in range(n)]  # spread over the lengths
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

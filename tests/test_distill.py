@@ -174,16 +174,19 @@ def test_hidden_and_attention_terms_train_and_restore_sdpa(tiny):
 
 
 def test_students_train_with_float32_attention_on_cpu(tiny, monkeypatch):
-    seen = []
-    real = method.train
+    """The loop trains the student with float32 SDPA; the teacher, and the artifact, keep their own."""
+    from slimkit.core.training import outputs
 
-    def spy(distiller, *args, **kwargs):
-        seen.append(distiller.student.config._attn_implementation)
-        return real(distiller, *args, **kwargs)
+    seen = set()
+    real = outputs.model_outputs
 
-    monkeypatch.setattr(method, "train", spy)
+    def spy(model, *args):
+        seen.add((model.config.num_hidden_layers, model.config._attn_implementation))
+        return real(model, *args)
+
+    monkeypatch.setattr(outputs, "model_outputs", spy)
     student = slimkit.distill(slimkit.load(str(tiny("bert"))), student_layers=1, steps=2, **FAST)
-    assert seen == [FLOAT32_SDPA]
+    assert seen == {(1, FLOAT32_SDPA), (2, "sdpa")}  # the student while it trains; the teacher in evaluation
     assert student.model.config._attn_implementation == "sdpa"  # the artifact keeps the model's own
 
 

@@ -302,6 +302,27 @@ def test_recovery_lowers_the_loss_and_repairs_a_pruned_model(tiny):
     assert stats["steps"] == 30 and stats["loss_last"] < stats["loss_first"] - 0.2
 
 
+def test_recovery_warms_up_over_its_steps_then_keeps_the_rate():
+    from slimkit.core.training import lr_factor
+    from slimkit.pruning.recovery import train_config
+
+    cfg = train_config(RecoveryConfig(warmup_steps=4, lr=1e-3))
+    assert cfg.schedule == "constant" and cfg.mixed_precision == "auto" and cfg.max_grad_norm == 0
+    # step s runs at min(1, (s + 1) / warmup_steps) of the rate: full from the 4th step on, whatever the length
+    assert [lr_factor(s, None, cfg.warmup, cfg.schedule, cfg.warmup_steps) for s in range(7)] == [0.25, 0.5, 0.75, 1, 1, 1, 1]
+    assert [lr_factor(s, None, 0, "constant", train_config(RecoveryConfig(warmup_steps=w)).warmup_steps) for w in (0, 1) for s in (0, 1)] == [1] * 4
+    assert train_config(RecoveryConfig(bf16=False)).mixed_precision == "no"
+
+
+def test_recovery_trains_until_its_time_budget(tiny):
+    lm = slimkit.load(tiny("llama"))
+    pruned = slimkit.prune(lm, "magnitude", sparsity=0.5)
+    stats = recover(pruned, lm, RecoveryConfig(minutes=0.03, seq_len=32, batch_size=2))  # 1.8 s, no max_steps
+    assert stats["steps"] >= 3 and stats["tokens"] == stats["steps"] * 64
+    assert 1.8 <= stats["seconds"] < 1.8 + 10  # the clock stopped it (one step past it at most, plus start-up slack)
+    assert recover(pruned, lm, RecoveryConfig(minutes=0))["steps"] == 0
+
+
 def test_encoder_recovery_moves_embeddings_back_towards_the_original(tiny):
     from slimkit.measure.quality import EvalConfig, evaluate
 

@@ -45,7 +45,6 @@ import torch
 from slimkit.core import data as D
 from slimkit.core import losses as L
 from slimkit.core.arch import CAUSAL_LM, CLASSIFIER, ENCODER
-from slimkit.core.attention import attention_implementation, training_attention
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Context, register
 from slimkit.core.selection import matches
@@ -120,18 +119,16 @@ def apply(model: LoadedModel, config: DistillConfig, ctx: Context = Context()) -
     teacher = model
     ctx.seed_everything()
     student, keep = _student(teacher, config, ctx)
-    freeze(student.model, config.freeze)
+    frozen = frozen_parameters(student.model, config.freeze)
     distiller = Distiller(student.model, build_loss(teacher, student, keep, config), teacher.kind)
     source = ctx.calibration()
     train_batches = make_batches(teacher, source, config, limit=None, seed=ctx.seed)
     eval_batches = make_batches(teacher, dataclasses.replace(source, split="evaluation"), config, limit=config.eval_batches)
     fingerprint = _fingerprint(teacher, config, distiller, source, train_batches)
-    eager = "attentions" in distiller.loss.needs
-    impl = "eager" if eager else None  # attention maps need the eager implementation
-    with attention_implementation(student.model, impl or training_attention(student.model)), attention_implementation(teacher.model, impl), \
-            set_dropout(student.model, config.dropout):
+    with set_dropout(student.model, config.dropout):
         result = train(distiller, teacher.model if distiller.loss.uses_teacher or teacher.kind != CAUSAL_LM else None,
-                       train_batches, eval_batches, config, seed=ctx.seed, fingerprint=fingerprint, on_step=ctx.on_step)
+                       train_batches, eval_batches, config, seed=ctx.seed, fingerprint=fingerprint, on_step=ctx.on_step,
+                       freeze=frozen, device=ctx.device, label="Distilling")
     student.model.eval()
     step = {"method": "distill", **dataclasses.asdict(config)}
     training = {**result.to_dict(), "teacher_layers": keep}  # the blocks the student was copied from
@@ -169,17 +166,14 @@ def _student(teacher: LoadedModel, cfg: DistillConfig, ctx: Context) -> tuple[Lo
     return make_student(teacher, keep), keep
 
 
-def freeze(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Stop training the parameters of the modules that match `patterns`; return those modules' names."""
+def frozen_parameters(model: torch.nn.Module, patterns: Sequence[str]) -> list[torch.nn.Parameter]:
+    """The parameters of the modules that match `patterns`, which the training loop keeps as they are."""
     if not patterns:
         return []
-    chosen = [(n, m) for n, m in model.named_modules() if n and matches(n, patterns)]
+    chosen = [m for n, m in model.named_modules() if n and matches(n, patterns)]
     if not chosen:
         raise SlimkitError(f"freeze: no module of the student matches {list(patterns)}; check the patterns against its module names")
-    for _, m in chosen:
-        for p in m.parameters():
-            p.requires_grad_(False)
-    return [n for n, _ in chosen]
+    return [p for m in chosen for p in m.parameters()]
 
 
 @contextlib.contextmanager

@@ -17,13 +17,18 @@ SmolLM2) stay frozen and matmuls run under bf16 autocast where the CPU has
 bf16 instructions (fp32 master weights and optimizer), with attention computed in
 fp32 (`core.attention.training_attention`: the fused CPU kernel is slow backwards in bf16).
 Dropout stays off (the model is kept in eval mode) so runs repeat.
+
+The shared loop (`core.training`) runs it, with what recovery asks for: the
+losses above as `core.losses` terms (`LogitKD` with alpha 0 is the plain
+cross-entropy, alpha 1 the KD; `EmbeddingLoss` for encoders), the pruning masks
+re-applied after every optimizer step (so unstructured and gradual pruning keep
+their zeros), no gradient clipping, and a linear warmup over `warmup_steps`
+followed by a constant rate. A constant rate needs no step plan, so the budget
+is spent training until the clock (or `max_steps`) stops it, with no timing probes.
 """
 
 from __future__ import annotations
 
-import itertools
-import random
-import time
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +36,9 @@ import torch
 from slimkit.core import data as D
 from slimkit.core import losses as L
 from slimkit.core.arch import CAUSAL_LM
-from slimkit.core.attention import attention_implementation, training_attention
 from slimkit.core.errors import SlimkitError
-from slimkit.core.hardware import bf16_native
-from slimkit.core.progress import status
 from slimkit.core.registry import Context
+from slimkit.core.training import Distiller, TrainConfig, train
 from slimkit.io.model import LoadedModel
 from slimkit.pruning import common
 from slimkit.pruning.masks import apply_masks
@@ -66,68 +69,32 @@ class RecoveryConfig:
 def recover(lm: LoadedModel, reference: LoadedModel, config: RecoveryConfig, ctx: Context = Context(), masks: dict | None = None) -> dict:
     """Train `lm` in place for `config.minutes` on `ctx`'s text (masks, name -> keep-mask, stay applied); return stats."""
     model = lm.model
+    if config.minutes == 0:
+        return {"steps": 0, "tokens": 0, "seconds": 0.0, "loss_first": None, "loss_last": None}
     batches = _training_batches(lm, config, ctx.calibration())
-    rng = random.Random(ctx.seed)
-    frozen = [] if config.train_embeddings else [
-        p for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters() if p.requires_grad
+    term = L.EmbeddingLoss() if lm.kind != CAUSAL_LM else L.LogitKD(alpha=1.0 if config.mode == "distill" else 0.0)
+    frozen = [] if config.train_embeddings else [  # no gradient at all: also skips the (tied) lm_head weight-gradient matmul
+        p for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()
     ]
-    for p in frozen:  # no gradient at all: also skips the (tied) lm_head weight-gradient matmul
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16 and bf16_native(device))
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     modules = {n: model.get_submodule(n) for n in (masks or {})}
-    was_training = model.training
-    model.eval()  # no dropout
-    deadline = time.monotonic() + config.minutes * 60
-    start, losses, tokens, step = time.monotonic(), [], 0, 0
-    with status(f"Recovery training for {config.minutes:g} min"), attention_implementation(model, training_attention(model)):
-        for epoch in itertools.count():
-            order = list(range(len(batches)))
-            rng.shuffle(order)
-            for i in order:
-                if time.monotonic() >= deadline or (config.max_steps is not None and step >= config.max_steps):
-                    break
-                for group in opt.param_groups:
-                    group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
-                with autocast:
-                    loss = _loss(lm, reference, batches[i], config.mode)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if masks:
-                    apply_masks(modules, masks)
-                losses.append(loss.item())
-                tokens += int(batches[i].get("attention_mask", batches[i]["input_ids"]).numel())
-                step += 1
-            else:
-                continue
-            break
-    opt.zero_grad(set_to_none=True)
-    del opt
-    model.train(was_training)
-    for p in frozen:
-        p.requires_grad_(True)
-    return {"steps": step, "tokens": tokens, "seconds": round(time.monotonic() - start, 1),
-            "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
+    result = train(Distiller(model, L.DistillLoss([term]), lm.kind), reference.model if term.uses_teacher else None, batches, [],
+                   train_config(config), seed=ctx.seed, on_step=ctx.on_step, freeze=frozen,
+                   after_step=(lambda: apply_masks(modules, masks)) if masks else None, eval_mode=True,
+                   device=ctx.device or next(model.parameters()).device.type, label=f"Recovery training ({config.minutes:g} min)")
+    return {"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 1),
+            "loss_first": result.mean_loss(1), "loss_last": result.mean_loss(10, last=True)}
+
+
+def train_config(config: RecoveryConfig) -> TrainConfig:
+    """The loop's settings for recovery: until the clock (or max_steps), no gradient clipping, bf16 where native,
+    a linear warmup to the full rate at step `warmup_steps` (the loop counts the steps below it), then constant."""
+    return TrainConfig(steps=config.max_steps, minutes=config.minutes, lr=config.lr, warmup_steps=max(0, config.warmup_steps - 1),
+                       schedule="constant", batch_size=config.batch_size, seq_len=config.seq_len,
+                       mixed_precision="auto" if config.bf16 else "no", max_grad_norm=0.0)
 
 
 def _training_batches(lm: LoadedModel, config: RecoveryConfig, source: D.TextSource) -> list[dict]:
-    return common.calibration_inputs(lm, source, 100_000, config.seq_len, config.batch_size)
-
-
-def _loss(lm: LoadedModel, reference: LoadedModel, batch: dict, mode: str) -> torch.Tensor:
-    if lm.kind == CAUSAL_LM:
-        ids = batch["input_ids"]
-        if mode == "finetune":
-            return common.forward(lm, {"input_ids": ids, "labels": ids}, use_cache=False).loss
-        student = common.forward(lm, batch, use_cache=False).logits  # (B, T, V)
-        with torch.no_grad():
-            teacher = common.forward(reference, batch, use_cache=False).logits
-        return L.kd_loss(student, teacher)
-    out = common.forward(lm, batch).last_hidden_state  # (B, T, H)
-    with torch.no_grad():
-        ref = common.forward(reference, batch).last_hidden_state
-    mask = batch["attention_mask"].to(out.device)
-    return L.embedding_loss(L.mean_pool(out, mask), L.mean_pool(ref, mask))
+    batches = common.calibration_inputs(lm, source, 100_000, config.seq_len, config.batch_size)
+    if lm.kind == CAUSAL_LM:  # next-token targets; no attention mask, so KD averages over every position
+        batches = [{**b, "labels": b["input_ids"]} for b in batches]
+    return batches

@@ -13,13 +13,15 @@ judged on. Three steps:
             each token's inputs to int8 as well, as `Int8DynamicLinear` does.
   fine-tune on the calibration split (never evaluation): `loss="kd"` (the
             default) distils from the unquantized model, KL(float || quantized)
-            of the next-token distributions (`slimkit.core.losses.LogitKD`),
+            of the next-token distributions (`core.losses.LogitKD`, alpha 1),
             or, for encoders, the cosine distance of mean-pooled sentence
             embeddings (`EmbeddingLoss`); `loss="ce"` trains on next-token
-            cross-entropy alone (causal LMs). AdamW, linear warmup then cosine
-            decay, gradients clipped at norm 1, `steps` optimizer steps, fewer
-            when `minutes` (training wall clock) runs out first: the plan is
-            made from one timed probe step so that the schedule completes.
+            cross-entropy alone (`LogitKD`, alpha 0; causal LMs). The shared
+            training loop (`core.training`) runs it: AdamW in fp32, linear
+            warmup then cosine decay, gradients clipped at norm 1, `steps`
+            optimizer steps, fewer when `minutes` (training wall clock) cannot
+            hold them: the loop plans the steps from timed probes and re-fits
+            the plan at each quarter of the budget, so the schedule completes.
   convert   each FakeQuantLinear becomes the `WeightOnlyLinear` (or
             `Int8DynamicLinear`) that int4-wo / int8-wo / int8-dynamic build,
             holding the quantization of the trained master weight: the same
@@ -50,7 +52,6 @@ check quality on the evaluation split (`slimkit eval --reference`).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -59,11 +60,11 @@ from torch import nn
 from slimkit.core import data as D
 from slimkit.core.arch import CAUSAL_LM, ENCODER
 from slimkit.core.errors import SlimkitError
-from slimkit.core.losses import EmbeddingLoss, LogitKD, Term
-from slimkit.core.progress import note, track
+from slimkit.core.losses import DistillLoss, EmbeddingLoss, LogitKD, Term
+from slimkit.core.progress import note
 from slimkit.core.registry import Context, register
 from slimkit.core.selection import check_patterns, linear_weight, select_linears, set_module
-from slimkit.core.training import lr_factor, model_outputs
+from slimkit.core.training import Distiller, TrainConfig, all_but, train
 from slimkit.io.model import LoadedModel, copy_model
 from slimkit.quantization.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_int_format
 from slimkit.quantization.embedding import quantize_embeddings
@@ -152,77 +153,23 @@ def loss_term(kind: str, loss: str) -> Term:
     return EmbeddingLoss() if kind == ENCODER else LogitKD(alpha=1.0)
 
 
-def finetune(lm: LoadedModel, teacher: nn.Module | None, batches: list[torch.Tensor], config: QATConfig, seed: int = 0) -> dict:
-    """Train `lm`'s FakeQuantLinear weights and biases in place; return what happened."""
-    term = loss_term(lm.kind, config.loss)
-    params = [p for m in lm.model.modules() if isinstance(m, FakeQuantLinear) for p in m.parameters()]
-    trainable = [p for p in lm.model.parameters() if p.requires_grad]
-    device = params[0].device
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-
-    def batch(step: int) -> dict:
-        while len(order) <= step:  # a fresh permutation of the batches per pass
-            order.extend(torch.randperm(len(batches), generator=gen).tolist())
-        ids = batches[order[step]].to(device)  # (B, seq_len)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-    def loss_at(step: int) -> torch.Tensor:
-        b = batch(step)
-        t = None
-        if term.uses_teacher:
-            with torch.no_grad():
-                t = model_outputs(teacher, b, term.needs, lm.kind)
-        return term(model_outputs(lm.model, b, term.needs, lm.kind), t, b)
-
-    teacher_training = teacher is not None and teacher.training
-    student_training = lm.model.training
-    for p in trainable:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    if teacher is not None:
-        teacher.eval()
-    lm.model.eval()  # no dropout: the step is a function of the weights and the batch
-    try:
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-        start = time.perf_counter()
-        budget = config.minutes * 60 if config.minutes is not None else float("inf")
-        planned = config.steps
-        if config.minutes is not None and planned > 0:  # one timed probe (no update) plans the schedule
-            loss_at(0).backward()
-            optimizer.zero_grad(set_to_none=True)
-            per_step = time.perf_counter() - start
-            planned = max(1, min(planned, int((budget - per_step) * 0.97 / per_step)))
-            if planned < MIN_STEPS:
-                note(f"qat: {config.minutes} minutes fit only {planned} steps of {per_step:.0f} s; so few Adam steps can end worse "
-                     f"than no training (steps=0): raise minutes, or lower batch_size / seq_len")
-        losses, stopped_by = [], "steps"
-        for step in track(range(planned), "Training (QAT)", total=planned):
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(step, planned, config.warmup, "cosine")
-            loss = loss_at(step)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if time.perf_counter() - start > budget:
-                stopped_by = "time"
-                break
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-        for p in trainable:
-            p.requires_grad_(True)
-        if teacher_training:
-            teacher.train()
-        lm.model.train(student_training)
-    k = min(5, len(losses))
+def finetune(lm: LoadedModel, teacher: nn.Module | None, batches: list[torch.Tensor], config: QATConfig, ctx: Context = Context()) -> dict:
+    """Train `lm`'s FakeQuantLinear weights and biases in place (the rest frozen); return what happened."""
+    trained = [p for m in lm.model.modules() if isinstance(m, FakeQuantLinear) for p in m.parameters()]
+    distiller = Distiller(lm.model, DistillLoss([loss_term(lm.kind, config.loss)]), lm.kind)
+    inputs = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids} for ids in batches]  # (B, seq_len)
+    cfg = TrainConfig(steps=config.steps, minutes=config.minutes, lr=config.lr, warmup=config.warmup, schedule="cosine",
+                      batch_size=config.batch_size, seq_len=config.seq_len, mixed_precision="no", max_grad_norm=1.0)
+    device = ctx.device or trained[0].device.type
+    result = train(distiller, teacher, inputs, [], cfg, seed=ctx.seed, on_step=ctx.on_step, freeze=all_but(lm.model, trained),
+                   eval_mode=True, device=device, label="Training (QAT)")
+    if config.minutes is not None and result.planned_steps < MIN_STEPS:
+        note(f"qat: {config.minutes} minutes fit only {result.planned_steps} steps of {result.seconds / max(1, result.steps):.0f} s; "
+             f"so few Adam steps can end worse than no training (steps=0): raise minutes, or lower batch_size / seq_len")
     return {
-        "loss": config.loss, "steps": len(losses), "planned_steps": planned, "stopped_by": stopped_by,
-        "seconds": round(time.perf_counter() - start, 2), "trained_tensors": len(params),
-        "first_loss": sum(losses[:k]) / k if k else None, "last_loss": sum(losses[-k:]) / k if k else None,
+        "loss": config.loss, "steps": result.steps, "planned_steps": result.planned_steps, "stopped_by": result.stopped_by,
+        "seconds": result.seconds, "trained_tensors": len(trained),
+        "first_loss": result.mean_loss(5), "last_loss": result.mean_loss(5, last=True),
     }
 
 
@@ -235,7 +182,7 @@ def apply(model: LoadedModel, config: QATConfig = QATConfig(), ctx: Context = Co
     if config.steps > 0:
         source = ctx.calibration()
         batches = require_batches(D.calibration_batches(lm.tokenizer, source, config.seq_len, config.calibration_samples, config.batch_size))
-        lm.manifest["training"] = finetune(lm, model.model if config.loss == "kd" else None, batches, config, ctx.seed)
+        lm.manifest["training"] = finetune(lm, model.model if config.loss == "kd" else None, batches, config, ctx)
     convert(lm.model)
     if config.embeddings:
         quantize_embeddings(lm.model)
