@@ -33,8 +33,9 @@ class Context:
         evaluation); None: the calibration split of the embedded corpus.
     seed: seeds torch, Python's `random` and every shuffle a technique makes, so one
         seed gives one model (training on a time budget aside).
-    device: where training runs ("cpu", "cuda"; None: Accelerate's choice, a GPU
-        where there is one); calibration runs where the model is.
+    device: where training runs ("cpu", "cuda"; None: where the model is; distillation
+        then lets Accelerate choose, a GPU where there is one); calibration runs where the
+        model is.
     on_step: called with the optimizer step after each training step (progress, tests).
     """
 
@@ -54,6 +55,10 @@ class Context:
     def calibration(self) -> TextSource:
         """The text to calibrate or train on: `data`, or the embedded corpus's calibration split."""
         return TextSource.parse(None, "calibration") if self.data is None else self.data
+
+    def device_for(self, model) -> str:
+        """Where `model` trains: the context's device, else the device the model is on."""
+        return self.device or next(model.parameters()).device.type
 
     def seed_everything(self) -> None:
         import torch

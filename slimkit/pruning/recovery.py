@@ -80,7 +80,7 @@ def recover(lm: LoadedModel, reference: LoadedModel, config: RecoveryConfig, ctx
     result = train(Distiller(model, L.DistillLoss([term]), lm.kind), reference.model if term.uses_teacher else None, batches, [],
                    train_config(config), seed=ctx.seed, on_step=ctx.on_step, freeze=frozen,
                    after_step=(lambda: apply_masks(modules, masks)) if masks else None, eval_mode=True,
-                   device=ctx.device or next(model.parameters()).device.type, label=f"Recovery training ({config.minutes:g} min)")
+                   device=ctx.device_for(model), label=f"Recovery training ({config.minutes:g} min)")
     return {"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 1),
             "loss_first": result.mean_loss(1), "loss_last": result.mean_loss(10, last=True)}
 

@@ -160,9 +160,8 @@ def finetune(lm: LoadedModel, teacher: nn.Module | None, batches: list[torch.Ten
     inputs = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids} for ids in batches]  # (B, seq_len)
     cfg = TrainConfig(steps=config.steps, minutes=config.minutes, lr=config.lr, warmup=config.warmup, schedule="cosine",
                       batch_size=config.batch_size, seq_len=config.seq_len, mixed_precision="no", max_grad_norm=1.0)
-    device = ctx.device or trained[0].device.type
     result = train(distiller, teacher, inputs, [], cfg, seed=ctx.seed, on_step=ctx.on_step, freeze=all_but(lm.model, trained),
-                   eval_mode=True, device=device, label="Training (QAT)")
+                   eval_mode=True, device=ctx.device_for(lm.model), label="Training (QAT)")
     if config.minutes is not None and result.planned_steps < MIN_STEPS:
         note(f"qat: {config.minutes} minutes fit only {result.planned_steps} steps of {result.seconds / max(1, result.steps):.0f} s; "
              f"so few Adam steps can end worse than no training (steps=0): raise minutes, or lower batch_size / seq_len")
