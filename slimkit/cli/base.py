@@ -12,6 +12,9 @@ import typer
 from rich.console import Console
 
 from slimkit.core.errors import SlimkitError
+from slimkit.io.loader import load
+from slimkit.io.resources import guard
+from slimkit.measure.speed import BenchConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -62,8 +65,6 @@ def command(name: str):
 def load_model(source: str, dtype: str, threads: int | None, trust_remote_code: bool = False):
     import torch
 
-    from slimkit.io.loader import load
-
     dtypes = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
         raise SlimkitError(f"unknown dtype '{dtype}': use one of {', '.join(dtypes)}")
@@ -76,8 +77,6 @@ def load_model(source: str, dtype: str, threads: int | None, trust_remote_code: 
 
 def check_memory(command: str, model: str, max_memory: str | None, *also: str | None) -> None:
     """Before loading: refuse past --max-memory, warn past the memory available (slimkit.io.resources)."""
-    from slimkit.io.resources import guard
-
     guard(command, model, max_memory, also=also)
 
 
@@ -95,8 +94,6 @@ def items(text: str) -> list[str]:
 
 
 def bench_config(seq_len: int, batch_sizes: str, new_tokens: int, threads: int | None, compiled: bool = False):
-    from slimkit.measure.speed import BenchConfig
-
     try:
         sizes = tuple(int(b) for b in items(batch_sizes))
     except ValueError:

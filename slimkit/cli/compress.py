@@ -24,7 +24,30 @@ from slimkit.cli.base import (
     load_model,
     stdout,
 )
+from slimkit.cli.display import bench_rows, eval_rows, fmt, table
+from slimkit.core import registry
+from slimkit.core.data import calibration_source
 from slimkit.core.errors import SlimkitError
+from slimkit.core.options import parse_options
+from slimkit.core.progress import search_progress
+from slimkit.core.recipe import Recipe
+from slimkit.core.registry import Context
+from slimkit.distillation.method import DistillConfig, apply
+from slimkit.exporters import ExportConfig, export
+from slimkit.exporters import summary as export_summary
+from slimkit.io.artifacts import check_destination, save
+from slimkit.io.sources import DEFAULT_MODEL
+from slimkit.measure.quality import EvalConfig, evaluate
+from slimkit.measure.speed import benchmark, dir_size_mb
+from slimkit.pruning import cli_options, prune
+from slimkit.pruning import summary as prune_summary
+from slimkit.quantization import quantize
+from slimkit.quantization.common import quantized_modules
+from slimkit.quantization.ranking import sensitivity
+from slimkit.report import recommendation
+from slimkit.search.config import OptimizeConfig, parse_duration, parse_fraction
+from slimkit.search.loop import optimize
+from slimkit.search.plan import check_installed
 
 
 @command("quantize")
@@ -43,14 +66,6 @@ def quantize_cmd(
     as_json: Json = False,
 ):
     """Quantize a model and save it as an artifact that `eval` and `bench` accept."""
-    from slimkit.cli.display import table
-    from slimkit.core import registry
-    from slimkit.core.options import parse_options
-    from slimkit.io.artifacts import save
-    from slimkit.measure.speed import dir_size_mb
-    from slimkit.quantization import quantize
-    from slimkit.quantization.common import quantized_modules
-
     if list_methods:
         rows = [{"name": t.name, "summary": t.summary} for t in registry.techniques("quantize")]
         return emit(as_json, {"methods": rows}, [table("Quantization methods", [(r["name"], r["summary"]) for r in rows], ("method", "what it does"))])
@@ -82,10 +97,6 @@ def sensitivity_cmd(
     as_json: Json = False,
 ):
     """Rank layers (or blocks) by how much quantizing each alone hurts quality, most sensitive first."""
-    from slimkit.cli.display import fmt, table
-    from slimkit.core.options import parse_options
-    from slimkit.quantization.ranking import sensitivity
-
     options = parse_options(method, option or [], "quantize")
     check_memory("quantize", model, max_memory)
     r = sensitivity(load_model(model, "fp32", threads), method, options, data=data, granularity=granularity, metric=metric, calibration_samples=calibration_samples, seq_len=seq_len)
@@ -111,18 +122,13 @@ def prune_cmd(
     as_json: Json = False,
 ):
     """Prune a model (unstructured, N:M or structured) and save it as an artifact."""
-    from slimkit.cli.display import fmt, table
-    from slimkit.core.options import parse_options
-    from slimkit.io.artifacts import save
-    from slimkit.pruning import cli_options, prune, summary
-
     name, options = cli_options(method, sparsity, recover_minutes)
     options = {**parse_options(name, option or [], "prune"), **options}
     check_memory("training" if options.get("recover_minutes") else "prune", model, max_memory)
     lm = load_model(model, "auto", threads, trust_remote_code)
     pruned = prune(lm, name, data=data, seed=seed, **options)
     path = save(pruned, out_dir, overwrite=overwrite)
-    info = {**summary(pruned, lm.num_parameters()), "out": str(path)}
+    info = {**prune_summary(pruned, lm.num_parameters()), "out": str(path)}
     rows = [(k.replace("_", " "), fmt(v)) for k, v in info.items() if k != "layers" and v is not None]
     emit(as_json, info, [table(f"Pruned {model} with {method}", rows)])
 
@@ -161,12 +167,6 @@ def distill_cmd(
     """Distil a smaller student (fewer layers) from TEACHER and save it as an artifact."""
     import dataclasses
 
-    from slimkit.cli.display import table
-    from slimkit.core.data import calibration_source
-    from slimkit.core.registry import Context
-    from slimkit.distillation.method import DistillConfig, apply
-    from slimkit.io.artifacts import save
-
     layers = _layer_spec(student_layers)
     config = DistillConfig(student_layers=layers, minutes=minutes, steps=steps, loss=loss, temperature=temperature, alpha=alpha,
                            lr=lr, batch_size=batch_size, seq_len=seq_len, dropout=dropout, hidden_weight=hidden_weight, hidden_loss=hidden_loss,
@@ -203,14 +203,11 @@ def export_cmd(
     as_json: Json = False,
 ):
     """Export to a deployment runtime (ONNX, ONNX Runtime, onnxruntime-genai, TensorRT), parity-checked."""
-    from slimkit.cli.display import table
-    from slimkit.exporters import ExportConfig, export, summary
-
     config = ExportConfig(fmt, quantize, exporter=exporter, tolerance=tolerance, optimize=optimize, block_size=block_size,
                           accuracy_level=accuracy_level)
     check_memory("export", model, max_memory)
     lm = load_model(model, "auto", threads, trust_remote_code)
-    info = summary(export(lm, out_dir, config, overwrite=overwrite))
+    info = export_summary(export(lm, out_dir, config, overwrite=overwrite))
     emit(as_json, info, [table(f"Exported {model}", [(k, str(v)) for k, v in info.items()])])
 
 
@@ -226,13 +223,6 @@ def run_cmd(
     as_json: Json = False,
 ):
     """Apply a recipe, measure the result against the original, and save the artifact."""
-    from slimkit.cli.display import bench_rows, eval_rows, table
-    from slimkit.core.recipe import Recipe
-    from slimkit.io.artifacts import check_destination, save
-    from slimkit.io.sources import DEFAULT_MODEL
-    from slimkit.measure.quality import EvalConfig, evaluate
-    from slimkit.measure.speed import benchmark
-
     plan = Recipe.load(recipe)
     confined = plan.confined(out)  # logs and checkpoints go inside OUT, never elsewhere
     check_destination(out, overwrite)
@@ -268,11 +258,6 @@ def optimize_cmd(
     """Search for the fastest / smallest model within a quality budget, and report."""
     import time
 
-    from slimkit.core.progress import search_progress
-    from slimkit.search.config import OptimizeConfig, parse_duration, parse_fraction
-    from slimkit.search.loop import optimize
-    from slimkit.search.plan import check_installed
-
     started = time.perf_counter()
     config = OptimizeConfig(target=target, max_quality_drop=parse_fraction(max_quality_drop), preset=preset, runtime=runtime,
                             time_budget_s=parse_duration(time_budget), threads=threads, seed=seed, compile=compiled)
@@ -280,7 +265,6 @@ def optimize_cmd(
     check_memory("optimize", model, max_memory)
     with search_progress() as progress:  # the model is not kept here, so the search can drop it from memory
         results = optimize(load_model(model, "auto", threads), config, out, overwrite=overwrite, on_progress=progress, started=started)
-    from slimkit.report import recommendation
 
     if as_json:
         emit(True, results, [])

@@ -8,14 +8,17 @@ from typing import Annotated
 import typer
 
 from slimkit.cli.base import Dtype, Json, MaxMemory, ModelArg, Threads, TrustRemote, bench_config, check_memory, command, emit, err, load_model, stdout
+from slimkit.cli.display import bench_rows, eval_rows, table
+from slimkit.core.data import TextSource
+from slimkit.io.sources import EMBEDDED
+from slimkit.measure.generation import generate
+from slimkit.measure.quality import EvalConfig, evaluate
+from slimkit.measure.speed import benchmark
 
 
 @command("models")
 def models_cmd(as_json: Json = False):
     """List the embedded models (they work offline)."""
-    from slimkit.cli.display import table
-    from slimkit.io.sources import EMBEDDED
-
     rows = [{"name": m.name, "package": m.pip_name, "description": m.description} for m in EMBEDDED.values()]
     emit(as_json, {"models": rows}, [table("Embedded models", [(r["name"], r["description"]) for r in rows], ("name", "what it is"))])
 
@@ -38,10 +41,6 @@ def eval_cmd(
     as_json: Json = False,
 ):
     """Measure quality: perplexity, KL and top-1 vs a reference, embedding cosine, accuracy."""
-    from slimkit.cli.display import eval_rows, table
-    from slimkit.core.data import TextSource
-    from slimkit.measure.quality import EvalConfig, evaluate
-
     config = EvalConfig(window=window, stride=stride, max_tokens=max_tokens, batch_size=batch_size)
     source = TextSource.parse(data, split, text_key)
     check_memory("eval", model, max_memory, reference)
@@ -65,9 +64,6 @@ def bench_cmd(
     as_json: Json = False,
 ):
     """Measure speed, memory and size: latency percentiles, throughput, prefill/decode tokens/s."""
-    from slimkit.cli.display import bench_rows, table
-    from slimkit.measure.speed import benchmark
-
     config = bench_config(seq_len, batch_sizes, new_tokens, threads, compiled)
     check_memory("bench", model, max_memory)
     lm = load_model(model, dtype, threads, trust_remote_code)
@@ -84,10 +80,6 @@ def profile_cmd(
     as_json: Json = False,
 ):
     """Evaluate and benchmark a model, and print one table."""
-    from slimkit.cli.display import bench_rows, eval_rows, table
-    from slimkit.measure.quality import EvalConfig, evaluate
-    from slimkit.measure.speed import benchmark
-
     lm = load_model(model, dtype, threads)
     quality = evaluate(lm, config=EvalConfig(max_tokens=max_tokens))
     speed = benchmark(lm, bench_config(128, "1,4,8", 64, threads))
@@ -109,8 +101,6 @@ def generate_cmd(
     as_json: Json = False,
 ):
     """Generate text greedily with a KV cache (a PyTorch model or an exported directory)."""
-    from slimkit.measure.generation import generate
-
     result = generate(load_model(model, "auto", threads), prompt, max_new_tokens, chat=chat, compile=compiled)
     if as_json:
         stdout.print_json(json.dumps(result.to_dict()))

@@ -42,9 +42,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimkit.core.selection import set_module
 from slimkit.quantization import formats as Q
 from slimkit.quantization.embedding import Int8Embedding, TiedEmbedding, TiedInt8Head
-from slimkit.quantization.modules import Int8DynamicLinear, NF4Linear, StaticInt8Linear, WeightOnlyLinear
+from slimkit.quantization.modules import LINEAR_FORMATS, Int8DynamicLinear, NF4Linear, StaticInt8Linear, WeightOnlyLinear
 
 BLOCKS = (256, 128, 64, 32, 16)  # MatMulNBits block sizes, largest first
 
@@ -181,8 +182,6 @@ class Table:
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """name -> every slimkit module that stands for a linear layer (the head included)."""
-    from slimkit.quantization.modules import LINEAR_FORMATS
-
     kinds = tuple(LINEAR_FORMATS.values()) + (TiedInt8Head,)
     return {n: m for n, m in model.named_modules() if n and isinstance(m, kinds)}
 
@@ -192,8 +191,6 @@ def float_twin(model: nn.Module) -> tuple[nn.Module, Plan]:
 
     Exact layers hold their codes' dequantized weight (what MatMulNBits computes with); the
     embedding holds the rows Int8Embedding returns; other layers their best float weight."""
-    from slimkit.core.selection import set_module
-
     plan = Plan({}, {}, {})
     for name, module in quantized_layers(model).items():
         codes = layer_codes(module)

@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slimkit.core import data as D
 from slimkit.core.arch import CAUSAL_LM, ENCODER
 from slimkit.core.errors import SlimkitError, short_reason
 from slimkit.core.hardware import int8_pairs_saturate
@@ -318,8 +319,6 @@ class CalibrationReader:
 
 def calibration_feeds(lm: LoadedModel, spec: GraphSpec, samples: int, seq_len: int):
     import torch
-
-    from slimkit.core import data as D
 
     if spec.kind == CAUSAL_LM:
         for ids in D.calibration_batches(lm.tokenizer, seq_len=seq_len, calibration_samples=samples, batch_size=1):

@@ -48,6 +48,8 @@ from torch import nn
 
 from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError, short_reason
+from slimkit.exporters.genai_graph import carry_codes
+from slimkit.exporters.genai_weights import float_twin, quantized_layers, requantize
 from slimkit.exporters.onnx import Parity
 from slimkit.exporters.runtime import serve_with
 from slimkit.io.files import read_config
@@ -70,7 +72,6 @@ def build(lm: LoadedModel, out: Path, config) -> dict:
     genai_module()
     if lm.kind != CAUSAL_LM:
         raise SlimkitError(f"--format ort-genai serves causal LMs, and {lm.name} is a {lm.kind}: use --format onnxruntime")
-    from slimkit.exporters.genai_weights import quantized_layers
 
     if quantized_layers(lm.model):
         return build_carried(lm, out, config)
@@ -93,9 +94,6 @@ def build(lm: LoadedModel, out: Path, config) -> dict:
 
 def build_carried(lm: LoadedModel, out: Path, config) -> dict:
     """A slimkit-quantized model: the builder's fp32 graph with slimkit's codes in MatMulNBits (genai_weights.py)."""
-    from slimkit.exporters.genai_graph import carry_codes
-    from slimkit.exporters.genai_weights import float_twin, requantize
-
     twin, plan = float_twin(lm.model)
     if plan.refused and config.quantize != "int4":
         name, why = next(iter(plan.refused.items()))

@@ -61,6 +61,8 @@ from pathlib import Path
 import numpy as np
 
 from slimkit.core.errors import SlimkitError
+from slimkit.exporters.onnx import prune_unused
+from slimkit.quantization.smoothing import smooth_factors
 
 ALPHA = 0.7
 SAMPLES = 256  # calibration passages
@@ -116,8 +118,6 @@ def factors(absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.n
     """(K,) smoothing factors for one input (K,) read by MatMul weights [(K, N), ...]."""
     import torch
 
-    from slimkit.quantization.smoothing import smooth_factors
-
     w = torch.from_numpy(np.concatenate(weights, axis=1).T.copy())  # (N total, K)
     return smooth_factors(torch.from_numpy(absmax), w, alpha).numpy().astype(np.float32)
 
@@ -165,8 +165,6 @@ def smooth(src: Path, dst: Path, feeds, *, alpha: float = ALPHA, mask_input: str
     the graph has no weight MatMul and `dst` was not written.
     """
     import onnx
-
-    from slimkit.exporters.onnx import prune_unused
 
     model = onnx.load(str(src))
     groups = weight_matmuls(model)

@@ -19,6 +19,7 @@ from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError
 from slimkit.io.loader import load
 from slimkit.io.model import LoadedModel
+from slimkit.measure.decoding import CompiledDecoder
 
 
 @dataclass
@@ -59,8 +60,6 @@ def generate(model: LoadedModel | str, prompt: str, max_new_tokens: int = 32, ch
     out_ids: list[int] = []
     state = {}
     if compile:
-        from slimkit.measure.decoding import CompiledDecoder
-
         decoder = CompiledDecoder(lm, ids.shape[1] + max_new_tokens + 1)
         first, step = decoder.prefill, decoder.step
     else:

@@ -46,6 +46,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.hardware import environment
 from slimkit.core.memory import peak_rss_mb
 from slimkit.core.progress import status
+from slimkit.io.artifacts import save
 from slimkit.io.loader import load
 from slimkit.io.model import LoadedModel
 from slimkit.measure.decoding import CompiledDecoder, is_pytorch
@@ -321,8 +322,6 @@ def dir_size_mb(path: Path, pattern: str = "*") -> float:
 
 def size_on_disk(lm: LoadedModel) -> tuple[float, float]:
     """(whole artifact, weight files) in MiB, from a real save."""
-    from slimkit.io.artifacts import save
-
     if lm.manifest.get("runtime", "torch") != "torch" and lm.path is not None:  # exported: its own files
         weights = lm.manifest.get("weights", [])
         return dir_size_mb(lm.path), sum((lm.path / w).stat().st_size for w in weights) / 2**20

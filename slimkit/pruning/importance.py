@@ -28,6 +28,7 @@ import torch
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.selection import linear_weight
+from slimkit.pruning import common
 
 
 class Criterion:
@@ -99,8 +100,6 @@ def get(name: str) -> Criterion:
 def module_scores(criterion: Criterion, lm, modules: dict, batches_fn) -> dict[str, torch.Tensor]:
     """name -> (out, in) scores for each module, gathering only the statistics
     the criterion needs (`batches_fn()` gives the calibration batches)."""
-    from slimkit.pruning import common
-
     grad = grad_sq = act = None
     if criterion.needs:
         batches = batches_fn()

@@ -18,6 +18,7 @@ from slimkit.core.selection import check_patterns, select_linears, set_module
 from slimkit.io.artifacts import ModuleRecord, register_modules
 from slimkit.io.model import LoadedModel
 from slimkit.quantization.embedding import TIED_FORMATS, Int8Embedding, TiedEmbedding, TiedInt8Head
+from slimkit.quantization.formats import GROUP_SIZES, INT_BITS
 from slimkit.quantization.modules import LINEAR_FORMATS
 
 DEFAULT_IGNORE = ("lm_head",)
@@ -54,8 +55,6 @@ class QuantizeOptions:
 
 def check_int_format(method: str, bits: int, group_size: int | None) -> None:
     """Validate the integer grid of a calibrated weight method (gptq, awq, qat)."""
-    from slimkit.quantization.formats import GROUP_SIZES, INT_BITS
-
     if bits not in INT_BITS:
         raise SlimkitError(f"bits={bits} is not supported by {method}: use 4 or 8")
     if group_size is not None and group_size not in GROUP_SIZES:

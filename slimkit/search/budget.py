@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from slimkit.core import data as D
 from slimkit.core.arch import CAUSAL_LM
 from slimkit.io.model import LoadedModel
+from slimkit.measure.quality import EvalConfig
 from slimkit.search.config import OptimizeConfig
 
 REPORT_SECONDS = 15.0  # kept beyond the confirmation's evaluations: loading the winner, the report
@@ -32,9 +34,6 @@ def confirmation_seconds(original: LoadedModel, proxy_seconds: float, config: Op
     run past the budget (the gate is never skipped).
     """
     if original.kind == CAUSAL_LM:
-        from slimkit.core import data as D
-        from slimkit.measure.quality import EvalConfig
-
         ec = EvalConfig()
 
         def read(tokens):

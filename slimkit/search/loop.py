@@ -54,8 +54,10 @@ from pathlib import Path
 from slimkit.core.arch import CAUSAL_LM, ENCODER
 from slimkit.core.errors import SlimkitError
 from slimkit.core.memory import peak_memory, release_memory
+from slimkit.io.artifacts import check_destination, save, staging
 from slimkit.io.loader import load
 from slimkit.io.model import LoadedModel
+from slimkit.report import write_report
 from slimkit.search.budget import TimeBudget, confirmation_seconds
 from slimkit.search.candidate import Baseline, Candidate, Speed, ranked
 from slimkit.search.config import OptimizeConfig, Target, target_for
@@ -77,9 +79,6 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
     `started`: the `time.perf_counter()` at which the time budget began
     (default: now); the CLI passes its own start, model loading included.
     """
-    from slimkit.io.artifacts import check_destination, save, staging
-    from slimkit.report import write_report
-
     started = time.perf_counter() if started is None else started
     out = check_destination(out, overwrite)
     check_installed(config.runtime)

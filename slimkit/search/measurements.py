@@ -21,7 +21,8 @@ from pathlib import Path
 
 from slimkit.core.arch import CAUSAL_LM, ENCODER
 from slimkit.core.errors import SlimkitError
-from slimkit.io.model import LoadedModel
+from slimkit.io.model import MANIFEST, LoadedModel
+from slimkit.measure.quality import EvalConfig, evaluate
 from slimkit.measure.speed import BenchResult
 from slimkit.search.candidate import (
     CausalQuality,
@@ -36,8 +37,6 @@ from slimkit.search.config import OptimizeConfig
 def assess(lm: LoadedModel, original: LoadedModel | None, tokens: int | None, passages: int, baseline: float | None = None) -> Quality:
     """Quality value and drop vs the original (perplexity ratio, or 1 - cosine); for a causal LM
     against the original's perplexity `baseline` where given, without running the original."""
-    from slimkit.measure.quality import EvalConfig, evaluate
-
     if lm.kind == CAUSAL_LM:
         r = evaluate(lm, None if baseline is not None else original, config=EvalConfig(max_tokens=tokens))
         base = baseline if baseline is not None else r.reference_perplexity
@@ -52,8 +51,6 @@ def assess(lm: LoadedModel, original: LoadedModel | None, tokens: int | None, pa
 
 def perplexity(lm: LoadedModel, tokens: int | None) -> float:
     """A causal LM's perplexity on the first `tokens` of the evaluation split (None: all of it), alone."""
-    from slimkit.measure.quality import EvalConfig, evaluate
-
     return evaluate(lm, config=EvalConfig(max_tokens=tokens)).perplexity
 
 
@@ -98,8 +95,6 @@ def _timed_bench(artifact: Path, threads: int | None, compile: bool) -> Speed:
 
 def exported_runtime(artifact: Path) -> str | None:
     """The runtime an exported artifact is served by (its manifest's); None for a PyTorch one."""
-    from slimkit.io.model import MANIFEST
-
     try:
         runtime = json.loads((Path(artifact) / MANIFEST).read_text()).get("runtime", "torch")
     except (OSError, ValueError):

@@ -25,6 +25,7 @@ from slimkit.core import registry
 from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError
 from slimkit.core.recipe import Recipe
+from slimkit.exporters import ExportConfig, tensorrt
 from slimkit.search.config import OptimizeConfig
 from slimkit.search.presets import GENAI_PRESETS, ORT_PRESETS, PRESETS, TRT_PRESETS
 
@@ -95,8 +96,6 @@ def candidate_plans(kind: str, preset: str, runtime: str = "torch", seed: int = 
 
 def export_plans(runtime: str, preset: str, seed: int = 0) -> list[Plan]:
     """Exports to `runtime`: 'onnxruntime int8', or 'int4(zero_point=integer) -> ort-genai' where a recipe comes first."""
-    from slimkit.exporters import ExportConfig
-
     if runtime == "ort-genai":
         entries = GENAI_PRESETS[preset]
     else:
@@ -112,9 +111,7 @@ def export_plans(runtime: str, preset: str, seed: int = 0) -> list[Plan]:
 def check_installed(runtime: str) -> None:
     """Before any work: what `runtime` needs is here (for TensorRT, a CUDA GPU too); the error names the fix."""
     if runtime == "tensorrt":
-        from slimkit.exporters.tensorrt import check
-
-        check("--runtime")
+        tensorrt.check("--runtime")
     elif runtime in ("onnxruntime", "ort-genai"):
         package = "onnxruntime" if runtime == "onnxruntime" else "onnxruntime_genai"
         try:

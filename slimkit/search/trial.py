@@ -29,8 +29,12 @@ from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError
 from slimkit.core.memory import detach_from_files, release_memory
 from slimkit.core.recipe import Recipe
-from slimkit.io.loader import load
+from slimkit.exporters import export
+from slimkit.io.artifacts import save
+from slimkit.io.loader import load, load_dir
 from slimkit.io.model import LoadedModel
+from slimkit.quantization.mixed import fallback
+from slimkit.quantization.ranking import Probe
 from slimkit.search.candidate import (
     Candidate,
     RollbackPlanned,
@@ -74,8 +78,6 @@ class Trials:
         self._original = self._probe = None
 
     def _load_saved(self) -> LoadedModel:
-        from slimkit.io.loader import load_dir
-
         lm = load_dir(self.saved, source=self.name)
         lm.manifest = copy.deepcopy(self._manifest)
         return lm
@@ -96,8 +98,6 @@ class Trials:
 
     def run(self, plan: Plan, index: int) -> Plan | None:
         """Try `plan`; return a rollback plan when it narrowly misses the budget."""
-        from slimkit.io.artifacts import save
-
         config, budget = self.config, self.config.max_quality_drop
         cand = Candidate(plan.name, plan.recipe, export=plan.export)
         self.candidates.append(cand)
@@ -151,8 +151,6 @@ class Trials:
         import torch
 
         if plan.export is not None:
-            from slimkit.exporters import export
-
             path = export(plan.recipe.apply(self._source(plan)), self.work / f"cand-{index}", plan.export)
             return load(str(path)), path
         if plan.rollback is None:
@@ -160,7 +158,6 @@ class Trials:
             detach_from_files(lm.model)  # what an in-place build left in the loaded file keeps all of it resident
             release_memory()
             return lm, None
-        from slimkit.quantization.mixed import fallback
 
         rb = plan.rollback
         torch.manual_seed(self.config.seed)
@@ -175,8 +172,6 @@ class Trials:
 
     def _rollback_plan(self, plan: Plan, lm: LoadedModel, drop: float, cand: Candidate) -> Plan | None:
         """A plan to roll `plan`'s near miss back, or None (the reason goes into `cand`)."""
-        from slimkit.quantization.ranking import Probe
-
         if plan.export is not None:
             cand.rollback = RollbackSkipped(f"no rollback: a {plan.export.format} export is not rolled back per block")
             return None
