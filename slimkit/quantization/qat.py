@@ -63,10 +63,10 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.losses import DistillLoss, EmbeddingLoss, LogitKD, Term
 from slimkit.core.progress import note
 from slimkit.core.registry import Context, register
-from slimkit.core.selection import check_patterns, linear_weight, select_linears, set_module
+from slimkit.core.selection import linear_weight, select_linears, set_module
 from slimkit.core.training import Distiller, TrainConfig, all_but, train
 from slimkit.io.model import LoadedModel, copy_model
-from slimkit.quantization.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_int_format
+from slimkit.quantization.common import QuantizeOptions, cast_unquantized, check_int_format
 from slimkit.quantization.embedding import quantize_embeddings
 from slimkit.quantization.fake_quant import FakeQuantLinear
 from slimkit.quantization.formats import check_group
@@ -78,7 +78,7 @@ MIN_STEPS = 10  # below this a time budget is warned about: Adam's first steps m
 
 
 @dataclass(frozen=True)
-class QATConfig:
+class QATConfig(QuantizeOptions):
     bits: int = 4
     group_size: int | None = 32  # None: one scale per output channel
     symmetric: bool = False
@@ -92,12 +92,8 @@ class QATConfig:
     batch_size: int = 4
     calibration_samples: int = 128  # calibration windows of seq_len tokens, cycled over
     embeddings: bool = True
-    targets: tuple[str, ...] = ("*",)
-    ignore: tuple[str, ...] = DEFAULT_IGNORE
-    compute_dtype: str = "fp32"  # dtype of what stays unquantized (common.cast_unquantized)
 
     def __post_init__(self):
-        check_compute_dtype(self.compute_dtype)
         check_int_format("qat", self.bits, self.group_size)
         if self.activations not in ACTIVATIONS:
             raise SlimkitError(f"unknown activations '{self.activations}' for qat: use none (weight-only) or int8-dynamic")
@@ -115,7 +111,7 @@ class QATConfig:
             raise SlimkitError(f"warmup={self.warmup} must be a fraction in [0, 1), e.g. 0.1")
         if self.seq_len < 8 or self.batch_size < 1 or self.calibration_samples < 1:
             raise SlimkitError(f"training needs seq_len >= 8, batch_size >= 1 and calibration_samples >= 1, got {self.seq_len}, {self.batch_size} and {self.calibration_samples}")
-        check_patterns(self.targets, self.ignore)
+        super().__post_init__()
 
 
 # --------------------------------------------------------------------------- prepare / convert
