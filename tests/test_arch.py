@@ -8,9 +8,13 @@ import pytest
 import torch
 import transformers as T
 
+import slimkit
 from slimkit.core.adapter import FAMILIES, adapter, find
+from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError
 from slimkit.core.selection import linear_weight
+from slimkit.distillation.student import drop_layers, num_layers
+from slimkit.io.model import LoadedModel
 
 SIZES = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
              max_position_embeddings=512, pad_token_id=3, bos_token_id=1, eos_token_id=2)
@@ -177,7 +181,57 @@ def test_an_unknown_architecture_is_one_line_naming_the_families_and_the_way_out
     model = T.Phi3ForCausalLM(T.Phi3Config(**{**SIZES, **GQA}))  # fused qkv_proj and gate_up_proj: no family
     assert find(model) is None
     with pytest.raises(SlimkitError) as info:
-        adapter(model, "sharding", "do it by hand")
+        num_layers(model)
     message = str(info.value)
-    assert message.startswith("sharding does not support Phi3ForCausalLM") and message.endswith("do it by hand")
-    assert all(f.title in message for f in FAMILIES) and "\n" not in message
+    assert message.startswith("a layer-dropped student does not support Phi3ForCausalLM")
+    assert message.endswith("pass your own student model instead") and "\n" not in message
+    assert all(f.title in message for f in FAMILIES)
+    lm = LoadedModel(model=model, tokenizer=None, kind=CAUSAL_LM, source="phi3")
+    with pytest.raises(SlimkitError, match=r"^structured pruning does not support .* use method magnitude, wanda or 2:4 instead$"):
+        slimkit.prune(lm, "structured")
+    with pytest.raises(SlimkitError, match="^sharding does not support Phi3ForCausalLM"):
+        adapter(model, "sharding", "do it by hand")
+
+
+# --------------------------------------------------------------------------- techniques that ask it
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_student_with_fewer_layers_builds_and_runs(name):
+    teacher = build(name)
+    student = drop_layers(teacher, [0, 2])
+    assert num_layers(student) == getattr(student.config, find(student).layer_count) == 2
+    assert num_layers(teacher) == 3  # the teacher is untouched
+    t_arch, s_arch = find(teacher), find(student)
+    for s_block, t_block in zip(s_arch.blocks, (t_arch.blocks[0], t_arch.blocks[2])):
+        assert torch.equal(student.get_submodule(s_block.mlp_out).weight, teacher.get_submodule(t_block.mlp_out).weight)
+    out = run(student)
+    assert out.shape == run(teacher).shape and torch.isfinite(out).all()
+    if student.can_generate():
+        with torch.no_grad():  # kept blocks are renumbered: the KV cache has one slot per student layer
+            gen = student.generate(IDS[:, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            full = student(input_ids=gen[:, :-1]).logits[:, -1].argmax(-1)
+        assert torch.equal(gen[:, -1], full)
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if n != "opt-post-norm"])
+def test_structured_pruning_runs_and_round_trips(name, saved, tmp_path):
+    """MLP channels on every family, and heads where the family allows: the pruned model
+    is smaller, its config says so, and it saves and reloads to the same outputs."""
+    lm = slimkit.load(str(saved(name)))
+    family = find(lm.model).family
+    calib = dict(calibration_samples=4, seq_len=32, batch_size=2)
+    heads = {"head_groups": 1} if family.prune_heads else {}
+    pruned = slimkit.prune(lm, "structured", mlp_channels=32, **heads, **calib)
+    arch = find(pruned.model)
+    assert {_in_cols(pruned.model, b.mlp_out) for b in arch.blocks} == {96} == {getattr(pruned.config, arch.mlp_width)}
+    if heads:
+        n_kv = {arch.kv_groups(b)[0] for b in arch.blocks}
+        assert n_kv == {find(lm.model).kv_groups(find(lm.model).blocks[0])[0] - 1}
+    else:
+        fused = "fused" if arch.blocks[0].qkv else "attention"
+        with pytest.raises(SlimkitError, match=f"^{family.title}'s {fused} .*heads cannot be pruned here"):
+            slimkit.prune(lm, "structured", head_groups=1, **calib)
+    assert pruned.num_parameters() < lm.num_parameters()
+    back = slimkit.load(str(slimkit.save(pruned, tmp_path / "p")))
+    assert torch.equal(run(back.model), run(pruned.model))
