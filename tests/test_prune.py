@@ -12,7 +12,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.selection import select_linears
 from slimkit.pruning import common
 from slimkit.pruning.recovery import RecoveryConfig, recover
-from slimkit.pruning.structured import find_arch
+from slimkit.core.adapter import find
 
 IDS = torch.arange(5, 45)[None]
 
@@ -190,7 +190,7 @@ def test_refit_brings_outputs_closer_than_slicing(tiny, arch):
 
 def test_refit_solves_the_least_squares_problem():
     """refit_inputs on a linear layer with a bias gives the normal-equation solution."""
-    from slimkit.pruning.structured import refit_inputs
+    from slimkit.pruning.removal import refit_inputs
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(6, 3)
@@ -209,7 +209,7 @@ def test_refit_solves_the_least_squares_problem():
 def test_obs_removes_the_feature_the_others_can_take_over():
     """A feature that duplicates another costs nothing once the refit moves its weight
     over: OBS removes it (or its twin) first, even though its weights are the largest."""
-    from slimkit.pruning.structured import obs_keep, refit_inputs
+    from slimkit.pruning.removal import obs_keep, refit_inputs
 
     torch.manual_seed(0)
     x = torch.randn(300, 5)
@@ -239,7 +239,7 @@ def test_structured_layer_removal_renumbers_and_generates(tiny, arch, field):
     lm = slimkit.load(tiny(arch))
     pruned = slimkit.prune(lm, "structured", units=["layers"], layers=1)
     assert getattr(pruned.model.config, field) == 1
-    arch_info = find_arch(pruned.model)
+    arch_info = find(pruned.model)
     assert len(arch_info.blocks) == 1
     if arch != "bert":
         gen = pruned.model.generate(IDS[:, :8], max_new_tokens=4, do_sample=False)  # KV cache indexes renumbered layers

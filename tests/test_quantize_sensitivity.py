@@ -10,7 +10,7 @@ from torch import nn
 import slimkit
 from slimkit.core.errors import SlimkitError
 from slimkit.core.selection import matches
-from slimkit.quantization.ranking import SensitivityConfig, block_of, exact, finish, loss_terms, units
+from slimkit.quantization.ranking import SensitivityConfig, exact, finish, loss_terms, units
 
 PROBE = {"calibration_samples": 2, "seq_len": 64, "batch_size": 2}
 SENSITIVE = "model.layers.1.mlp.down_proj"
@@ -65,15 +65,19 @@ def test_exact_pattern_matches_one_name_only():
     assert matches("odd[0].x*", [exact("odd[0].x*")]) and not matches("odd0.xy", [exact("odd[0].x*")])
 
 
-def test_blocks_are_items_of_a_module_list():
+def test_units_are_the_adapters_blocks(tiny):
+    model = slimkit.load(tiny("llama")).model
+    layers = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj", "lm_head"]
+    assert [(u.name, u.layers) for u in units(model, layers, "block")] == [
+        ("model.layers.0", tuple(layers[:2])), ("model.layers.1", (layers[2],)), ("lm_head", ("lm_head",))]
+    assert [u.root for u in units(model, layers, "layer")] == ["model.layers.0", "model.layers.0", "model.layers.1", "lm_head"]
+
+
+def test_a_model_the_adapter_does_not_know_measures_each_layer_alone():
     root = nn.Module()
     root.blocks = nn.ModuleList([nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)) for _ in range(2)])
-    root.head = nn.Linear(2, 2)
-    layers = ["blocks.0.0", "blocks.0.1", "blocks.1.0", "head"]
-    assert [block_of(root, n) for n in layers] == ["blocks.0", "blocks.0", "blocks.1", "head"]
-    assert [(u.name, u.layers) for u in units(root, layers, "block")] == [
-        ("blocks.0", ("blocks.0.0", "blocks.0.1")), ("blocks.1", ("blocks.1.0",)), ("head", ("head",))]
-    assert [u.root for u in units(root, layers, "layer")] == ["blocks.0", "blocks.0", "blocks.1", "head"]
+    layers = ["blocks.0.0", "blocks.0.1", "blocks.1.0"]
+    assert [(u.name, u.layers, u.root) for u in units(root, layers, "block")] == [(n, (n,), n) for n in layers]
 
 
 # --------------------------------------------------------------------------- tiny models

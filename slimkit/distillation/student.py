@@ -19,8 +19,9 @@ Which layers, for a count N:
 `every=k` keeps blocks 0, k, 2k, ...; an explicit list keeps exactly those. Speed scales with the blocks removed;
 embeddings and the LM head (a large share of a small model) stay.
 
-Supported: Llama-family (`model.layers`), GPT-2 (`transformer.h`) and BERT
-(`encoder.layer`), and any model whose blocks live in one of those lists.
+Supported: every family the architecture adapter knows (`core.adapter`:
+Llama-family, BERT-family, GPT-2, OPT, GPT-NeoX, ...); the adapter also
+renumbers the kept blocks' KV-cache slots and writes the config's layer count.
 The teacher is never modified: the student is a deep copy.
 """
 
@@ -32,38 +33,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from slimkit.core.adapter import adapter
 from slimkit.core.errors import SlimkitError
 from slimkit.io.model import LoadedModel
 
-# Where each family keeps its ModuleList of blocks, tried in order.
-_BLOCK_PATHS = ("model.layers", "transformer.h", "bert.encoder.layer", "encoder.layer", "model.decoder.layers", "gpt_neox.layers")
-
-
-def block_path(model: nn.Module) -> str:
-    """Dotted path of the model's ModuleList of transformer blocks."""
-    for path in _BLOCK_PATHS:
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return path
-    raise SlimkitError(
-        f"cannot find the transformer blocks of {type(model).__name__}: layer-dropped students support "
-        "Llama-family, GPT-2 and BERT models; pass your own student model instead"
-    )
-
-
-def blocks(model: nn.Module) -> nn.ModuleList:
-    obj = model
-    for part in block_path(model).split("."):
-        obj = getattr(obj, part)
-    return obj
+UNSUPPORTED = "pass your own student model instead"
 
 
 def num_layers(model: nn.Module) -> int:
-    return len(blocks(model))
+    return len(adapter(model, "a layer-dropped student", UNSUPPORTED).blocks)
 
 
 def select_layers(n_teacher: int, layers: int | Sequence[int] | None = None, every: int | None = None) -> list[int]:
@@ -121,26 +99,10 @@ def most_similar_run(model: nn.Module, n_keep: int, batches: list[dict]) -> list
 
 def drop_layers(model: nn.Module, keep: Sequence[int]) -> nn.Module:
     """A deep copy of `model` with only the blocks `keep` (teacher indices), config updated."""
-    path = block_path(model)
+    adapter(model, "a layer-dropped student", UNSUPPORTED)  # an unknown layout fails before the copy
     student = copy.deepcopy(model)  # the teacher is never touched
-    parent = student
-    *parents, last = path.split(".")
-    for part in parents:
-        parent = getattr(parent, part)
-    old = getattr(parent, last)
-    kept = nn.ModuleList(old[i] for i in keep)
-    for new_idx, block in enumerate(kept):
-        for module in block.modules():  # KV-cache slots are indexed by layer_idx
-            if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
-                module.layer_idx = new_idx
-    setattr(parent, last, kept)
+    adapter(student, "a layer-dropped student", UNSUPPORTED).keep_blocks_(keep)
     student.requires_grad_(True)  # trainable even when the caller froze the teacher
-    cfg = student.config
-    cfg.num_hidden_layers = len(keep)  # GPT-2 maps this name to n_layer
-    for key in ("layer_types", "sliding_window_pattern_list"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, list) and len(value) == len(old):
-            setattr(cfg, key, [value[i] for i in keep])
     return student
 
 

@@ -123,7 +123,7 @@ def input_grams(lm: LoadedModel, modules: dict[str, nn.Module], batches: list[di
     """name -> Gram matrix of the module's inputs over calibration tokens, with a
     trailing constant feature: [[X^T X, X^T 1], [1^T X, n]], (in + 1, in + 1).
 
-    What a least-squares refit of the module needs (`structured.refit_inputs`).
+    What a least-squares refit of the module needs (`removal.refit_inputs`).
     Accumulated in float32 per batch and summed in float64; padding tokens of
     encoder batches are skipped.
     """

@@ -8,12 +8,16 @@ Units
           attention (Llama, SmolLM2: 9 query heads share 3 kv heads) a group
           is one kv head plus the query heads that read it; removing the group
           removes its rows of q/k/v and its columns of o, so every layer keeps
-          the same query-per-kv ratio. BERT's heads are groups of one. GPT-2's
-          fused c_attn is not supported for heads.
+          the same query-per-kv ratio. BERT's heads are groups of one. Fused
+          q/k/v (GPT-2's c_attn, GPT-NeoX) and OPT are not supported for heads.
   mlp     intermediate channels: a row of each input projection (gate/up, or
           BERT's intermediate.dense, GPT-2's c_fc) and a column of the output
           projection (down_proj, output.dense, c_proj).
   layers  whole decoder/encoder blocks (the residual stream passes through).
+
+Which modules make up each unit, and the config fields that size them, come
+from the architecture adapter (`core.adapter`: Llama-family, BERT-family,
+GPT-2, OPT, GPT-NeoX, ...); the slicing and the refit are in `removal.py`.
 
 What to remove is decided by an importance criterion (`importance.py`)
 summed over each unit's weights, on calibration batches. For layers, the
@@ -35,7 +39,7 @@ output projection, `o_proj` when heads go) is refitted by ridge least squares
 on the calibration activations, so the kept channels stand in for the removed
 ones. With uniform shapes, MLP channels are then also chosen for the refit:
 Optimal Brain Surgeon on the output projection's input Gram matrix
-(`obs_keep`) removes, one at a time, the channel the others can best take over;
+(`removal.obs_keep`) removes, one at a time, the channel the others can best take over;
 `importance` then only ranks heads and layers. MiniLM with 30% of MLP channels
 cut, one-shot embedding cosine: 0.822 sliced by importance, 0.966 refitted,
 0.981 chosen by OBS and refitted; SmolLM2 with 25% of parameters cut,
@@ -45,241 +49,22 @@ perplexity 34.6 sliced -> 20.3 refitted (fp32 14.4). Recovery training
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
+from slimkit.core.adapter import Adapter, Block, adapter
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Context, register
-from slimkit.core.selection import check_patterns, is_conv1d, linear_weight, matches
+from slimkit.core.selection import check_patterns, linear_weight, matches
 from slimkit.io.model import LoadedModel, copy_model
 from slimkit.pruning import common, importance
 from slimkit.pruning.recovery import RecoveryConfig, recover
+from slimkit.pruning.removal import obs_keep, remove_head_groups, remove_mlp_channels
 
 UNITS = ("heads", "mlp", "layers")
 DEFAULT_SPARSITY = 0.25
-REFIT_DAMPING = 0.01  # ridge, as a fraction of the mean input energy (GPTQ damps its Hessian alike)
-
-
-# --------------------------------------------------------------------------- architecture
-
-
-@dataclass
-class Block:
-    """One transformer block's prunable parts (qualified module names)."""
-
-    name: str
-    q: str | None
-    k: str | None
-    v: str | None
-    o: str | None
-    mlp_in: list[str]
-    mlp_out: str
-    head_dim: int = 0
-    family: str = ""
-
-    def attn(self) -> list[str]:
-        return [n for n in (self.q, self.k, self.v, self.o) if n]
-
-
-@dataclass
-class Arch:
-    family: str
-    layers_path: str  # the nn.ModuleList of blocks
-    blocks: list[Block]
-    config_fields: dict = field(default_factory=dict)  # unit -> config attribute(s)
-
-
-def find_arch(model: nn.Module) -> Arch:
-    """Recognise Llama-family, BERT and GPT-2 blocks from module names."""
-    modules = dict(model.named_modules())
-    for path, mod in modules.items():
-        if not isinstance(mod, nn.ModuleList) or not len(mod):
-            continue
-        first = f"{path}.0"
-        if f"{first}.self_attn.q_proj" in modules and f"{first}.mlp.down_proj" in modules:
-            blocks = []
-            for i in range(len(mod)):
-                b = f"{path}.{i}"
-                ins = [f"{b}.mlp.{p}" for p in ("gate_proj", "up_proj") if f"{b}.mlp.{p}" in modules]
-                attn = modules[f"{b}.self_attn"]
-                blocks.append(Block(b, f"{b}.self_attn.q_proj", f"{b}.self_attn.k_proj", f"{b}.self_attn.v_proj",
-                                    f"{b}.self_attn.o_proj", ins, f"{b}.mlp.down_proj", attn.head_dim, "llama"))
-            return Arch("llama", path, blocks, {"layers": "num_hidden_layers", "mlp": "intermediate_size"})
-        if f"{first}.attention.self.query" in modules and f"{first}.intermediate.dense" in modules:
-            blocks = []
-            for i in range(len(mod)):
-                b = f"{path}.{i}"
-                att = f"{b}.attention"
-                blocks.append(Block(b, f"{att}.self.query", f"{att}.self.key", f"{att}.self.value", f"{att}.output.dense",
-                                    [f"{b}.intermediate.dense"], f"{b}.output.dense",
-                                    modules[f"{att}.self"].attention_head_size, "bert"))
-            return Arch("bert", path, blocks, {"layers": "num_hidden_layers", "mlp": "intermediate_size"})
-        if f"{first}.attn.c_attn" in modules and f"{first}.mlp.c_fc" in modules:
-            blocks = [Block(f"{path}.{i}", None, None, None, None, [f"{path}.{i}.mlp.c_fc"], f"{path}.{i}.mlp.c_proj", 0, "gpt2")
-                      for i in range(len(mod))]
-            return Arch("gpt2", path, blocks, {"layers": "n_layer", "mlp": "n_inner"})
-    raise SlimkitError(
-        f"structured pruning does not support {type(model).__name__}: it knows Llama-family (q/k/v/o_proj, "
-        "gate/up/down_proj), BERT and GPT-2 blocks; use method magnitude, wanda or 2:4 instead"
-    )
-
-
-def _w(model, name) -> torch.Tensor:
-    return linear_weight(model.get_submodule(name))  # (out, in)
-
-
-def head_groups(model, b: Block) -> tuple[int, int]:
-    """(kv groups, query heads per group) of a block."""
-    n_kv = _w(model, b.k).shape[0] // b.head_dim
-    return n_kv, _w(model, b.q).shape[0] // b.head_dim // n_kv
-
-
-def group_rows(b: Block, g: int, per_group: int) -> tuple[slice, slice]:
-    """Rows of q and of k/v that belong to kv group g (q rows are also o's columns)."""
-    hd = b.head_dim
-    return slice(g * per_group * hd, (g + 1) * per_group * hd), slice(g * hd, (g + 1) * hd)
-
-
-# --------------------------------------------------------------------------- physical removal (pure on modules)
-
-
-def keep_outputs(module: nn.Module, idx: torch.Tensor) -> None:
-    """Keep only output units `idx` of a Linear/Conv1D (in place)."""
-    with torch.no_grad():
-        if is_conv1d(module):
-            module.weight = nn.Parameter(module.weight[:, idx].clone())  # (in, out')
-            module.nf = len(idx)
-        else:
-            module.weight = nn.Parameter(module.weight[idx].clone())  # (out', in)
-            module.out_features = len(idx)
-        if module.bias is not None:
-            module.bias = nn.Parameter(module.bias[idx].clone())
-
-
-def keep_inputs(module: nn.Module, idx: torch.Tensor) -> None:
-    """Keep only input features `idx` of a Linear/Conv1D (in place)."""
-    with torch.no_grad():
-        if is_conv1d(module):
-            module.weight = nn.Parameter(module.weight[idx].clone())  # (in', out)
-            module.nx = len(idx)
-        else:
-            module.weight = nn.Parameter(module.weight[:, idx].clone())  # (out, in')
-            module.in_features = len(idx)
-
-
-def _augmented(module: nn.Module, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(weight with the bias as a last column, (out, in [+ 1]); the Gram over the same
-    features; in_features), in float64: the bias is the weight of the constant feature."""
-    w = linear_weight(module).detach().double()  # (out, in)
-    n_in = w.shape[1]
-    if module.bias is None:
-        return w, gram[:n_in, :n_in], n_in
-    return torch.cat([w, module.bias.detach().double()[:, None]], 1), gram, n_in
-
-
-def refit_inputs(module: nn.Module, idx: torch.Tensor, gram: torch.Tensor, damping: float = REFIT_DAMPING) -> None:
-    """Keep input features `idx` of a Linear/Conv1D and refit its weight (and bias)
-    so its outputs on the calibration inputs change as little as possible.
-
-    Ridge least squares on the input Gram matrix `gram` ((in + 1)^2, last row
-    and column the constant feature, from `common.input_grams`): with W the
-    original weight, S the kept features and G the Gram,
-        W' = W G[:, S] (G[S, S] + lambda I)^-1,   lambda = damping * mean(diag G[S, S]),
-    where a bias joins the solve as the weight of the constant feature, so it
-    absorbs the removed features' mean contribution. When the removed features
-    carried nothing on the calibration data (all zero), this is a plain slice.
-    """
-    n_in = linear_weight(module).shape[1]
-    removed = torch.ones(n_in, dtype=torch.bool)
-    removed[idx] = False
-    if gram[:n_in, :n_in].diagonal()[removed].sum() == 0:
-        keep_inputs(module, idx)
-        return
-    with torch.no_grad():
-        w_aug, g, _ = _augmented(module, gram)
-        has_bias = module.bias is not None
-        cols = torch.cat([idx, torch.tensor([n_in])]) if has_bias else idx
-        a = g[cols][:, cols].clone()
-        lam = damping * a.diagonal()[: len(idx)].mean().clamp(min=1e-12)
-        a.diagonal()[: len(idx)] += lam
-        sol = torch.linalg.solve(a, (w_aug @ g[:, cols]).T).T  # (out, kept [+ 1])
-        keep_inputs(module, idx)
-        new_w = sol[:, : len(idx)].to(module.weight.dtype)
-        module.weight.copy_(new_w.T if is_conv1d(module) else new_w)
-        if has_bias:
-            module.bias.copy_(sol[:, -1].to(module.bias.dtype))
-
-
-def obs_keep(module: nn.Module, gram: torch.Tensor, n_remove: int, damping: float = REFIT_DAMPING) -> torch.Tensor:
-    """Input features of a Linear/Conv1D to keep when `n_remove` must go.
-
-    Optimal Brain Surgeon over whole input features (as ZipLM and SlimGPT prune
-    structured units): one at a time, remove the feature whose loss the refit of
-    the others compensates best, error_j = ||w_j||^2 / [H^-1]_jj with H the
-    damped input Gram matrix, then update the weights and H^-1 as if refitted.
-    The error is measured where it matters, at the module's output, so a channel
-    whose work its neighbours can take over goes before one that is merely small.
-    """
-    w, g, n_in = _augmented(module, gram)
-    h = g.clone()
-    h.diagonal()[:n_in] += damping * h.diagonal()[:n_in].mean().clamp(min=1e-12)
-    h_inv = torch.linalg.inv(h)
-    alive = torch.ones(n_in, dtype=torch.bool)
-    for _ in range(n_remove):
-        error = w[:, :n_in].pow(2).sum(0) / h_inv.diagonal()[:n_in]
-        error[~alive] = float("inf")
-        j = int(error.argmin())  # ties: the lowest index
-        w -= torch.outer(w[:, j], h_inv[j]) / h_inv[j, j]
-        h_inv -= torch.outer(h_inv[:, j], h_inv[j]) / h_inv[j, j]
-        alive[j] = False
-    return torch.nonzero(alive).flatten()
-
-
-def _cut_inputs(module: nn.Module, idx: torch.Tensor, gram: torch.Tensor | None) -> None:
-    if gram is None:
-        keep_inputs(module, idx)
-    else:
-        refit_inputs(module, idx, gram)
-
-
-def remove_mlp_channels(model, b: Block, keep: torch.Tensor, gram: torch.Tensor | None = None) -> None:
-    """Keep MLP channels `keep`; with the output projection's input `gram`, refit it."""
-    for n in b.mlp_in:
-        keep_outputs(model.get_submodule(n), keep)
-    _cut_inputs(model.get_submodule(b.mlp_out), keep, gram)
-
-
-def remove_head_groups(model, b: Block, keep_groups: list[int], gram: torch.Tensor | None = None) -> None:
-    """Keep kv groups `keep_groups` with their query heads; o keeps the matching columns."""
-    n_kv, per = head_groups(model, b)
-    q_rows = torch.cat([torch.arange(n_kv * per * b.head_dim)[group_rows(b, g, per)[0]] for g in keep_groups])
-    kv_rows = torch.cat([torch.arange(n_kv * b.head_dim)[group_rows(b, g, per)[1]] for g in keep_groups])
-    keep_outputs(model.get_submodule(b.q), q_rows)
-    keep_outputs(model.get_submodule(b.k), kv_rows)
-    keep_outputs(model.get_submodule(b.v), kv_rows)
-    _cut_inputs(model.get_submodule(b.o), q_rows, gram)
-    if b.family == "bert":  # bookkeeping attributes (the forward reshapes with -1)
-        attn = model.get_submodule(b.q.rsplit(".", 1)[0])
-        attn.num_attention_heads = len(keep_groups)
-        attn.all_head_size = len(keep_groups) * b.head_dim
-
-
-def remove_layers(model, arch: Arch, drop: set[int]) -> None:
-    """Drop whole blocks and renumber the survivors' layer_idx (the KV cache's index)."""
-    layers = model.get_submodule(arch.layers_path)
-    kept = [blk for i, blk in enumerate(layers) if i not in drop]
-    parent, _, attr = arch.layers_path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, nn.ModuleList(kept))
-    for new, blk in enumerate(kept):
-        for m in blk.modules():
-            if hasattr(m, "layer_idx"):
-                m.layer_idx = new
-    cfg = model.config
-    setattr(cfg, arch.config_fields["layers"], len(kept))
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i not in drop]
+UNSUPPORTED = "use method magnitude, wanda or 2:4 instead"
 
 
 # --------------------------------------------------------------------------- config
@@ -328,7 +113,30 @@ class StructuredConfig:
 # --------------------------------------------------------------------------- planning
 
 
-def plan_amounts(model, arch: Arch, blocks: list[Block], config: StructuredConfig, total_params: int) -> dict:
+def _arch(net) -> Adapter:
+    return adapter(net, "structured pruning", UNSUPPORTED)
+
+
+def _w(model, name) -> torch.Tensor:
+    return linear_weight(model.get_submodule(name))  # (out, in)
+
+
+def _attn(b: Block) -> list[str]:
+    """The attention projections that heads are cut from: none where q, k, v are fused."""
+    return [b.q, b.k, b.v, b.o] if b.q else []
+
+
+def _mlp(b: Block) -> list[str]:
+    return [*b.mlp_in, b.mlp_out]
+
+
+def _check_heads(arch: Adapter) -> None:
+    if not arch.family.prune_heads:
+        fused = f"fused {arch.blocks[0].qkv.rpartition('.')[2]} " if arch.blocks[0].qkv else "attention "
+        raise SlimkitError(f"{arch.family.title}'s {fused}heads cannot be pruned here: use units=('mlp',) or ('layers',)")
+
+
+def plan_amounts(model, arch: Adapter, blocks: list[Block], config: StructuredConfig, total_params: int) -> dict:
     """Per-layer amounts {heads, mlp, layers} to remove, from explicit amounts or `sparsity`."""
     if any(v is not None for v in (config.head_groups, config.mlp_channels, config.layers)):
         amounts = {"heads": config.head_groups or 0, "mlp": config.mlp_channels or 0, "layers": config.layers or 0}
@@ -350,14 +158,14 @@ def _from_sparsity(model, arch, blocks, units, target) -> dict:
         per_block = sum(p.numel() for p in model.get_submodule(b0.name).parameters())
         out["layers"] = round(target / per_block)
         return out
-    if "heads" in units and arch.family == "gpt2":
-        raise SlimkitError("GPT-2's fused c_attn heads cannot be pruned here: use units=('mlp',) or ('layers',)")
-    channels = _w(model, b0.mlp_out).shape[1]
-    cost_c = _numel(model, b0.mlp_in + [b0.mlp_out]) / channels  # params per MLP channel
-    mlp_params = _numel(model, b0.mlp_in + [b0.mlp_out])
     if "heads" in units:
-        n_kv, _ = head_groups(model, b0)
-        attn_params = _numel(model, b0.attn())
+        _check_heads(arch)
+    channels = _w(model, b0.mlp_out).shape[1]
+    cost_c = _numel(model, _mlp(b0)) / channels  # params per MLP channel
+    mlp_params = _numel(model, _mlp(b0))
+    if "heads" in units:
+        n_kv, _ = arch.kv_groups(b0)
+        attn_params = _numel(model, _attn(b0))
         cost_g = attn_params / n_kv
         share = attn_params / (attn_params + mlp_params) if "mlp" in units else 1.0
         out["heads"] = round(target * share / (cost_g * L))
@@ -368,16 +176,16 @@ def _from_sparsity(model, arch, blocks, units, target) -> dict:
 
 
 def _check_amounts(model, arch, blocks, amounts) -> None:
-    n_layers = len(model.get_submodule(arch.layers_path))
+    n_layers = len(arch.blocks)
     if amounts["layers"] >= n_layers:
         raise SlimkitError(f"cannot remove {amounts['layers']} of {n_layers} layers: lower --sparsity or prune heads/mlp")
     if amounts["layers"] > len(blocks):
         raise SlimkitError(f"only {len(blocks)} layers match targets; cannot remove {amounts['layers']}")
-    if amounts["heads"] and arch.family == "gpt2":
-        raise SlimkitError("GPT-2's fused c_attn heads cannot be pruned here: use units=('mlp',) or ('layers',)")
+    if amounts["heads"]:
+        _check_heads(arch)
     for b in blocks:
         if amounts["heads"]:
-            n_kv, per = head_groups(model, b)
+            n_kv, per = arch.kv_groups(b)
             if amounts["heads"] >= n_kv:
                 kind = f"kv head groups ({n_kv * per} query heads)" if per > 1 else "heads"
                 raise SlimkitError(
@@ -392,7 +200,7 @@ def _check_amounts(model, arch, blocks, amounts) -> None:
 # --------------------------------------------------------------------------- scoring
 
 
-def unit_scores(model, b: Block, scores: dict) -> dict[str, torch.Tensor]:
+def unit_scores(arch: Adapter, b: Block, scores: dict) -> dict[str, torch.Tensor]:
     """Summed element scores per head group (n_kv,) and per MLP channel (channels,)."""
     out = {}
     if b.mlp_out in scores:
@@ -401,18 +209,18 @@ def unit_scores(model, b: Block, scores: dict) -> dict[str, torch.Tensor]:
             s = s + scores[n].sum(1)  # rows of each input projection
         out["mlp"] = s
     if b.q and b.q in scores:
-        n_kv, per = head_groups(model, b)
+        n_kv, per = arch.kv_groups(b)
         g_scores = []
         for g in range(n_kv):
-            qs, ks = group_rows(b, g, per)
+            qs, ks = b.group_rows(g, per)
             g_scores.append(scores[b.q][qs].sum() + scores[b.k][ks].sum() + scores[b.v][ks].sum() + scores[b.o][:, qs].sum())
         out["heads"] = torch.stack(g_scores)  # (n_kv,)
     return out
 
 
-def block_influence(lm: LoadedModel, arch: Arch, batches) -> torch.Tensor:
+def block_influence(lm: LoadedModel, arch: Adapter, batches) -> torch.Tensor:
     """1 - mean cosine(input, output) of each block's hidden states: (n_layers,)."""
-    layers = lm.model.get_submodule(arch.layers_path)
+    layers = lm.model.get_submodule(arch.layers)
     sums = torch.zeros(len(layers), dtype=torch.float64)
     counts = torch.zeros(len(layers))
 
@@ -461,11 +269,11 @@ def _choose_removals(per_block: list[torch.Tensor], amount: int, uniform: bool) 
 def apply(model: LoadedModel, config: StructuredConfig, ctx: Context = Context()) -> LoadedModel:
     lm = copy_model(model, "structured")
     net = lm.model
-    arch = find_arch(net)
+    arch = _arch(net)
     blocks = [b for b in arch.blocks if matches(b.name, config.targets) and not matches(b.name, config.ignore)]
     if not blocks:
         raise SlimkitError(
-            f"no layers to prune: none of {arch.layers_path}.* matches targets {list(config.targets)} without matching "
+            f"no layers to prune: none of {arch.layers}.* matches targets {list(config.targets)} without matching "
             f"ignore {list(config.ignore)}; check the patterns"
         )
     before = lm.num_parameters()
@@ -477,25 +285,23 @@ def apply(model: LoadedModel, config: StructuredConfig, ctx: Context = Context()
         if crit.name == "activation":
             layer_scores = block_influence(lm, arch, get_batches())
         else:
-            names = {n: net.get_submodule(n) for b in arch.blocks for n in b.attn() + b.mlp_in + [b.mlp_out]}
+            names = {n: net.get_submodule(n) for b in arch.blocks for n in _attn(b) + _mlp(b)}
             el = importance.module_scores(crit, lm, names, get_batches)
-            layer_scores = torch.stack([
-                sum(el[n].sum() for n in b.attn() + b.mlp_in + [b.mlp_out]) / _numel(net, b.attn() + b.mlp_in + [b.mlp_out])
-                for b in arch.blocks
-            ])
+            layer_scores = torch.stack([sum(el[n].sum() for n in _attn(b) + _mlp(b)) / _numel(net, _attn(b) + _mlp(b)) for b in arch.blocks])
         index = {b.name: i for i, b in enumerate(arch.blocks)}
         candidates = sorted((float(layer_scores[index[b.name]]), index[b.name]) for b in blocks)
-        remove_layers(net, arch, {i for _, i in candidates[: amounts["layers"]]})
-        arch = find_arch(net)  # renumbered blocks
+        drop = {i for _, i in candidates[: amounts["layers"]]}
+        arch.keep_blocks_([i for i in range(len(arch.blocks)) if i not in drop])
+        arch = _arch(net)  # renumbered blocks
         blocks = [b for b in arch.blocks if matches(b.name, config.targets) and not matches(b.name, config.ignore)]
     if amounts["heads"] or amounts["mlp"]:
         surgeon = config.refit and config.uniform  # MLP channels chosen by OBS, not by importance
         names = {}
         for b in blocks:
-            for n in (b.attn() if amounts["heads"] else []) + ((b.mlp_in + [b.mlp_out]) if amounts["mlp"] and not surgeon else []):
+            for n in (_attn(b) if amounts["heads"] else []) + (_mlp(b) if amounts["mlp"] and not surgeon else []):
                 names[n] = net.get_submodule(n)
         el = importance.module_scores(crit, lm, names, get_batches) if names else {}
-        units = [unit_scores(net, b, el) for b in blocks]
+        units = [unit_scores(arch, b, el) for b in blocks]
         grams = {}
         if config.refit:  # inputs of the projections that lose features, before anything is cut
             consumers = [b.mlp_out for b in blocks if amounts["mlp"]] + [b.o for b in blocks if amounts["heads"]]
@@ -512,42 +318,44 @@ def apply(model: LoadedModel, config: StructuredConfig, ctx: Context = Context()
         if amounts["heads"]:
             drops = _choose_removals([u["heads"] for u in units], amounts["heads"], config.uniform)
             for b, drop in zip(blocks, drops):
-                n_kv, _ = head_groups(net, b)
-                remove_head_groups(net, b, [g for g in range(n_kv) if g not in set(drop)], grams.get(b.o))
+                n_kv, _ = arch.kv_groups(b)
+                remove_head_groups(arch, b, [g for g in range(n_kv) if g not in set(drop)], grams.get(b.o))
         grams = None
-    sync_config(net, find_arch(net))
+    sync_config(arch)
     if config.recover_minutes > 0:
         recover(lm, model, RecoveryConfig(minutes=config.recover_minutes, mode=config.recovery), ctx)
     after = lm.num_parameters()
-    shapes = layer_shapes(net, find_arch(net))
+    shapes = layer_shapes(arch)
     facts = {"parameters_before": before, "parameters_after": after, "removed_fraction": round(1 - after / before, 6)}
     lm.manifest["prune_report"] = {"method": "structured", **facts, "amounts": amounts, "layers": shapes,
                                    "speed": "smaller matrices: measure with slimkit bench"}
     return lm.record("prune", "structured", config, **facts)
 
 
-def layer_shapes(net, arch: Arch) -> list[dict]:
+def layer_shapes(arch: Adapter) -> list[dict]:
     out = []
     for b in arch.blocks:
-        row = {"layer": b.name, "mlp_channels": _w(net, b.mlp_out).shape[1]}
+        row = {"layer": b.name, "mlp_channels": _w(arch.model, b.mlp_out).shape[1]}
         if b.q:
-            n_kv, per = head_groups(net, b)
+            n_kv, per = arch.kv_groups(b)
             row.update(query_heads=n_kv * per, kv_heads=n_kv)
         out.append(row)
     return out
 
 
-def sync_config(net, arch: Arch) -> None:
+def sync_config(arch: Adapter) -> None:
     """Write the sizes into the config where every layer agrees (the uniform case),
     so that the config alone describes the model; otherwise the artifact records shapes."""
-    cfg = net.config
-    shapes = layer_shapes(net, arch)
+    cfg = arch.model.config
+    shapes = layer_shapes(arch)
     mlp = {s["mlp_channels"] for s in shapes}
     if len(mlp) == 1:
-        setattr(cfg, arch.config_fields["mlp"], mlp.pop())
-    if arch.family == "llama":
+        setattr(cfg, arch.mlp_width, mlp.pop())
+    if arch.family.head_config:  # where the config alone sizes the heads (not BERT's: it derives their width)
         heads = {(s["query_heads"], s["kv_heads"]) for s in shapes}
         if len(heads) == 1:
+            q_field, kv_field, dim_field = arch.family.head_config
             q, kv = heads.pop()
-            cfg.head_dim = arch.blocks[0].head_dim
-            cfg.num_attention_heads, cfg.num_key_value_heads = q, kv
+            setattr(cfg, dim_field, arch.blocks[0].head_dim)
+            setattr(cfg, q_field, q)
+            setattr(cfg, kv_field, kv)

@@ -12,10 +12,13 @@ goes decides the cost at run time:
     rows into down_proj;
   * otherwise kept in the quantized layer (`WeightOnlyLinear.inv_input_scale`,
     one multiply per call), so any architecture works.
-Whether a fold is exact is not assumed from names: each candidate fold is
-made on the float model and kept only if a probe batch gives the same output
-(to float rounding); otherwise it is undone and the scale stays explicit.
-(A post-norm BERT LayerNorm also feeds the residual, so it fails the check.)
+The candidate producer comes from the architecture adapter (`core.adapter`):
+the norm whose output the group reads, v for o, up for down. Whether its fold
+is exact is not assumed: each candidate fold is made on the float model and
+kept only if a probe batch gives the same output (to float rounding);
+otherwise it is undone and the scale stays explicit. (A post-norm BERT
+LayerNorm also feeds the residual, so it fails the check.) A model the adapter
+does not know keeps every scale explicit.
 
 With `embeddings=True` and a head tied to the input embedding, the head is a
 group too: the final norm's output feeds it, so 1 / s folds into that norm,
@@ -40,6 +43,7 @@ import torch
 from torch import nn
 
 from slimkit.core import data as D
+from slimkit.core.adapter import Adapter, find
 from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError
 from slimkit.core.memory import release_memory
@@ -58,13 +62,6 @@ SEARCH_TOKENS = 512  # cached input rows per group for the search
 PROBE_TOKENS = 32  # tokens of the batch that checks each fold
 FOLD_SQNR_DB = 90.0  # float rounding only; a wrong fold changes outputs far more
 HEAD = "<head>"  # the group of the tied LM head
-
-# consumer name suffix -> the linear whose output rows feed it through a channel-wise op
-ROW_PRODUCERS = {
-    "self_attn.o_proj": "self_attn.v_proj",
-    "mlp.down_proj": "mlp.up_proj",
-    "attention.output.dense": "attention.self.value",
-}
 
 
 @dataclass(frozen=True)
@@ -102,19 +99,9 @@ class Group:
     abs_sum: torch.Tensor  # (K,) sum |x| over all tokens
     count: int
     rows: list[torch.Tensor]  # subsampled inputs, each (t, K)
-    norm: str | None = None  # the norm whose output this input is, if any
 
     def inputs(self) -> torch.Tensor:
         return torch.cat(self.rows)[:SEARCH_TOKENS]  # (T, K)
-
-
-def _is_norm(module: nn.Module) -> bool:
-    w = getattr(module, "weight", None)
-    return (isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")) and isinstance(w, torch.Tensor) and w.dim() == 1
-
-
-def _where(x: torch.Tensor) -> tuple:
-    return x.data_ptr(), tuple(x.shape), x.stride()
 
 
 def _forward(model, ids, causal: bool):
@@ -123,12 +110,11 @@ def _forward(model, ids, causal: bool):
 
 
 def calibrate(model: nn.Module, names: list[str], head: str | None, batches: list, causal: bool) -> dict[str, Group]:
-    """owner layer -> Group: who reads the input, its statistics, its producing norm."""
+    """owner layer -> Group: who reads the input and its statistics, in the order the forward pass reads them."""
     groups: dict[str, Group] = {}
     # A weak reference: holding every layer's input for the whole batch would cost hundreds of MB;
     # an entry whose tensor has died does not match a new tensor that reuses its id.
     seen: dict[int, tuple] = {}  # id(input) -> (weakref to it, owner), this batch
-    produced: dict[tuple, tuple] = {}  # where a norm output lies -> (tensor, norm name), this batch (held: a view may outlive it)
     per_batch = math.ceil(SEARCH_TOKENS / len(batches))
     gen = torch.Generator().manual_seed(0)
 
@@ -151,28 +137,17 @@ def calibrate(model: nn.Module, names: list[str], head: str | None, batches: lis
             g.abs_sum += x2.abs().sum(0)
             g.count += x2.shape[0]
             g.rows.append(pick)
-            if _where(x) in produced:  # the head reads a view of the norm's output, not the tensor
-                g.norm = produced[_where(x)][1]
-
-        return fn
-
-    def norm_hook(name):
-        def fn(module, args, out):
-            produced[_where(out)] = (out, name)
 
         return fn
 
     hooked = names + ([head] if head else [])
     handles = [model.get_submodule(n).register_forward_pre_hook(pre_hook(n)) for n in hooked]
-    handles += [m.register_forward_hook(norm_hook(n)) for n, m in model.named_modules() if n and _is_norm(m)]
     try:
         with torch.inference_mode():
             for ids in track(batches, "Calibrating (AWQ)"):
                 seen.clear()
-                produced.clear()
                 _forward(model, ids, causal)
                 seen.clear()  # every layer's input was held for the batch: hand those pages back
-                produced.clear()
                 release_memory()
     finally:
         for h in handles:
@@ -183,36 +158,18 @@ def calibrate(model: nn.Module, names: list[str], head: str | None, batches: lis
     return groups
 
 
-def _row_producer(model: nn.Module, owner: str, group: Group) -> str | None:
-    if len(group.members) != 1:
-        return None
-    for suffix, producer in ROW_PRODUCERS.items():
-        if owner == suffix or owner.endswith("." + suffix):
-            name = owner[: len(owner) - len(suffix)] + producer
-            try:
-                return name if isinstance(model.get_submodule(name), nn.Linear) else None
-            except AttributeError:
-                return None
-    return None
-
-
-def _head_dim(config, k: int) -> int:
-    heads = getattr(config, "num_attention_heads", None) or 1
-    return getattr(config, "head_dim", None) or k // heads
-
-
-def _row_index(producer_rows: int, k: int, head_dim: int) -> torch.Tensor | None:
-    """(K,) producer row feeding each consumer input channel, or None if the layout is unknown.
-
-    With grouped-query attention, o_proj's input (H * D) reads value head
-    h // (H / H_kv) of v_proj's output (H_kv * D)."""
-    if producer_rows == k:
-        return torch.arange(k)
-    if k % producer_rows or producer_rows % head_dim:
-        return None
-    n_kv, n_rep = producer_rows // head_dim, k // producer_rows
-    heads = torch.arange(n_kv).repeat_interleave(n_rep)  # (H,)
-    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)  # (H * D,)
+def _producer(arch: Adapter | None, model: nn.Module, owner: str, group: Group) -> tuple[str | None, torch.Tensor | None]:
+    """Where a group's 1 / s may fold: (the norm whose output it reads, None), or (the linear
+    whose output rows feed it, the (K,) row behind each input channel), or (None, None)."""
+    if arch is None:
+        return None, None
+    norm = arch.norm_feeding(owner)
+    if norm is not None and isinstance(getattr(model.get_submodule(norm), "weight", None), torch.Tensor):
+        return norm, None
+    source = arch.row_source(owner) if len(group.members) == 1 else None
+    if source is not None and isinstance(model.get_submodule(source[0]), nn.Linear):
+        return source
+    return None, None
 
 
 def _tie(stat: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
@@ -258,6 +215,7 @@ def scale_model_(lm, config: AWQConfig, source: D.TextSource | None = None) -> t
     head = tied_head(model) if config.embeddings else None
     batches = require_batches(D.calibration_batches(lm.tokenizer, source or D.TextSource.parse(None, "calibration"), config.seq_len, config.calibration_samples, batch_size=1))
     groups = calibrate(model, names, head, batches, causal)
+    arch = find(model)
     probe = batches[0][:, :PROBE_TOKENS]
     explicit: dict[str, torch.Tensor] = {}
     head_scale = None
@@ -267,12 +225,9 @@ def scale_model_(lm, config: AWQConfig, source: D.TextSource | None = None) -> t
             is_head = g.members == [HEAD]
             members = [head] if is_head else g.members
             stat = g.abs_sum / g.count  # (K,)
-            producer, rows = g.norm, None
-            if producer is None and (rp := _row_producer(model, owner, g)) is not None:
-                rows = _row_index(model.get_submodule(rp).weight.shape[0], stat.shape[0], _head_dim(model.config, stat.shape[0]))
-                producer = rp if rows is not None else None
-                if rows is not None:
-                    stat = _tie(stat, rows, model.get_submodule(rp).weight.shape[0])
+            producer, rows = _producer(arch, model, owner, g)
+            if rows is not None:
+                stat = _tie(stat, rows, model.get_submodule(producer).weight.shape[0])
             ws = [linear_weight(model.get_submodule(m)).float() for m in members]
             w = ws[0] if len(ws) == 1 else torch.cat(ws)  # (sum N, K); a lone layer (the 49k-row head) is not copied
             int8_rows = is_head and config.embedding_bits == 8

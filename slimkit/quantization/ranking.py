@@ -22,8 +22,9 @@ into one working copy of the model, measured, and the float block put back.
 A unit thus costs one quantization of its layers (plus the method's own copy
 of the model, and its calibration if it has one) and one forward pass over
 the probe batches. With `granularity="block"` a 30-block model is 30 passes
-instead of 210. Embeddings are never quantized here (`embeddings=False`):
-the ranking is about the linear layers.
+instead of 210. The blocks are the architecture adapter's (`core.adapter`);
+in a model it does not know, each layer is its own unit. Embeddings are never
+quantized here (`embeddings=False`): the ranking is about the linear layers.
 
 Trade-offs: a single-unit score ignores interactions (errors of two layers
 can add up or cancel), so `mixed` measures the whole mixed model before it
@@ -43,6 +44,7 @@ from torch import nn
 
 from slimkit.core import data as D
 from slimkit.core import registry
+from slimkit.core.adapter import find
 from slimkit.core.arch import CAUSAL_LM, ENCODER
 from slimkit.core.errors import SlimkitError
 from slimkit.core.metrics import next_token_stats
@@ -113,15 +115,6 @@ def method_config(method: str, options: dict, layers: tuple[str, ...] | None = N
     return make_config(method, options, "quantize")
 
 
-def block_of(model: nn.Module, name: str) -> str:
-    """The transformer block (an item of a ModuleList) that holds `name`, else `name` itself."""
-    parts = name.split(".")
-    for i in range(1, len(parts)):
-        if parts[i].isdigit() and isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):
-            return ".".join(parts[: i + 1])
-    return name
-
-
 @dataclass(frozen=True)
 class Unit:
     name: str  # the block ("model.layers.3") or the layer
@@ -130,11 +123,18 @@ class Unit:
 
 
 def units(model: nn.Module, layers: list[str], granularity: str) -> list[Unit]:
+    """The units to measure: each layer, or the layers of each block (the architecture
+    adapter's blocks; a layer outside them, or any layer of a model it does not know, is its own block)."""
+    arch = find(model)
+
+    def block_of(name: str) -> str:
+        return (arch.block_of(name) if arch else None) or name
+
     if granularity == "layer":
-        return [Unit(n, (n,), block_of(model, n)) for n in layers]
+        return [Unit(n, (n,), block_of(n)) for n in layers]
     groups: dict[str, list[str]] = {}
     for n in layers:
-        groups.setdefault(block_of(model, n), []).append(n)
+        groups.setdefault(block_of(n), []).append(n)
     return [Unit(block, tuple(names), block) for block, names in groups.items()]
 
 
