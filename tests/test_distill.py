@@ -15,7 +15,7 @@ import slimkit
 from slimkit.core.attention import FLOAT32_SDPA
 from slimkit.core.errors import SlimkitError
 from slimkit.core.training import fit_steps, refit_steps
-from slimkit.distillation import DistillConfig, make_student, method, progressive, select_layers
+from slimkit.distillation import DistillConfig, make_student, progressive, select_layers
 from slimkit.distillation.method import set_dropout
 from slimkit.distillation.student import num_layers
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import slimkit
+from slimkit.core.adapter import find
 from slimkit.core.data import TextSource
 from slimkit.core.errors import SlimkitError
 from slimkit.core.selection import select_linears
 from slimkit.pruning import common
 from slimkit.pruning.recovery import RecoveryConfig, recover
-from slimkit.core.adapter import find
 
 IDS = torch.arange(5, 45)[None]
 

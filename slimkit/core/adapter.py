@@ -42,7 +42,6 @@ from torch import nn
 from slimkit.core.errors import SlimkitError
 from slimkit.core.selection import linear_weight, set_module
 
-
 FINAL = "<final>"  # in Family.reads: the norm after the last block
 
 

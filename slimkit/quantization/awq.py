@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -49,12 +50,12 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.memory import release_memory
 from slimkit.core.progress import track
 from slimkit.core.registry import Context, register
-from slimkit.core.selection import check_patterns, linear_weight, select_linears, set_module
+from slimkit.core.selection import linear_weight, select_linears, set_module
 from slimkit.io.model import copy_model
 from slimkit.quantization.awq_math import search_scale
-from slimkit.quantization.common import DEFAULT_IGNORE, cast_unquantized, check_compute_dtype, check_int_format
-from slimkit.quantization.embedding import check_embedding_bits, head_grid, quantize_embeddings, tied_head
-from slimkit.quantization.formats import check_group, check_zero_point, sqnr_db
+from slimkit.quantization.common import CalibratedOptions, cast_unquantized
+from slimkit.quantization.embedding import head_grid, quantize_embeddings, tied_head
+from slimkit.quantization.formats import check_group, sqnr_db
 from slimkit.quantization.modules import WeightOnlyLinear
 from slimkit.quantization.smoothing import require_batches
 
@@ -65,32 +66,19 @@ HEAD = "<head>"  # the group of the tied LM head
 
 
 @dataclass(frozen=True)
-class AWQConfig:
-    bits: int = 4
-    group_size: int | None = 64  # int8 with the fast kernel: group_size=None, symmetric=True
-    symmetric: bool = False
-    zero_point: str = "float"  # or "integer": w = (u - z) * s, exportable to MatMulNBits exactly
-    calibration_samples: int = 16
-    seq_len: int = 512
+class AWQConfig(CalibratedOptions):
+    """int8 with the fast kernel: group_size=None, symmetric=True."""
+
+    METHOD: ClassVar[str] = "awq"
+
     grid: int = 20
-    embeddings: bool = True
-    embedding_bits: int = 8  # 4: the embedding and its tied head on the layers' 4-bit grid (embedding.py)
-    targets: tuple[str, ...] = ("*",)
-    ignore: tuple[str, ...] = DEFAULT_IGNORE
-    compute_dtype: str = "fp32"  # dtype of what stays unquantized (common.cast_unquantized)
 
     def __post_init__(self):
-        check_compute_dtype(self.compute_dtype)
-        check_int_format("awq", self.bits, self.group_size)
-        check_zero_point(self.zero_point, self.symmetric)
-        check_embedding_bits("awq", self.embedding_bits, self.bits)
+        super().__post_init__()
         if self.group_size is None and self.bits == 4:
             raise SlimkitError("awq int4 needs groups: use group_size 32, 64, 128 or 256")
-        if self.calibration_samples < 1 or self.seq_len < 8:
-            raise SlimkitError(f"calibration needs calibration_samples >= 1 and seq_len >= 8, got {self.calibration_samples} and {self.seq_len}")
         if not 2 <= self.grid <= 100:
             raise SlimkitError(f"grid={self.grid} is out of range: use 2..100 alpha points, e.g. 20")
-        check_patterns(self.targets, self.ignore)
 
 
 @dataclass

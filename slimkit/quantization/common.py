@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -17,8 +18,8 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.selection import check_patterns, select_linears, set_module
 from slimkit.io.artifacts import ModuleRecord, register_modules
 from slimkit.io.model import LoadedModel
-from slimkit.quantization.embedding import TIED_FORMATS, Int8Embedding, TiedEmbedding, TiedInt8Head
-from slimkit.quantization.formats import GROUP_SIZES, INT_BITS
+from slimkit.quantization.embedding import TIED_FORMATS, Int8Embedding, TiedEmbedding, TiedInt8Head, check_embedding_bits
+from slimkit.quantization.formats import GROUP_SIZES, INT_BITS, check_zero_point
 from slimkit.quantization.modules import LINEAR_FORMATS
 
 DEFAULT_IGNORE = ("lm_head",)
@@ -52,6 +53,31 @@ class QuantizeOptions:
         check_patterns(self.targets, self.ignore)
         check_compute_dtype(self.compute_dtype)
 
+
+
+@dataclass(frozen=True)
+class CalibratedOptions(QuantizeOptions):
+    """The grid and calibration of a post-training integer weight method that reads calibration
+    data (gptq, awq): bits, groups, the zero point's storage, the calibration windows, and
+    whether the embedding and its tied head are quantized too (`embedding_bits`, embedding.py)."""
+
+    METHOD: ClassVar[str] = ""
+
+    bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = False
+    zero_point: str = "float"  # or "integer": w = (u - z) * s, exportable to MatMulNBits exactly
+    calibration_samples: int = 16
+    seq_len: int = 512
+    embeddings: bool = True
+    embedding_bits: int = 8  # 4: the embedding and its tied head on the layers' 4-bit grid
+
+    def __post_init__(self):
+        check_int_format(self.METHOD, self.bits, self.group_size)
+        check_zero_point(self.zero_point, self.symmetric)
+        check_embedding_bits(self.METHOD, self.embedding_bits, self.bits)
+        check_calibration(self.calibration_samples, self.seq_len)
+        super().__post_init__()
 
 def check_int_format(method: str, bits: int, group_size: int | None) -> None:
     """Validate the integer grid of a calibrated weight method (gptq, awq, qat)."""

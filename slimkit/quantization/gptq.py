@@ -16,6 +16,7 @@ how they are used.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -26,34 +27,26 @@ from slimkit.core.progress import track
 from slimkit.core.registry import Context, register
 from slimkit.core.selection import linear_weight, select_linears, set_module
 from slimkit.io.model import copy_model
-from slimkit.quantization.common import QuantizeOptions, cast_unquantized, check_calibration, check_int_format
-from slimkit.quantization.embedding import check_embedding_bits, head_grid, quantize_embeddings
-from slimkit.quantization.formats import check_group, check_zero_point
+from slimkit.quantization.common import CalibratedOptions, cast_unquantized
+from slimkit.quantization.embedding import head_grid, quantize_embeddings
+from slimkit.quantization.formats import check_group
 from slimkit.quantization.gptq_math import gptq_quantize
 from slimkit.quantization.modules import WeightOnlyLinear
 from slimkit.quantization.smoothing import require_batches
 
 
 @dataclass(frozen=True)
-class GPTQConfig(QuantizeOptions):
-    bits: int = 4
-    group_size: int | None = 64
-    symmetric: bool = False
-    zero_point: str = "float"  # or "integer": w = (u - z) * s, exportable to MatMulNBits exactly
+class GPTQConfig(CalibratedOptions):
+    """embedding_bits=4 rounds the embedding and its tied head to nearest (no Hessian)."""
+
+    METHOD: ClassVar[str] = "gptq"
+
     damp: float = 0.01
-    calibration_samples: int = 16
-    seq_len: int = 512
-    embeddings: bool = True
-    embedding_bits: int = 8  # 4: the embedding and its tied head on the layers' 4-bit grid, round-to-nearest (embedding.py)
 
     def __post_init__(self):
-        check_int_format("gptq", self.bits, self.group_size)
-        check_zero_point(self.zero_point, self.symmetric)
-        check_embedding_bits("gptq", self.embedding_bits, self.bits)
+        super().__post_init__()
         if not 0 < self.damp < 1:
             raise SlimkitError(f"damp={self.damp} is out of range: use a fraction such as 0.01")
-        check_calibration(self.calibration_samples, self.seq_len)
-        super().__post_init__()
 
 
 def collect_hessians(model: torch.nn.Module, names: list[str], batches, causal: bool) -> dict[str, torch.Tensor]:
