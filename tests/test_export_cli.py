@@ -23,6 +23,8 @@ def test_export_json(exported_llama):
     assert info["runtime"] == "onnxruntime" and info["precision"] == "int8" and info["kind"] == "causal-lm"
     assert info["parity"]["fp32"] < 1e-4 and 0 < info["parity"]["int8"] < 0.25
     assert json.loads((out / "slimkit.json").read_text())["files"]["model.onnx"]
+    assert [w["runtime"] for w in info["serve"]] == ["ONNX Runtime", "slimkit"]  # what loads the export
+    assert info["serve"][0]["lines"][1] == f'session = ort.InferenceSession("{out / "model.onnx"}")'
 
 
 def test_bench_and_eval_on_the_exported_directory(exported_llama, tiny):

@@ -50,6 +50,17 @@ def test_int4_quality_and_speed_are_measured_through_genai(genai_int4, tiny):
     assert b.size_on_disk_mb == pytest.approx(sum(p.stat().st_size for p in genai_int4.iterdir()) / 2**20)
 
 
+def test_the_printed_genai_lines_generate(genai_int4, capsys):
+    from slimkit.io.serving import how_to_serve
+
+    way, last = how_to_serve(genai_int4)
+    assert (way.runtime, last.runtime) == ("onnxruntime-genai", "slimkit")
+    scope = {}
+    exec("\n".join(way.lines), scope)  # as printed: og.Model(dir), a generator, decode
+    assert len(scope["generator"].get_sequence(0)) > len(scope["tokenizer"].encode("Hello"))
+    assert capsys.readouterr().out.strip()
+
+
 def test_padded_input_is_refused(genai_int4):
     model = slimkit.load(str(genai_int4)).model
     with pytest.raises(SlimkitError, match="without padding"):

@@ -47,6 +47,21 @@ def test_export_passes_parity_and_writes_a_manifest(exported, arch):
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary directories
 
 
+def test_the_printed_onnxruntime_lines_give_the_models_output(exported):
+    from slimkit.io.serving import how_to_serve
+
+    lm, out = exported("bert")
+    way, last = how_to_serve(out)
+    assert (way.runtime, last.runtime) == ("ONNX Runtime", "slimkit")
+    scope = {}
+    exec("\n".join(way.lines), scope)  # InferenceSession(dir/model.onnx) fed by the directory's tokenizer
+    with torch.no_grad():
+        want = lm.model(**lm.tokenizer(["Hello"], return_tensors="pt")).last_hidden_state
+    assert np.allclose(scope["output"], want.numpy(), atol=1e-4)
+    _, out = exported("llama")
+    assert how_to_serve(out)[0].lines[-1].startswith("# inputs: input_ids, attention_mask, position_ids, past_key_values.0.key")
+
+
 def _padded(lm, texts):
     return lm.tokenizer(texts, padding=True, return_tensors="pt")
 

@@ -78,6 +78,9 @@ def test_picks_the_best_passing_candidate(techniques, tiny, tmp_path, monkeypatc
     assert saved.manifest["recipe"]["steps"] == [{"method": "test-bf16", "scale": 0.0}]
     assert json.loads((out / "results.json").read_text())["winner"] == "test-bf16"
     assert "Use test-bf16" in (out / "report.md").read_text()
+    serve = {w["runtime"]: w["lines"] for w in results["serve"]}  # a bf16 artifact: plain transformers reads it
+    assert serve["transformers"][1] == f'model = AutoModelForCausalLM.from_pretrained("{out / "model"}")'
+    assert (out / "report.md").read_text().rstrip().endswith(f'lm = slimkit.load("{out / "model"}")\n```')
     assert (out / "report.html").read_text().count("<svg") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no work directories left
 

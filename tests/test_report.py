@@ -52,6 +52,20 @@ def test_report_files_and_content(tmp_path):
     assert 'src="http' not in page and 'href="http' not in page  # self-contained: nothing fetched
 
 
+def test_the_report_ends_with_how_to_serve_the_model(tmp_path):
+    r = _results()
+    r["serve"] = [{"runtime": "vLLM server", "language": "shell", "lines": ["vllm serve out/model"], "requires": "pip install vllm"},
+                  {"runtime": "slimkit", "language": "python", "lines": ["import slimkit", 'lm = slimkit.load("out/model")'], "requires": ""}]
+    paths = write_report(r, tmp_path)
+    md = paths["markdown"].read_text()
+    assert md.rstrip().endswith('## Serve it\n\nvLLM server (`pip install vllm`):\n\n```bash\nvllm serve out/model\n```\n\n'
+                                'slimkit:\n\n```python\nimport slimkit\nlm = slimkit.load("out/model")\n```')
+    page = paths["html"].read_text()
+    assert "<pre>import slimkit\nlm = slimkit.load(&quot;out/model&quot;)</pre>" in page
+    assert page.index("id='serve'") > page.index("<h2>Environment</h2>")
+    assert json.loads(paths["results"].read_text())["serve"] == r["serve"]
+
+
 def test_recommendation_when_nothing_passes():
     r = _results(winner=None)
     text = recommendation(r)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -14,6 +15,7 @@ from rich.console import Console
 from slimkit.core.errors import SlimkitError
 from slimkit.io.loader import load
 from slimkit.io.resources import guard
+from slimkit.io.serving import how_to_serve, serving_lines
 from slimkit.measure.speed import BenchConfig
 
 app = typer.Typer(
@@ -80,12 +82,23 @@ def check_memory(command: str, model: str, max_memory: str | None, *also: str | 
     guard(command, model, max_memory, also=also)
 
 
-def emit(as_json: bool, payload: dict, tables: list) -> None:
+def emit(as_json: bool, payload: dict, tables: list, served: Path | None = None) -> None:
+    """Print `payload` as JSON, or the tables; then, for a written model at `served`, how to load it in each runtime."""
+    ways = how_to_serve(served) if served is not None else []
     if as_json:
-        stdout.print_json(json.dumps(payload))
-    else:
-        for t in tables:
-            stdout.print(t)
+        stdout.print_json(json.dumps({**payload, "serve": [w.to_dict() for w in ways]} if ways else payload))
+        return
+    for t in tables:
+        stdout.print(t)
+    show_serving(ways)
+
+
+def show_serving(ways: list) -> None:
+    """The lines that load a written model in each runtime, last, as they should be pasted."""
+    if ways:
+        stdout.print("\nServe it:", highlight=False)
+        for line in serving_lines(ways):
+            stdout.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def items(text: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,6 +23,7 @@ from slimkit.cli.base import (
     emit,
     items,
     load_model,
+    show_serving,
     stdout,
 )
 from slimkit.cli.display import bench_rows, eval_rows, fmt, table
@@ -36,6 +38,7 @@ from slimkit.distillation.method import DistillConfig, apply
 from slimkit.exporters import ExportConfig, export
 from slimkit.exporters import summary as export_summary
 from slimkit.io.artifacts import check_destination, save
+from slimkit.io.serving import how_to_serve
 from slimkit.io.sources import DEFAULT_MODEL
 from slimkit.measure.quality import EvalConfig, evaluate
 from slimkit.measure.speed import benchmark, dir_size_mb
@@ -79,7 +82,7 @@ def quantize_cmd(
     path = save(q, out_dir, overwrite=overwrite, metrics=training)
     info = {"model": model, "method": method, "options": options, "out": str(path), "quantized_modules": len(quantized_modules(q.model)),
             "parameters": q.num_parameters(), "size_on_disk_mb": round(dir_size_mb(path), 3), **training}
-    emit(as_json, info, [table(f"Quantized {model} with {method}", [(k, str(v)) for k, v in info.items()])])
+    emit(as_json, info, [table(f"Quantized {model} with {method}", [(k, str(v)) for k, v in info.items()])], served=path)
 
 
 @command("sensitivity")
@@ -130,7 +133,7 @@ def prune_cmd(
     path = save(pruned, out_dir, overwrite=overwrite)
     info = {**prune_summary(pruned, lm.num_parameters()), "out": str(path)}
     rows = [(k.replace("_", " "), fmt(v)) for k, v in info.items() if k != "layers" and v is not None]
-    emit(as_json, info, [table(f"Pruned {model} with {method}", rows)])
+    emit(as_json, info, [table(f"Pruned {model} with {method}", rows)], served=path)
 
 
 @command("distill")
@@ -182,7 +185,7 @@ def distill_cmd(
     training = student.manifest["training"]
     path = save(student, out_dir, recipe=student.manifest["recipe"], metrics={"training": training}, overwrite=overwrite)
     rows = [(k, str(v)) for k, v in training.items() if k != "history"] + [("artifact", str(path))]
-    emit(as_json, {"artifact": str(path), "config": dataclasses.asdict(config), "training": training}, [table(f"Distilled {teacher}", rows)])
+    emit(as_json, {"artifact": str(path), "config": dataclasses.asdict(config), "training": training}, [table(f"Distilled {teacher}", rows)], served=path)
 
 
 @command("export")
@@ -207,8 +210,9 @@ def export_cmd(
                           accuracy_level=accuracy_level)
     check_memory("export", model, max_memory)
     lm = load_model(model, "auto", threads, trust_remote_code)
-    info = export_summary(export(lm, out_dir, config, overwrite=overwrite))
-    emit(as_json, info, [table(f"Exported {model}", [(k, str(v)) for k, v in info.items()])])
+    path = export(lm, out_dir, config, overwrite=overwrite)
+    info = export_summary(path)
+    emit(as_json, info, [table(f"Exported {model}", [(k, str(v)) for k, v in info.items()])], served=path)
 
 
 @command("run")
@@ -234,7 +238,7 @@ def run_cmd(
     metrics = {"eval": quality.to_dict(), "bench": speed.to_dict()}
     kept = confined.written(out)  # OUT may now hold them: checked empty (or --overwrite) above
     path = save(compressed, out, recipe=plan.to_dict(), metrics=metrics, overwrite=overwrite or bool(kept), keep=kept)
-    emit(as_json, {"artifact": str(path), **metrics}, [table(f"{plan.label} -> {path}", eval_rows(quality) + bench_rows(speed))])
+    emit(as_json, {"artifact": str(path), **metrics}, [table(f"{plan.label} -> {path}", eval_rows(quality) + bench_rows(speed))], served=path)
 
 
 @command("optimize")
@@ -271,6 +275,7 @@ def optimize_cmd(
     else:
         stdout.print(recommendation(results), highlight=False)
         stdout.print(f"model: {out}/model   report: {out}/report.html", highlight=False)
+        show_serving(how_to_serve(Path(out) / "model"))
 
 
 def _layer_pairs(text: str) -> tuple[tuple[int, int], ...] | None:

@@ -12,6 +12,8 @@
                 (eager, torch.compile, onnxruntime, ort-genai), compile_seconds,
                 proxy_quality_drop and full_quality_drop, ...
     winner:     a candidate name, or None (the original is kept)
+    serve (optional): [{runtime, language, lines, requires}]   how to load OUT/model
+                                                     (`slimkit.io.serving.how_to_serve`)
     sensitivity (optional): [{layer, delta}]         per-layer quality change
     sparsity (optional):    [{layer, sparsity}]
     environment, timings
@@ -193,7 +195,12 @@ def render_markdown(results: dict) -> str:
     env = results.get("environment", {})
     if env:
         lines += ["", "## Environment", "", ", ".join(f"{k}: {v}" for k, v in env.items())]
-    return "\n".join(lines) + "\n"
+    if results.get("serve"):
+        lines += ["", "## Serve it", ""]
+        for w in results["serve"]:
+            lines += [f"{w['runtime']}" + (f" (`{w['requires']}`)" if w.get("requires") else "") + ":", "",
+                      f"```{'bash' if w['language'] == 'shell' else w['language']}", *w["lines"], "```", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def winner_recipe(results: dict) -> str:
@@ -236,6 +243,7 @@ h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid
 table{border-collapse:collapse;width:100%;font-size:.85rem}th,td{border-bottom:1px solid #eee;padding:.35rem .5rem;text-align:right}
 th:first-child,td:first-child,td.note{text-align:left}tr.win{background:#fff6df}td.fail{color:#c44e52}td.pass{color:#2a7ab9}
 .env{font-size:.8rem;color:#666}
+pre{background:#f6f6f6;padding:.6rem .8rem;overflow-x:auto;font-size:.82rem}h3{font-size:1rem;margin-bottom:.2rem}
 """
 
 
@@ -272,8 +280,19 @@ def render_html(results: dict) -> str:
 {f"<h2>Recipe</h2><pre id='recipe'>{esc(winner_recipe(results))}</pre>" if winner_recipe(results) else ""}
 <h2>Time</h2><p class="env" id="time">{esc(timing_line(results)) if results.get('timings') else ''}</p>
 <h2>Environment</h2><p class="env">{esc(', '.join(f'{k}: {v}' for k, v in env.items()))}</p>
+{_serve_html(results.get("serve") or [])}
 </body></html>
 """
+
+
+def _serve_html(ways: list[dict]) -> str:
+    """The lines that load the model in each runtime (`slimkit.io.serving`), one block each."""
+    if not ways:
+        return ""
+    esc = html.escape
+    blocks = "".join(f"<h3>{esc(w['runtime'])}" + (f" <small>({esc(w['requires'])})</small>" if w.get("requires") else "")
+                     + f"</h3><pre>{esc(chr(10).join(w['lines']))}</pre>" for w in ways)
+    return f"<h2>Serve it</h2><div id='serve'>{blocks}</div>"
 
 
 def _atomic_write(path: Path, text: str) -> Path:

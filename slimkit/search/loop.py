@@ -57,6 +57,7 @@ from slimkit.core.memory import peak_memory, release_memory
 from slimkit.io.artifacts import check_destination, save, staging
 from slimkit.io.loader import load
 from slimkit.io.model import LoadedModel
+from slimkit.io.serving import how_to_serve
 from slimkit.report import write_report
 from slimkit.search.budget import TimeBudget, confirmation_seconds
 from slimkit.search.candidate import Baseline, Candidate, Speed, ranked
@@ -130,6 +131,7 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
         results = _results(trials, config, target, compiled, baseline, reference, winner, timings)
         with staging(out, overwrite, "the search's model and report") as staged:
             shutil.copytree(winner.artifact if winner is not None else base_artifact, staged / "model")
+            results["serve"] = [w.to_dict() for w in how_to_serve(staged / "model", out / "model")]  # as it will be named
             results["timings"]["seconds"] = round(time.perf_counter() - started, 1)  # the report's own few seconds aside
             write_report(results, staged)
         return results
