@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from slimkit.core import progress
 from slimkit.core.errors import SlimkitError
 from slimkit.io.loader import load
 from slimkit.io.resources import guard
@@ -41,8 +43,19 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace a non-empt
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False):
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    log_every: Annotated[float | None, typer.Option("--log-every", help="seconds between progress lines when stderr is not a "
+                                                    "terminal (default 10, or $SLIMKIT_LOG_EVERY)")] = None,
+):
     state["debug"] = debug
+    if log_every is not None:
+        os.environ["SLIMKIT_LOG_EVERY"] = str(log_every)  # the library and any process it starts read it there
+    try:
+        progress.log_every()
+    except SlimkitError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
 
 
 def command(name: str):
