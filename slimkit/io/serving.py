@@ -6,8 +6,8 @@ them and whatever formats are added later:
   *.gguf                              llama.cpp (`llama-cli`, `llama-server`), Ollama (a
                                       Modelfile `FROM` the file), transformers (`gguf_file=`)
   genai_config.json                   onnxruntime-genai (`og.Model(dir)`)
-  model.onnx (or the manifest's graph) ONNX Runtime; with modules.json also
-                                      sentence-transformers' `backend="onnx"`
+  model.onnx (or the manifest's graph) ONNX Runtime (not sentence-transformers' `backend="onnx"`:
+                                      its Optimum needs transformers < 4.58, slimkit 5)
   the manifest's TensorRT engine      `trtexec --loadEngine`
   *.safetensors + config.json         transformers `from_pretrained`, vLLM for causal LMs,
                                       sentence-transformers where modules.json is present;
@@ -194,14 +194,7 @@ def _onnx(path: Path, where: str, graph: str, manifest: dict) -> list[Serving]:
                   f"(output,) = session.run(None, {{name: batch[name] for name in {inputs!r}}})"]
     elif inputs:
         lines.append(f"# inputs: {', '.join(inputs)}")
-    ways = [Serving("ONNX Runtime", "python", tuple(lines))]
-    if (path / "modules.json").is_file():
-        ways.append(Serving("sentence-transformers (ONNX Runtime)", "python", (
-            "from sentence_transformers import SentenceTransformer",
-            f"model = SentenceTransformer({_py(where)}, backend=\"onnx\", model_kwargs={{\"file_name\": {_py(graph)}}})",
-            'embeddings = model.encode(["Hello"])',
-        ), 'pip install "sentence-transformers[onnx]"'))
-    return ways
+    return [Serving("ONNX Runtime", "python", tuple(lines))]
 
 
 def _slimkit(where: str, why: str = "") -> Serving:
