@@ -327,6 +327,7 @@ def test_ort_genai_candidates_for_a_causal_lm(techniques, tiny, tmp_path, monkey
     out = tmp_path / "out"
     served = slimkit.load(str(out / "model"))
     assert served.manifest["runtime"] == "ort-genai" and served.manifest["export"]["carried"]["max_weight_diff"] == 0.0
+    assert [w["runtime"] for w in results["serve"]] == ["onnxruntime-genai", "slimkit"]  # OUT/model is the genai directory
     quantized, exported = served.manifest["recipe"]  # what was done, in order: the int4 alias's method, then the export
     assert (quantized["method"], quantized["zero_point"]) == ("int4-wo", "integer") and exported["export"]["format"] == "ort-genai"
     md = (out / "report.md").read_text()

@@ -46,7 +46,7 @@ def test_a_float_artifact_loads_as_printed_in_transformers_and_slimkit(float_art
 def test_a_slimkit_quantized_artifact_is_served_by_slimkit_only(tiny, tmp_path):
     path = slimkit.save(slimkit.quantize(slimkit.load(tiny("llama")), "int4-wo"), tmp_path / "q")
     (way,) = how_to_serve(path)
-    assert way.runtime == "slimkit" and "config.json does not describe the modules" in way.lines[0]
+    assert way.runtime == "slimkit" and "config.json does not describe the layers listed under 'modules' in slimkit.json" in way.lines[0]
     assert "slimkit export" in way.lines[0]
 
 

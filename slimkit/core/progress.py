@@ -164,13 +164,20 @@ def search_progress():
         yield lambda **event: None
         return
     if not console.is_terminal:
-        now = {"line": "starting the search", "since": time.monotonic()}
+        now = {"event": ("start", "the original", {}), "since": time.monotonic()}
 
         def record(event: str, name: str, **info) -> None:
-            now["line"], now["since"] = _search_line(event, name, info), time.monotonic()
-            log(now["line"])
+            now["event"], now["since"] = (event, name, info), time.monotonic()
+            log(_search_line(event, name, info))
 
-        with heartbeat(lambda: f"{now['line']} ({duration(time.monotonic() - now['since'])} on it)"):
+        def again() -> str:  # the current event, its time left counted down
+            event, name, info = now["event"]
+            spent = time.monotonic() - now["since"]
+            if "left" in info:
+                info = {**info, "left": max(0.0, info["left"] - spent)}
+            return f"{_search_line(event, name, info)} ({duration(spent)} on it)"
+
+        with heartbeat(again):
             yield record
         return
     with console.status("starting the search") as live:
@@ -183,4 +190,6 @@ def _search_line(event: str, name: str, info: dict) -> str:
         return f"candidate {info['index'] + 1}/{info['total']}: {name}  |  {info['left']:.0f} s left  |  best: {best}"
     if event == "reference":
         return f"measuring {name}"
+    if event == "start":
+        return f"starting the search: measuring {name}"
     return f"confirming {name} on the full evaluation split"

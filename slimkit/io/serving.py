@@ -106,7 +106,7 @@ def plain_loadable(path: Path, manifest: dict) -> tuple[bool, str]:
         return False, f"config.json's quant_method '{method}' is slimkit's own format"
     recorded = [key for key in RECORDS if manifest.get(key)]
     if recorded:
-        return False, f"config.json does not describe the modules its manifest records under {', '.join(recorded)}"
+        return False, f"config.json does not describe the layers listed under {', '.join(map(repr, recorded))} in {MANIFEST}"
     return True, ""
 
 
