@@ -50,6 +50,12 @@ def test_a_slimkit_quantized_artifact_is_served_by_slimkit_only(tiny, tmp_path):
     assert "slimkit export" in way.lines[0]
 
 
+def test_bert_heads_pruned_apart_from_the_config_are_served_by_slimkit_only(tiny, tmp_path):
+    path = slimkit.save(slimkit.prune(slimkit.load(tiny("bert")), "structured", head_groups=1, importance="magnitude-l1"), tmp_path / "p")
+    (way,) = how_to_serve(path)
+    assert way.runtime == "slimkit" and "listed under 'pruned_shapes'" in way.lines[0]
+
+
 def _hf_copy(src, dst, quant_method):
     """A plain Hugging Face directory whose config.json carries a quantization_config of `quant_method`."""
     shutil.copytree(src, dst)
