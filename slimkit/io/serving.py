@@ -103,7 +103,7 @@ def plain_loadable(path: Path, manifest: dict) -> tuple[bool, str]:
     if method == COMPRESSED_TENSORS:
         return True, ""
     if method is not None:
-        return False, f"config.json's quant_method '{method}' is slimkit's own format"
+        return False, f"config.json's quant_method '{method}' is not compressed-tensors, the one transformers and vLLM are known to read"
     recorded = [key for key in RECORDS if manifest.get(key)]
     if recorded:
         return False, f"config.json does not describe the layers listed under {', '.join(map(repr, recorded))} in {MANIFEST}"
