@@ -35,6 +35,7 @@ from slimkit.io.artifacts import FORMAT, FORMAT_VERSION, staging, versions
 from slimkit.io.files import file_sha256
 from slimkit.io.loader import load
 from slimkit.io.model import MANIFEST, LoadedModel
+from slimkit.io.sentence import write_layout
 
 FORMATS = {
     "onnx": "fp32 ONNX graph with a parity check, served by ONNX Runtime",
@@ -97,6 +98,7 @@ def export(model: LoadedModel | str, out: str | os.PathLike, config: ExportConfi
         info = BUILDERS[config.format](lm, tmp, config)
         lm.tokenizer.save_pretrained(tmp)
         lm.model.config.save_pretrained(tmp)
+        write_layout(lm.sentence, tmp)  # SentenceTransformer(out, backend="onnx") reads model.onnx with these
         write_manifest(tmp, lm, config, info)
     return Path(out).expanduser()
 

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 
-from slimkit.core.arch import detect_kind
+from slimkit.core.arch import ENCODER, detect_kind
 from slimkit.core.errors import SlimkitError
 from slimkit.io.artifacts import load_artifact, read_manifest, verify_files
 from slimkit.io.files import quiet_transformers, read_config, read_tokenizer, read_weights
 from slimkit.io.model import MANIFEST, LoadedModel
+from slimkit.io.sentence import read_layout
 from slimkit.io.sources import EMBEDDED, HUB_ID, embedded_path, gguf_to_hf_dir, hub_snapshot, looks_like_path
 
 # runtime name -> serve(path, manifest, source) -> LoadedModel, for exported directories (see `register_runtime`)
@@ -85,7 +86,15 @@ def load(
 def load_dir(
     path: Path, *, source: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False
 ) -> LoadedModel:
-    """Load a local directory: an exported one, a slimkit artifact, or a Hugging Face model."""
+    """Load a local directory: an exported one, a slimkit artifact, or a Hugging Face model;
+    an encoder keeps its sentence-transformers files (`sentence.read_layout`)."""
+    lm = _load_dir(path, source=source, dtype=dtype, trust_remote_code=trust_remote_code)
+    if lm.kind == ENCODER:
+        lm.sentence = read_layout(path)
+    return lm
+
+
+def _load_dir(path: Path, *, source: str, dtype: torch.dtype | None, trust_remote_code: bool) -> LoadedModel:
     if (path / MANIFEST).exists():
         manifest = read_manifest(path)
         runtime = manifest.get("runtime", "torch")
