@@ -89,9 +89,10 @@ class ExportConfig:
 
 
 def export(model: LoadedModel | str, out: str | os.PathLike, config: ExportConfig = ExportConfig(), *,
-           overwrite: bool = False) -> Path:
-    """Export `model` to `out` for `config.format`, check it, and return the directory."""
-    lm = load(model)
+           overwrite: bool = False, tokenizer=None) -> Path:
+    """Export `model` to `out` for `config.format`, check it, and return the directory
+    (`model` may be a transformers model object with its `tokenizer=`)."""
+    lm = load(model, tokenizer=tokenizer)
     if lm.manifest.get("runtime", "torch") != "torch":
         raise SlimkitError(f"{lm.name} is already exported for {lm.manifest['runtime']}: export the PyTorch model instead")
     with staging(out, overwrite, "the export") as tmp:

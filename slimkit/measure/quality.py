@@ -31,7 +31,7 @@ from slimkit.core.arch import CAUSAL_LM, ENCODER
 from slimkit.core.errors import SlimkitError
 from slimkit.core.metrics import f1_macro, next_token_stats, topk_overlap
 from slimkit.core.progress import track
-from slimkit.io.loader import load
+from slimkit.io.loader import load, takes_tokenizer
 from slimkit.io.model import LoadedModel
 from slimkit.io.sentence import pooling_modes
 
@@ -87,10 +87,17 @@ def evaluate(
     reference: LoadedModel | str | None = None,
     data: D.TextSource | str | None = None,
     config: EvalConfig = EvalConfig(),
+    *,
+    tokenizer=None,
 ) -> EvalResult:
-    """Measure `model`'s quality on `data` (default: the embedded evaluation split)."""
-    model = load(model)
-    reference = load(reference) if reference is not None else None
+    """Measure `model`'s quality on `data` (default: the embedded evaluation split).
+
+    `model` and `reference` may be transformers model objects; `tokenizer` is theirs."""
+    if tokenizer is not None and not takes_tokenizer(model) and not takes_tokenizer(reference):
+        raise SlimkitError("tokenizer= goes with a model object; both models bring their own tokenizer: drop tokenizer=")
+    model = load(model, tokenizer=tokenizer if takes_tokenizer(model) else None)
+    if reference is not None:
+        reference = load(reference, tokenizer=tokenizer if takes_tokenizer(reference) else None)
     source = data if isinstance(data, D.TextSource) else D.TextSource.parse(data)
     if reference is not None and reference.kind != model.kind:
         raise SlimkitError(f"the reference is of kind {reference.kind} and the model of kind {model.kind}: compare models of one kind")
