@@ -116,3 +116,15 @@ def test_refusals_name_the_fix(tok):
         slimkit.load("some/model", tokenizer=tok)
     with pytest.raises(SlimkitError, match="tokenizer= takes a transformers tokenizer"):
         slimkit.load(build("bert"), tokenizer="bert-base-uncased")
+
+
+def test_export_an_encoder_in_memory(tok, tmp_path):
+    model = build("bert")
+    with pytest.raises(SlimkitError, match="tokenizer="):
+        slimkit.export(model, tmp_path / "none", slimkit.ExportConfig("onnx"))
+    assert not (tmp_path / "none").exists()  # nothing half-written
+    out = slimkit.export(model, tmp_path / "onnx", slimkit.ExportConfig("onnx"), tokenizer=tok)
+    served = slimkit.load(str(out))
+    enc = tok(["a few words to embed"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(served.model(**enc).last_hidden_state, model(**enc).last_hidden_state, atol=1e-4, rtol=1e-4)
