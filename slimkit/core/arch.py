@@ -14,9 +14,9 @@ CLASSIFIER = "classifier"
 KINDS = (CAUSAL_LM, ENCODER, CLASSIFIER)
 
 
-def detect_kind(config) -> str:
-    """causal-lm, encoder or classifier, from the config's architectures."""
-    archs = list(getattr(config, "architectures", None) or [])
+def detect_kind(config, architectures: list[str] | None = None) -> str:
+    """causal-lm, encoder or classifier, from the config's architectures (or the class names given)."""
+    archs = list(architectures or getattr(config, "architectures", None) or [])
     for arch in archs:
         if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
             return CAUSAL_LM

@@ -24,7 +24,8 @@ __all__ = ["DistillConfig", "distill", "make_student", "progressive", "select_la
 
 
 def distill(teacher: LoadedModel | str, *, data: TextSource | str | None = None, seed: int = 0, device: str | None = None,
-            on_step=None, **options) -> LoadedModel:
+            on_step=None, tokenizer=None, **options) -> LoadedModel:
     """Distil `teacher` into a smaller student; `options` are DistillConfig fields, `data` the text
-    to train on (its calibration split; evaluation is the same source's evaluation split)."""
-    return apply(load(teacher), "distill", options, Context(calibration_source(data), seed, device, on_step), "distill")
+    to train on (its calibration split; evaluation is the same source's evaluation split).
+    `teacher` may be a transformers model object with its `tokenizer=`; it is never changed."""
+    return apply(load(teacher, tokenizer=tokenizer), "distill", options, Context(calibration_source(data), seed, device, on_step), "distill")

@@ -133,7 +133,8 @@ def apply(model: LoadedModel, config: DistillConfig, ctx: Context = Context()) -
     step = {"method": "distill", **dataclasses.asdict(config)}
     training = {**result.to_dict(), "teacher_layers": keep}  # the blocks the student was copied from
     manifest = {"recipe": list(teacher.manifest.get("recipe", [])) + [step], "training": training}
-    return LoadedModel(model=student.model, tokenizer=teacher.tokenizer, kind=teacher.kind, source=student.source, manifest=manifest)
+    return LoadedModel(model=student.model, tokenizer=teacher.tokenizer, kind=teacher.kind, source=student.source, manifest=manifest,
+                       sentence=dict(teacher.sentence))
 
 
 def progressive(teacher: LoadedModel | str, stages: Sequence[DistillConfig], ctx: Context = Context()) -> LoadedModel:

@@ -112,7 +112,7 @@ def make_student(teacher: LoadedModel, layers: int | Sequence[int] | None = None
     student = drop_layers(teacher.model, keep)
     manifest = {k: v for k, v in teacher.manifest.items() if k == "recipe"}
     return LoadedModel(model=student, tokenizer=teacher.tokenizer, kind=teacher.kind, source=f"{teacher.source}[layers={len(keep)}]",
-                       path=None, manifest=manifest)
+                       path=None, manifest=manifest, sentence=dict(teacher.sentence))
 
 
 def default_layer_map(keep: Sequence[int]) -> list[tuple[int, int]]:

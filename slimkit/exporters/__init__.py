@@ -35,6 +35,7 @@ from slimkit.io.artifacts import FORMAT, FORMAT_VERSION, staging, versions
 from slimkit.io.files import file_sha256
 from slimkit.io.loader import load
 from slimkit.io.model import MANIFEST, LoadedModel
+from slimkit.io.sentence import write_layout
 
 FORMATS = {
     "onnx": "fp32 ONNX graph with a parity check, served by ONNX Runtime",
@@ -88,15 +89,17 @@ class ExportConfig:
 
 
 def export(model: LoadedModel | str, out: str | os.PathLike, config: ExportConfig = ExportConfig(), *,
-           overwrite: bool = False) -> Path:
-    """Export `model` to `out` for `config.format`, check it, and return the directory."""
-    lm = load(model)
+           overwrite: bool = False, tokenizer=None) -> Path:
+    """Export `model` to `out` for `config.format`, check it, and return the directory
+    (`model` may be a transformers model object with its `tokenizer=`)."""
+    lm = load(model, tokenizer=tokenizer)
     if lm.manifest.get("runtime", "torch") != "torch":
         raise SlimkitError(f"{lm.name} is already exported for {lm.manifest['runtime']}: export the PyTorch model instead")
     with staging(out, overwrite, "the export") as tmp:
         info = BUILDERS[config.format](lm, tmp, config)
         lm.tokenizer.save_pretrained(tmp)
         lm.model.config.save_pretrained(tmp)
+        write_layout(lm.sentence, tmp)  # SentenceTransformer(out, backend="onnx") reads model.onnx with these
         write_manifest(tmp, lm, config, info)
     return Path(out).expanduser()
 

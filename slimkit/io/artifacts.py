@@ -48,6 +48,7 @@ from slimkit.core.arch import KINDS, auto_class
 from slimkit.core.errors import SlimkitError, short_reason
 from slimkit.io.files import check_safetensors, file_sha256, quiet_transformers, read_config, read_tokenizer, read_weights
 from slimkit.io.model import MANIFEST, LoadedModel
+from slimkit.io.sentence import write_layout
 
 FORMAT = "slimkit-artifact"
 FORMAT_VERSION = 1
@@ -95,6 +96,7 @@ def save(
         else:
             model.model.save_pretrained(tmp, safe_serialization=True)
         model.tokenizer.save_pretrained(tmp)
+        write_layout(model.sentence, tmp)  # an encoder stays a sentence-transformers model
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

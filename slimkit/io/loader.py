@@ -6,7 +6,8 @@
   * an exported directory (a manifest naming the runtime that serves it),
   * a local Hugging Face directory (it has a `config.json`),
   * a `.gguf` file, dequantized to fp32 once and cached as safetensors,
-  * a Hugging Face Hub id, downloaded when online; offline it fails at once.
+  * a Hugging Face Hub id, downloaded when online; offline it fails at once,
+  * a transformers model object in memory, with `tokenizer=` (never copied or changed here).
 
 Three kinds of model are first class, detected from the config (`core.arch`):
 causal language models, encoders (sentence embeddings) and sequence
@@ -22,18 +23,21 @@ Loading never unpickles: weights are read from safetensors (or GGUF), and
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from slimkit.core.arch import detect_kind
+from slimkit.core.arch import ENCODER, detect_kind
 from slimkit.core.errors import SlimkitError
 from slimkit.io.artifacts import load_artifact, read_manifest, verify_files
 from slimkit.io.files import quiet_transformers, read_config, read_tokenizer, read_weights
 from slimkit.io.model import MANIFEST, LoadedModel
-from slimkit.io.sources import EMBEDDED, HUB_ID, embedded_path, gguf_to_hf_dir, hub_snapshot, looks_like_path
+from slimkit.io.sentence import read_layout
+from slimkit.io.sources import EMBEDDED, HUB_ID, NoTokenizer, embedded_path, gguf_to_hf_dir, hub_snapshot, in_memory, looks_like_path, usable_tokenizer
 
 # runtime name -> serve(path, manifest, source) -> LoadedModel, for exported directories (see `register_runtime`)
 RUNTIMES: dict[str, Callable[[Path, dict, str], LoadedModel]] = {}
@@ -47,18 +51,26 @@ def register_runtime(name: str, serve: Callable[[Path, dict, str], LoadedModel])
 
 
 def load(
-    source: str | os.PathLike | LoadedModel,
+    source: str | os.PathLike | LoadedModel | nn.Module,
     *,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    tokenizer=None,
 ) -> LoadedModel:
     """Load a model from any supported source; see the module docstring.
 
     dtype: None keeps a slimkit artifact's saved dtypes and loads everything
-    else in float32 (the reference precision).
+    else in float32 (the reference precision). tokenizer: for a model object
+    (`sources.in_memory`); every other source brings its own.
     """
+    if isinstance(source, nn.Module):
+        if dtype is not None:
+            raise SlimkitError("dtype= is for loading from files: convert the model object yourself (model.to(dtype))")
+        return in_memory(source, tokenizer)
+    if tokenizer is not None and not takes_tokenizer(source):
+        raise SlimkitError(f"tokenizer= goes with a model object; {getattr(source, 'name', source)} brings its own tokenizer: drop tokenizer=")
     if isinstance(source, LoadedModel):
-        return source
+        return dataclasses.replace(source, tokenizer=usable_tokenizer(tokenizer)) if tokenizer is not None else source
     quiet_transformers()
     text = os.fspath(source)
     if text in EMBEDDED:
@@ -82,10 +94,23 @@ def load(
     return load_dir(snapshot, source=text, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
+def takes_tokenizer(source) -> bool:
+    """Whether `tokenizer=` applies to `source`: a model object, or one loaded from memory without a tokenizer."""
+    return isinstance(source, nn.Module) or (isinstance(source, LoadedModel) and isinstance(source.tokenizer, NoTokenizer))
+
+
 def load_dir(
     path: Path, *, source: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False
 ) -> LoadedModel:
-    """Load a local directory: an exported one, a slimkit artifact, or a Hugging Face model."""
+    """Load a local directory: an exported one, a slimkit artifact, or a Hugging Face model;
+    an encoder keeps its sentence-transformers files (`sentence.read_layout`)."""
+    lm = _load_dir(path, source=source, dtype=dtype, trust_remote_code=trust_remote_code)
+    if lm.kind == ENCODER:
+        lm.sentence = read_layout(path)
+    return lm
+
+
+def _load_dir(path: Path, *, source: str, dtype: torch.dtype | None, trust_remote_code: bool) -> LoadedModel:
     if (path / MANIFEST).exists():
         manifest = read_manifest(path)
         runtime = manifest.get("runtime", "torch")

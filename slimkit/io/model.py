@@ -22,6 +22,7 @@ class LoadedModel:
     path: Path | None = None  # local directory the weights were read from
     manifest: dict = field(default_factory=dict)  # slimkit.json of an artifact
     donated: bool = False  # the caller gave it away: the next technique changes it in place (see `copy_model`)
+    sentence: dict[str, bytes] = field(default_factory=dict)  # an encoder's sentence-transformers files (`io.sentence`)
 
     @property
     def config(self):
@@ -68,4 +69,5 @@ def copy_model(lm: LoadedModel, suffix: str) -> LoadedModel:
         source=f"{lm.source}+{suffix}",
         path=None,
         manifest=copy.deepcopy(lm.manifest),
+        sentence=dict(lm.sentence),
     )

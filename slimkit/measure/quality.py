@@ -6,7 +6,8 @@ Causal LMs
   * against a reference model, on the same tokens in the same pass:
     KL(reference || model) of the next-token distributions (mean nats per
     token) and top-1 agreement (how often both pick the same next token).
-Encoders (sentence embeddings: mean pooling over the attention mask)
+Encoders (sentence embeddings, pooled as the model's sentence-transformers
+  config says, `1_Pooling/config.json`; mean over the attention mask without one)
   * mean cosine similarity of each passage's embedding to the reference's;
   * retrieval agreement: each evaluation passage queries all the others, and
     the overlap of the two models' top-10 neighbours is averaged.
@@ -30,8 +31,9 @@ from slimkit.core.arch import CAUSAL_LM, ENCODER
 from slimkit.core.errors import SlimkitError
 from slimkit.core.metrics import f1_macro, next_token_stats, topk_overlap
 from slimkit.core.progress import track
-from slimkit.io.loader import load
+from slimkit.io.loader import load, takes_tokenizer
 from slimkit.io.model import LoadedModel
+from slimkit.io.sentence import pooling_modes
 
 
 @dataclass
@@ -85,10 +87,17 @@ def evaluate(
     reference: LoadedModel | str | None = None,
     data: D.TextSource | str | None = None,
     config: EvalConfig = EvalConfig(),
+    *,
+    tokenizer=None,
 ) -> EvalResult:
-    """Measure `model`'s quality on `data` (default: the embedded evaluation split)."""
-    model = load(model)
-    reference = load(reference) if reference is not None else None
+    """Measure `model`'s quality on `data` (default: the embedded evaluation split).
+
+    `model` and `reference` may be transformers model objects; `tokenizer` is theirs."""
+    if tokenizer is not None and not takes_tokenizer(model) and not takes_tokenizer(reference):
+        raise SlimkitError("tokenizer= goes with a model object; both models bring their own tokenizer: drop tokenizer=")
+    model = load(model, tokenizer=tokenizer if takes_tokenizer(model) else None)
+    if reference is not None:
+        reference = load(reference, tokenizer=tokenizer if takes_tokenizer(reference) else None)
     source = data if isinstance(data, D.TextSource) else D.TextSource.parse(data)
     if reference is not None and reference.kind != model.kind:
         raise SlimkitError(f"the reference is of kind {reference.kind} and the model of kind {model.kind}: compare models of one kind")
@@ -149,16 +158,44 @@ def _ppl(mean_nll: float) -> float:
 
 
 def embed(lm: LoadedModel, texts: list[str], batch_size: int = 32, max_length: int = 256) -> torch.Tensor:
-    """Mean-pooled, L2-normalized sentence embeddings: (N, H)."""
+    """L2-normalized sentence embeddings, pooled as the model's own pooling config says (default mean): (N, H * modes)."""
+    modes = pooling_modes(lm.sentence)
     out = []
     for batch in D.batched(texts, batch_size):
         enc = lm.tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         enc = {k: v.to(_device(lm.model)) for k, v in enc.items()}
         hidden = lm.model(**enc).last_hidden_state.float()  # (B, T, H)
-        mask = enc["attention_mask"][..., None].float()  # (B, T, 1)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        out.append(F.normalize(pooled, dim=-1).cpu())
+        out.append(F.normalize(pool(hidden, enc["attention_mask"], modes), dim=-1).cpu())
     return torch.cat(out)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, modes: tuple[str, ...]) -> torch.Tensor:
+    """Token vectors (B, T, H) under an attention mask (B, T) -> sentence vectors (B, H * len(modes)),
+    each mode as sentence-transformers' Pooling computes it, concatenated in order."""
+    m = mask[..., None].to(hidden.dtype)  # (B, T, 1)
+    count = m.sum(1).clamp(min=1e-9)  # (B, 1)
+    vectors = []
+    for mode in modes:
+        if mode == "cls":  # the first unmasked token (left padding too)
+            first = mask.int().argmax(1)  # (B,)
+            vectors.append(hidden[torch.arange(hidden.shape[0]), first])
+        elif mode == "lasttoken":  # the last unmasked token (right padding too)
+            last = hidden.shape[1] - 1 - mask.int().flip(1).argmax(1)  # (B,)
+            vectors.append(hidden[torch.arange(hidden.shape[0]), last])
+        elif mode == "max":
+            vectors.append(hidden.masked_fill(m == 0, float("-inf")).max(1).values)
+        elif mode == "mean":
+            vectors.append((hidden * m).sum(1) / count)
+        elif mode == "mean_sqrt_len_tokens":
+            vectors.append((hidden * m).sum(1) / count.sqrt())
+        elif mode == "weightedmean":  # position weights 1, 2, ... counted from the first real token
+            w = m * (torch.arange(1, hidden.shape[1] + 1, dtype=hidden.dtype, device=hidden.device)[None, :, None]
+                     - mask.int().argmax(1)[:, None, None])  # (B, T, 1)
+            vectors.append((hidden * w).sum(1) / w.sum(1).clamp(min=1e-9))
+        else:
+            raise SlimkitError(f"pooling mode '{mode}' in the model's 1_Pooling/config.json is not one slimkit scores: "
+                               "use cls, mean, max, mean_sqrt_len_tokens, weightedmean or lasttoken")
+    return torch.cat(vectors, dim=-1)
 
 
 def _eval_encoder(model, reference, source, config, result):

@@ -132,9 +132,14 @@ class BenchResult:
         return max(t["tokens_per_s"] for t in self.throughput)
 
 
-def benchmark(model: LoadedModel | str, config: BenchConfig = BenchConfig()) -> BenchResult:
-    """Measure `model`'s latency, throughput, decode speed, memory and size."""
-    lm = load(model)
+def benchmark(model: LoadedModel | str, config: BenchConfig = BenchConfig(), *, tokenizer=None) -> BenchResult:
+    """Measure `model`'s latency, throughput, decode speed, memory and size.
+
+    Runs in this process. A transformers model object (with its `tokenizer=`, which
+    makes the real-text input and the saved size) is measured where it lies, so peak
+    memory includes whatever else the caller's process holds; size on disk comes from
+    saving it to a temporary artifact."""
+    lm = load(model, tokenizer=tokenizer)
     threads = config.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     device = getattr(lm.model, "slimkit_device", None) or next((p.device for p in lm.model.parameters()), torch.device("cpu"))

@@ -33,11 +33,11 @@ from slimkit.pruning.semi_structured import parse_nm
 
 
 def prune(model: LoadedModel | str, method: str, *, data: TextSource | str | None = None, seed: int = 0,
-          device: str | None = None, on_step=None, **options) -> LoadedModel:
+          device: str | None = None, on_step=None, tokenizer=None, **options) -> LoadedModel:
     """Prune `model` with a registered method; options are the method's Config fields.
     Returns a new model; the caller's is untouched. `data`: calibration text (its
-    calibration split), as `slimkit.quantize` takes it."""
-    return apply(load(model), method, options, Context(calibration_source(data), seed, device, on_step), "prune")
+    calibration split), as `slimkit.quantize` takes it; `model` and `tokenizer` as there."""
+    return apply(load(model, tokenizer=tokenizer), method, options, Context(calibration_source(data), seed, device, on_step), "prune")
 
 
 def cli_options(method: str, sparsity: float | None, recover_minutes: float) -> tuple[str, dict]:

@@ -47,7 +47,7 @@ from slimkit.quantization import aliases, awq, cast, dynamic_int8, gptq, mixed, 
 
 
 def quantize(model: LoadedModel | str, method: str, *, data: TextSource | str | None = None, seed: int = 0,
-             device: str | None = None, on_step=None, **options) -> LoadedModel:
+             device: str | None = None, on_step=None, tokenizer=None, **options) -> LoadedModel:
     """Quantize `model` with the registered `method`; options are its Config's fields.
 
         q = slimkit.quantize("smollm2-135m", "int4-wo", group_size=64)
@@ -55,7 +55,9 @@ def quantize(model: LoadedModel | str, method: str, *, data: TextSource | str | 
 
     `data` (a TextSource or a string as `slimkit eval --data` takes) feeds the
     methods that calibrate; its calibration split is used, never evaluation.
-    `seed`, `device` and `on_step` go to the method's `Context`.
+    `seed`, `device` and `on_step` go to the method's `Context`. `model` may
+    be a transformers model object, with `tokenizer=` for the methods that
+    calibrate; it is copied, never changed.
     """
     ctx = Context(calibration_source(data), seed, device, on_step)
-    return apply(load(model), method, options, ctx, "quantize")
+    return apply(load(model, tokenizer=tokenizer), method, options, ctx, "quantize")
