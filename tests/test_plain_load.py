@@ -48,6 +48,7 @@ CASES = {
     "2:4": ("prune", "2:4", CAL, "transformers"),
     "structured-uniform": ("prune", "structured", {"head_groups": 1, "mlp_channels": 32, **CAL}, "transformers"),
     "structured-non-uniform": ("prune", "structured", {"mlp_channels": 32, "uniform": False, **CAL}, "slimkit"),
+    "gpt2-int8-wo": ("quantize", "int8-wo", {"embeddings": False}, "slimkit"),  # Conv1D: compressed-tensors cannot hold it
     "distill": ("distill", "distill", {"student_layers": 1, "steps": 1, "seq_len": 32, "batch_size": 2, "eval_batches": 1, "max_samples": 4}, "transformers"),
 }
 
@@ -83,10 +84,10 @@ def artifacts(tiny, tmp_path_factory):
     """case -> (artifact dir, slimkit.load's logits, plain transformers' logits or its error text)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: steadiest on one thread of a busy machine
-    lm = slimkit.load(str(tiny("llama")))
+    models = {arch: slimkit.load(str(tiny(arch))) for arch in ("llama", "gpt2")}
     root = tmp_path_factory.mktemp("plain")
-    ids = torch.randint(5, lm.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    paths = {case: slimkit.save(make(lm, case), root / case) for case in CASES}
+    ids = torch.randint(5, models["llama"].model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    paths = {case: slimkit.save(make(models[case.split("-")[0] if case.startswith("gpt2") else "llama"], case), root / case) for case in CASES}
     proc = subprocess.run([sys.executable, "-c", PLAIN, json.dumps(ids.tolist()), *map(str, paths.values())],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -161,7 +162,7 @@ def test_asking_for_a_layout_that_cannot_hold_the_model_writes_nothing(tiny, tmp
     with pytest.raises(SlimkitError, match="compressed-tensors cannot hold this model exactly .*nf4.*slimkit"):
         slimkit.save(q, tmp_path / "out", layout="compressed-tensors")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(SlimkitError, match="unknown artifact format 'gguf'"):
+    with pytest.raises(SlimkitError, match="unknown artifact layout 'gguf'"):
         slimkit.save(q, tmp_path / "out", layout="gguf")
 
 

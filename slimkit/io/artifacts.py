@@ -100,10 +100,15 @@ def register_layout(layout: Layout) -> None:
     LAYOUTS[layout.name] = layout
 
 
+def check_layout(asked: str | None) -> None:
+    """Refuse an unknown layout name before any work is done."""
+    if asked is not None and asked != OWN_LAYOUT and asked not in LAYOUTS:
+        raise SlimkitError(f"unknown artifact layout '{asked}': choose one of {', '.join([*LAYOUTS, OWN_LAYOUT])}")
+
+
 def choose_layout(model: nn.Module, records: dict, asked: str | None) -> tuple[str, str | None]:
     """(layout, why only slimkit reads it or None). `asked`: a layout name, or None for the first that is exact."""
-    if asked is not None and asked != OWN_LAYOUT and asked not in LAYOUTS:
-        raise SlimkitError(f"unknown artifact format '{asked}': choose one of {', '.join([OWN_LAYOUT, *LAYOUTS])}")
+    check_layout(asked)
     if not records:
         if asked not in (None, OWN_LAYOUT):
             raise SlimkitError(f"{asked} holds quantized layers and this model has none: save it without a format (plain Hugging Face files)")
@@ -119,7 +124,7 @@ def choose_layout(model: nn.Module, records: dict, asked: str | None) -> tuple[s
                 return name, None
     if asked is not None:
         raise SlimkitError(f"{asked} cannot hold this model exactly ({reasons[asked]}): save it in slimkit's own format "
-                           "(format='slimkit'), or quantize with a method it holds: int4-wo, int8-wo, gptq or awq with "
+                           "(layout slimkit), or quantize with a method it holds: int4-wo, int8-wo, gptq or awq with "
                            "symmetric=true and embeddings=false, or int8-dynamic without smooth_alpha")
     return OWN_LAYOUT, "; ".join(sorted(set(reasons.values()))) or "no standard layout registered"
 

@@ -21,7 +21,9 @@ CPU kernels (int4pack, int8pack, int8 x int8).
 No exact equivalent, so the artifact stays slimkit's own (and its config.json makes plain
 loaders fail, naming slimkit.load): float zero points (w = u * s + m, the default of
 int4-wo, gptq and awq), AWQ input scales left in a layer, SmoothQuant factors, static
-int8 activations, NF4, int8 embeddings and tied heads; and integer zero points
+int8 activations, NF4; quantized embeddings and the heads tied to them (written as
+compressed-tensors, transformers 5.25 fails on them: it reads the embedding's `weight`,
+which compressed-tensors has replaced); and integer zero points
 (w = (u - z) * s). Those have an exact equivalent (zp = z - 2^(b-1) on the signed grid
 q = u - 2^(b-1)), but compressed-tensors 0.20 packs zero points 8 to an int32 along the
 output channels when it writes, while transformers 5.25 loading through it expects them
@@ -57,13 +59,23 @@ def _why_not(module: nn.Module) -> str | None:
         return None
     if isinstance(module, Int8DynamicLinear):
         return "SmoothQuant factors (smooth_alpha)" if module.inv_smooth is not None else None
+    if module.fmt in ("int8-embedding", "tied-int8-head", "tied-embedding"):
+        return "quantized embeddings, which transformers 5 cannot load from compressed-tensors: quantize with embeddings=false"
     return f"{module.fmt} modules"
 
 
 def unfit(model: nn.Module) -> str | None:
-    """Why `model`'s quantized modules have no exact compressed-tensors equivalent, or None."""
-    reasons = sorted({r for m in model.modules() if hasattr(m, "fmt") and (r := _why_not(m))})
-    return "; ".join(reasons) or None
+    """Why `model`'s quantized modules have no exact compressed-tensors equivalent, or None.
+
+    Besides the numbers, the layer a loader builds from config.json must be an nn.Linear:
+    compressed-tensors quantizes nothing else, so GPT-2's Conv1D layers would load as
+    missing weights, at random."""
+    reasons = {r for m in model.modules() if hasattr(m, "fmt") and (r := _why_not(m))}
+    with torch.device("meta"):
+        built = dict(type(model)(copy.deepcopy(model.config)).named_modules())  # what from_pretrained builds, no memory
+    if any(type(built.get(n)) is not nn.Linear for n, m in model.named_modules() if hasattr(m, "fmt") and not _why_not(m)):
+        reasons.add("layers that are not nn.Linear in transformers (GPT-2's Conv1D), which compressed-tensors does not quantize")
+    return "; ".join(sorted(reasons)) or None
 
 
 def _scheme_key(module: nn.Module) -> tuple:
