@@ -46,6 +46,7 @@ from torch import nn
 
 from slimkit.core.arch import KINDS, auto_class
 from slimkit.core.errors import SlimkitError, short_reason
+from slimkit.core.progress import note
 from slimkit.io.files import check_safetensors, file_sha256, quiet_transformers, read_config, read_tokenizer, read_weights
 from slimkit.io.model import MANIFEST, LoadedModel
 
@@ -169,6 +170,7 @@ def save(
             model.model.save_pretrained(tmp, safe_serialization=True)
         if why is not None:
             mark_slimkit_only(tmp, why)
+            note(f"{out} is in slimkit's own layout ({why}): transformers and vLLM refuse it; slimkit.load reads it")
         model.tokenizer.save_pretrained(tmp)
         manifest = {
             "format": FORMAT,

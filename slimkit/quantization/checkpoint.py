@@ -9,8 +9,7 @@ transformers and vLLM read, wherever its numbers are exactly slimkit's.
 
 Writing goes through compressed-tensors itself, as llm-compressor does: a float copy of
 the model holds each layer's dequantized weight, `apply_quantization_config` attaches
-the schemes, slimkit's scales are set, and `ModelCompressor` quantizes
-and packs. Scales are written in fp32 (slimkit keeps fp16 per group; widening is exact),
+the schemes, slimkit's scales are set, and `ModelCompressor` quantizes and packs. Scales are written in fp32 (slimkit keeps fp16 per group; widening is exact),
 because compressed-tensors dequantizes in the scale's dtype: so its decompressed weight is
 slimkit's fp32 dequantized weight bit for bit. Every save reads the packed tensors back
 and compares them with slimkit's before the artifact is published.
@@ -18,19 +17,25 @@ and compares them with slimkit's before the artifact is published.
 Reading back (`read`) unpacks the same tensors into slimkit's modules, which keep their
 CPU kernels (int4pack, int8pack, int8 x int8).
 
-No exact equivalent, so the artifact stays slimkit's own (and its config.json makes plain
-loaders fail, naming slimkit.load): float zero points (w = u * s + m, the default of
-int4-wo, gptq and awq), AWQ input scales left in a layer, SmoothQuant factors, static
-int8 activations, NF4; quantized embeddings and the heads tied to them (written as
-compressed-tensors, transformers 5.25 fails on them: it reads the embedding's `weight`,
-which compressed-tensors has replaced); and integer zero points
-(w = (u - z) * s). Those have an exact equivalent (zp = z - 2^(b-1) on the signed grid
-q = u - 2^(b-1)), but compressed-tensors 0.20 packs zero points 8 to an int32 along the
-output channels when it writes, while transformers 5.25 loading through it expects them
-unpacked and refuses the file (size mismatch): so no asymmetric grid is written until
-that reader is fixed. Activations: compressed-tensors'
-own fake quantization (what transformers runs) scales a token by absmax / 127.5, vLLM and
-slimkit by absmax / 127; the stored tensors are the same either way.
+Kept in slimkit's own layout (its config.json makes plain loaders fail, naming
+slimkit.load), with the reason in the manifest:
+  * no exact equivalent: float zero points (w = u * s + m, the default of int4-wo, gptq
+    and awq), AWQ input scales left in a layer, SmoothQuant's per-layer factors (q, k and
+    v read one norm with three different factors, so they cannot fold into it), static
+    int8 activations (slimkit's symmetric grid stops at -127, compressed-tensors' at -128),
+    NF4;
+  * an exact equivalent that transformers 5.25 cannot load: integer zero points
+    (w = (u - z) * s is zp = z - 2^(b-1) on the signed grid q = u - 2^(b-1)), because
+    compressed-tensors 0.20 packs zero points 8 to an int32 along the output channels
+    when it writes and the loader expects them unpacked (size mismatch; known upstream as
+    llm-compressor issue 1618); quantized embeddings and the heads tied to them
+    (transformers reads the embedding's `weight`, which compressed-tensors replaced);
+    GPT-2's Conv1D layers, which compressed-tensors does not quantize, so transformers
+    would load them as missing weights, at random.
+
+Activations: compressed-tensors' own fake quantization (what transformers runs) scales a
+token by absmax / 127.5, vLLM and slimkit by absmax / 127; the stored tensors are the
+same either way.
 """
 
 from __future__ import annotations
@@ -151,7 +156,7 @@ def _check_written(model: nn.Module, out: Path, quantized: dict[str, nn.Module])
     for name, tensor in model.state_dict().items():
         if name.rpartition(".")[0] in quantized and not torch.equal(own[name].to(tensor.dtype), tensor):
             raise SlimkitError(f"compressed-tensors did not store {name} exactly (compressed-tensors "
-                               f"{_ct_version()}): save with --format slimkit and report this")
+                               f"{_ct_version()}): save it with layout slimkit (--layout slimkit) and report this")
 
 
 def _ct_version() -> str:
