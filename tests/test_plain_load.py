@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 import slimkit
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import techniques
+from slimkit.core.selection import set_module
+from slimkit.quantization.modules import WeightOnlyLinear
 
 CAL = {"calibration_samples": 2, "seq_len": 32}
 QAT = {"steps": 1, "seq_len": 32, "batch_size": 2, "calibration_samples": 2}
@@ -52,6 +54,8 @@ CASES = {
     "distill": ("distill", "distill", {"student_layers": 1, "steps": 1, "seq_len": 32, "batch_size": 2, "eval_batches": 1, "max_samples": 4}, "transformers"),
 }
 
+IDS = torch.randint(5, 512, (2, 12), generator=torch.Generator().manual_seed(0))  # the tiny models' vocabulary is 512
+
 PLAIN = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
@@ -86,15 +90,14 @@ def artifacts(tiny, tmp_path_factory):
     torch.set_num_threads(1)  # tiny matmuls: steadiest on one thread of a busy machine
     models = {arch: slimkit.load(str(tiny(arch))) for arch in ("llama", "gpt2")}
     root = tmp_path_factory.mktemp("plain")
-    ids = torch.randint(5, models["llama"].model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     paths = {case: slimkit.save(make(models[case.split("-")[0] if case.startswith("gpt2") else "llama"], case), root / case) for case in CASES}
-    proc = subprocess.run([sys.executable, "-c", PLAIN, json.dumps(ids.tolist()), *map(str, paths.values())],
+    proc = subprocess.run([sys.executable, "-c", PLAIN, json.dumps(IDS.tolist()), *map(str, paths.values())],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = {}
     for case, path in paths.items():
         with torch.no_grad():
-            ours = slimkit.load(str(path)).model(ids).logits.float()
+            ours = slimkit.load(str(path)).model(IDS).logits.float()
         err = path.with_name(path.name + ".plain.err")
         plain = err.read_text() if err.exists() else torch.load(path.with_name(path.name + ".plain.pt"))
         out[case] = (path, ours, plain)
@@ -146,6 +149,21 @@ def test_compressed_tensors_decompresses_exactly(artifacts):
                 assert torch.equal(weight, expected), (case, name)
                 checked += 1
     assert checked
+
+
+@pytest.mark.parametrize("case", [c for c, spec in CASES.items() if spec[3] == "compressed-tensors" and spec[1] != "int8-dynamic"])
+def test_plain_transformers_computes_slimkits_dequantized_model(artifacts, case):
+    """Weight-only: the gap to slimkit.load is its kernels' bf16 activations; against slimkit's
+    dequantized weights in fp32 (the same model, no kernel), plain transformers agrees to float rounding."""
+    path, _, plain = artifacts[case]
+    model = slimkit.load(str(path)).model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, WeightOnlyLinear):
+            layer = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            layer.weight.data, layer.bias = module.dequantize(), module.bias
+            set_module(model, name, layer)
+    with torch.no_grad():
+        assert rel(plain, model(IDS).logits.float()) < 1e-5
 
 
 def test_slimkit_reloads_compressed_tensors_onto_its_kernels(artifacts):

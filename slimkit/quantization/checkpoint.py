@@ -41,6 +41,7 @@ same either way.
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -75,6 +76,8 @@ def unfit(model: nn.Module) -> str | None:
     Besides the numbers, the layer a loader builds from config.json must be an nn.Linear:
     compressed-tensors quantizes nothing else, so GPT-2's Conv1D layers would load as
     missing weights, at random."""
+    if importlib.util.find_spec("compressed_tensors") is None:
+        return "the compressed-tensors package is not installed (pip install compressed-tensors)"
     reasons = {r for m in model.modules() if hasattr(m, "fmt") and (r := _why_not(m))}
     with torch.device("meta"):
         built = dict(type(model)(copy.deepcopy(model.config)).named_modules())  # what from_pretrained builds, no memory
@@ -167,7 +170,10 @@ def _ct_version() -> str:
 
 def read(state: dict, manifest: dict) -> dict:
     """The compressed-tensors tensors of the manifest's quantized modules, in slimkit's names and layout."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    try:
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    except ImportError as exc:
+        raise SlimkitError("this artifact is stored as compressed-tensors: pip install 'compressed-tensors>=0.20' to load it") from exc
 
     state = dict(state)
     for name, spec in manifest.get("modules", {}).items():
