@@ -22,6 +22,14 @@ config.json, swaps the recorded modules in, then loads the safetensors state
 dict into them and checks that every tensor found its place, so no pickle and
 no fp32 copy is ever involved.
 
+How those modules are stored is the artifact's `layout` (in the manifest): a
+technique can register a standard layout (`register_layout`; quantization registers
+compressed-tensors) that other loaders read, used when it holds the model exactly;
+otherwise slimkit's own, and config.json then carries a quantization_config that
+transformers and vLLM reject with a message naming slimkit.load, so no plain loader
+ever fills the missing tensors with random weights. A model config.json describes in
+full is saved by save_pretrained (layout `transformers`).
+
 Saving is atomic: everything is written to a temporary sibling directory,
 the manifest last, then renamed into place, so an interrupted save never
 leaves a directory that looks complete. Loading reads the manifest, checks
@@ -112,7 +120,7 @@ def choose_layout(model: nn.Module, records: dict, asked: str | None) -> tuple[s
     check_layout(asked)
     if not records:
         if asked not in (None, OWN_LAYOUT):
-            raise SlimkitError(f"{asked} holds quantized layers and this model has none: save it without a format (plain Hugging Face files)")
+            raise SlimkitError(f"{asked} holds quantized layers and this model has none: save it without a layout (plain Hugging Face files)")
         return PLAIN_LAYOUT, None
     if asked == OWN_LAYOUT:
         return OWN_LAYOUT, "asked for"
@@ -124,8 +132,8 @@ def choose_layout(model: nn.Module, records: dict, asked: str | None) -> tuple[s
             if reasons[name] is None:
                 return name, None
     if asked is not None:
-        raise SlimkitError(f"{asked} cannot hold this model exactly ({reasons[asked]}): save it in slimkit's own format "
-                           "(layout slimkit), or quantize with a method it holds: int4-wo, int8-wo, gptq or awq with "
+        raise SlimkitError(f"{asked} cannot hold this model exactly ({reasons[asked]}): save it in slimkit's own layout "
+                           "(--layout slimkit), or quantize with a method it holds: int4-wo, int8-wo, gptq or awq with "
                            "symmetric=true and embeddings=false, or int8-dynamic without smooth_alpha")
     return OWN_LAYOUT, "; ".join(sorted(set(reasons.values()))) or "no standard layout registered"
 
