@@ -19,6 +19,7 @@ def test_quantize_then_eval_and_bench_the_artifact(tiny, tmp_path):
     out = tmp_path / "q"
     info = cli_json("quantize", str(tiny("llama")), "--method", "int4", "--out", str(out), "-o", "group_size=32", "-o", "symmetric=true")
     assert info["options"] == {"group_size": 32, "symmetric": True} and info["quantized_modules"] > 0
+    assert info["layout"] == "slimkit" and "quantized embeddings" in info["slimkit_only"]  # plain loaders are told to use slimkit
     manifest = json.loads((out / "slimkit.json").read_text())
     assert manifest["recipe"][-1]["method"] == "int4-wo"
     ev = cli_json("eval", str(out), "--reference", str(tiny("llama")), "--max-tokens", "200", "--window", "64", "--stride", "32")
@@ -35,6 +36,10 @@ def test_errors_are_one_line(tiny, tmp_path):
     assert_user_error(run_cli("quantize", model, "--method", "int4-wo", "--out", out, "-o", "bits=3"), "unknown option 'bits'", "group_size")
     assert_user_error(run_cli("quantize", model, "--method", "int8-wo", "--out", out, "-o", "targets=nothing*"), "no linear layers", "nothing*")
     assert_user_error(run_cli("quantize", model, "--out", out), "needs --method")
+    assert_user_error(run_cli("quantize", model, "--method", "nf4", "--out", out, "--layout", "compressed-tensors"),
+                      "compressed-tensors cannot hold this model exactly (nf4 modules", "int8-dynamic without smooth_alpha")
+    assert_user_error(run_cli("quantize", model, "--method", "nf4", "--out", out, "--layout", "gguf"), "unknown artifact layout 'gguf'")
+    assert not (tmp_path / "q").exists()
 
 
 def test_parse_options_types():

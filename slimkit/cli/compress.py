@@ -37,7 +37,7 @@ from slimkit.core.registry import Context
 from slimkit.distillation.method import DistillConfig, apply
 from slimkit.exporters import ExportConfig, export
 from slimkit.exporters import summary as export_summary
-from slimkit.io.artifacts import check_destination, save
+from slimkit.io.artifacts import check_destination, check_layout, read_manifest, save
 from slimkit.io.serving import how_to_serve
 from slimkit.io.sources import DEFAULT_MODEL
 from slimkit.measure.quality import EvalConfig, evaluate
@@ -62,6 +62,8 @@ def quantize_cmd(
     data: Data = None,
     seed: Seed = 0,
     list_methods: Annotated[bool, typer.Option("--list", help="list every quantization method and exit")] = False,
+    layout: Annotated[str | None, typer.Option("--layout", help="how the artifact stores quantized layers: compressed-tensors "
+                                               "(transformers and vLLM read it) or slimkit; default: compressed-tensors where exact")] = None,
     overwrite: Overwrite = False,
     threads: Threads = None,
     trust_remote_code: TrustRemote = False,
@@ -76,12 +78,15 @@ def quantize_cmd(
     if missing:
         raise SlimkitError(f"quantize needs {', '.join(missing)}: e.g. slimkit quantize smollm2-135m --method int8 --out ./smollm2-int8")
     options = parse_options(method, option or [], "quantize")
+    check_layout(layout)
     check_memory("training" if method == "qat" else "quantize", model, max_memory)
     q = quantize(load_model(model, "fp32", threads, trust_remote_code), method, data=data, seed=seed, **options)
     training = {"training": q.manifest["training"]} if "training" in q.manifest else {}  # methods that train (qat)
-    path = save(q, out_dir, overwrite=overwrite, metrics=training)
+    path = save(q, out_dir, overwrite=overwrite, metrics=training, layout=layout)
+    manifest = read_manifest(path)
+    loads = {"layout": manifest["layout"], **({"slimkit_only": manifest["slimkit_only"]} if "slimkit_only" in manifest else {})}
     info = {"model": model, "method": method, "options": options, "out": str(path), "quantized_modules": len(quantized_modules(q.model)),
-            "parameters": q.num_parameters(), "size_on_disk_mb": round(dir_size_mb(path), 3), **training}
+            "parameters": q.num_parameters(), "size_on_disk_mb": round(dir_size_mb(path), 3), **loads, **training}
     emit(as_json, info, [table(f"Quantized {model} with {method}", [(k, str(v)) for k, v in info.items()])], served=path)
 
 

@@ -22,6 +22,14 @@ config.json, swaps the recorded modules in, then loads the safetensors state
 dict into them and checks that every tensor found its place, so no pickle and
 no fp32 copy is ever involved.
 
+How those modules are stored is the artifact's `layout` (in the manifest): a
+technique can register a standard layout (`register_layout`; quantization registers
+compressed-tensors) that other loaders read, used when it holds the model exactly;
+otherwise slimkit's own, and config.json then carries a quantization_config that
+transformers and vLLM reject with a message naming slimkit.load, so no plain loader
+ever fills the missing tensors with random weights. A model config.json describes in
+full is saved by save_pretrained (layout `transformers`).
+
 Saving is atomic: everything is written to a temporary sibling directory,
 the manifest last, then renamed into place, so an interrupted save never
 leaves a directory that looks complete. Loading reads the manifest, checks
@@ -46,6 +54,7 @@ from torch import nn
 
 from slimkit.core.arch import KINDS, auto_class
 from slimkit.core.errors import SlimkitError, short_reason
+from slimkit.core.progress import note
 from slimkit.io.files import check_safetensors, file_sha256, quiet_transformers, read_config, read_tokenizer, read_weights
 from slimkit.io.model import MANIFEST, LoadedModel
 from slimkit.io.sentence import write_layout
@@ -74,6 +83,71 @@ def register_modules(record: ModuleRecord) -> None:
     RECORDS[record.key] = record
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A standard on-disk layout (config.json + weights) for a model with recorded modules,
+    which that standard's own loader reads; registered by the technique whose modules it holds."""
+
+    name: str
+    unfit: Callable[[nn.Module], str | None]  # why this model has no exact equivalent in the layout, or None
+    write: Callable[[nn.Module, Path], None]  # config.json (with its quantization_config), generation config, weights
+    read: Callable[[dict, dict], dict]  # (tensors as saved, manifest) -> the model's own state dict
+
+
+LAYOUTS: dict[str, Layout] = {}
+OWN_LAYOUT = "slimkit"
+PLAIN_LAYOUT = "transformers"  # a model config.json describes in full: save_pretrained's own files
+
+# What config.json carries when only slimkit can read the weights: a quantization_config that
+# transformers (and vLLM) reject with this text. An unknown quant_method would not do: transformers
+# 5 skips it with a warning and loads random weights for every tensor it cannot place.
+SLIMKIT_ONLY = "this directory holds slimkit's own tensors ({why}): load it with slimkit.load(path)"
+
+
+def register_layout(layout: Layout) -> None:
+    if layout.name in LAYOUTS and LAYOUTS[layout.name] != layout:
+        raise ValueError(f"layout {layout.name!r} registered twice")
+    LAYOUTS[layout.name] = layout
+
+
+def check_layout(asked: str | None) -> None:
+    """Refuse an unknown layout name before any work is done."""
+    if asked is not None and asked != OWN_LAYOUT and asked not in LAYOUTS:
+        raise SlimkitError(f"unknown artifact layout '{asked}': choose one of {', '.join([*LAYOUTS, OWN_LAYOUT])}")
+
+
+def choose_layout(model: nn.Module, records: dict, asked: str | None) -> tuple[str, str | None]:
+    """(layout, why only slimkit reads it or None). `asked`: a layout name, or None for the first that is exact."""
+    check_layout(asked)
+    if not records:
+        if asked not in (None, OWN_LAYOUT):
+            raise SlimkitError(f"{asked} holds quantized layers and this model has none: save it without a layout (plain Hugging Face files)")
+        return PLAIN_LAYOUT, None
+    if asked == OWN_LAYOUT:
+        return OWN_LAYOUT, "asked for"
+    reshaped = any(not RECORDS[key].own_weights for key in records)
+    reasons = {}
+    for name, layout in LAYOUTS.items():
+        if asked in (None, name):
+            reasons[name] = "layer shapes that config.json cannot express" if reshaped else layout.unfit(model)
+            if reasons[name] is None:
+                return name, None
+    if asked is not None:
+        raise SlimkitError(f"{asked} cannot hold this model exactly ({reasons[asked]}): save it in slimkit's own layout "
+                           "(--layout slimkit), or quantize with a method it holds: int4-wo, int8-wo, gptq or awq with "
+                           "symmetric=true and embeddings=false, or int8-dynamic without smooth_alpha")
+    return OWN_LAYOUT, "; ".join(sorted(set(reasons.values()))) or "no standard layout registered"
+
+
+def mark_slimkit_only(path: Path, why: str) -> None:
+    """Make config.json fail loudly in transformers and vLLM, naming slimkit.load."""
+    config = json.loads((path / "config.json").read_text())
+    text = SLIMKIT_ONLY.format(why=why)
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": OWN_LAYOUT,
+                                     "config_groups": {OWN_LAYOUT: {"targets": ["Linear"], "weights": {"num_bits": 8, "type": text}}}}
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save(
     model: LoadedModel,
     out: str | os.PathLike,
@@ -82,19 +156,30 @@ def save(
     metrics: dict | None = None,
     overwrite: bool = False,
     keep: tuple[str, ...] | list[str] = (),
+    layout: str | None = None,
 ) -> Path:
     """Write `model` as an artifact directory at `out`, atomically; return its path.
 
     `keep`: entries of an existing `out` to carry into the new artifact
     (training logs or checkpoints a recipe wrote there); they are not hashed.
+    `layout`: how modules that config.json cannot describe are stored: None takes
+    the first registered standard layout that holds the model exactly
+    (compressed-tensors), else slimkit's own, whose config.json makes plain
+    transformers fail with a message naming slimkit.load; a name insists on it.
     """
     quiet_transformers()
+    records = {key: entry for key, r in RECORDS.items() if (entry := r.describe(model.model))}
+    chosen, why = choose_layout(model.model, records, layout)
     with staging(out, overwrite, "the artifact") as tmp:
-        records = {key: entry for key, r in RECORDS.items() if (entry := r.describe(model.model))}
-        if any(RECORDS[key].own_weights for key in records):
+        if chosen in LAYOUTS:
+            LAYOUTS[chosen].write(model.model, tmp)
+        elif any(RECORDS[key].own_weights for key in records):
             _save_state(model.model, tmp)
         else:
             model.model.save_pretrained(tmp, safe_serialization=True)
+        if why is not None:
+            mark_slimkit_only(tmp, why)
+            note(f"{out} is in slimkit's own layout ({why}): transformers and vLLM refuse it; slimkit.load reads it")
         model.tokenizer.save_pretrained(tmp)
         write_layout(model.sentence, tmp)  # an encoder stays a sentence-transformers model
         manifest = {
@@ -108,6 +193,8 @@ def save(
             "recipe": recipe if recipe is not None else model.manifest.get("recipe", []),
             "metrics": metrics or {},
             "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+            "layout": chosen,
+            **({"slimkit_only": why} if why is not None else {}),
             **records,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -148,10 +235,12 @@ def load_artifact(path: Path, *, source: str | None = None, dtype: torch.dtype |
     manifest = read_manifest(path)
     verify_files(path, manifest)
     config = read_config(path)
+    if hasattr(config, "quantization_config"):  # compressed-tensors' or slimkit's marker: the modules come from the manifest
+        del config.quantization_config
     kind = manifest["kind"]
     records = {key: manifest[key] for key in RECORDS if manifest.get(key)}
     if records:
-        model = _rebuild(path, kind, config, records, dtype)
+        model = _rebuild(path, kind, config, records, manifest, dtype)
     else:
         model = read_weights(path, kind, config, dtype or "auto")
     tokenizer = read_tokenizer(path)
@@ -168,7 +257,7 @@ def _save_state(model: nn.Module, out: Path) -> None:
     save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _rebuild(path: Path, kind: str, config, records: dict[str, dict], dtype: torch.dtype | None) -> nn.Module:
+def _rebuild(path: Path, kind: str, config, records: dict[str, dict], manifest: dict, dtype: torch.dtype | None) -> nn.Module:
     """Build from `config`, put the recorded modules in place, then load the safetensors weights into them."""
     from safetensors.torch import load_file
 
@@ -185,6 +274,11 @@ def _rebuild(path: Path, kind: str, config, records: dict[str, dict], dtype: tor
     model = auto_class(kind).from_config(config, dtype=dtype or saved or first)
     for key, entry in records.items():
         RECORDS[key].rebuild(model, entry)
+    layout = manifest.get("layout", OWN_LAYOUT)
+    if layout not in (OWN_LAYOUT, PLAIN_LAYOUT):
+        if layout not in LAYOUTS:
+            raise SlimkitError(f"{path} is stored in the {layout} layout, which this slimkit cannot read: upgrade slimkit")
+        state = LAYOUTS[layout].read(state, manifest)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimkit.core.arch import CAUSAL_LM, CLASSIFIER, ENCODER, detect_kind
-from slimkit.io.artifacts import RECORDS, read_manifest
+from slimkit.io.artifacts import OWN_LAYOUT, RECORDS, read_manifest
 from slimkit.io.files import read_config
 from slimkit.io.model import MANIFEST
 
@@ -98,6 +98,9 @@ def serving_lines(ways: list[Serving]) -> list[str]:
 
 def plain_loadable(path: Path, manifest: dict) -> tuple[bool, str]:
     """Whether config.json describes every weight in `path` (so plain loaders build the right model), and if not, why."""
+    if "layout" in manifest:  # a slimkit artifact says which layout it was saved in, and why not a standard one
+        only = manifest["layout"] == OWN_LAYOUT
+        return not only, f"it is in slimkit's own layout ({manifest.get('slimkit_only') or 'no standard equivalent'})" if only else ""
     config = json.loads((path / "config.json").read_text())
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method == COMPRESSED_TENSORS:

@@ -43,7 +43,7 @@ from slimkit.core.options import apply
 from slimkit.core.registry import Context
 from slimkit.io.loader import load
 from slimkit.io.model import LoadedModel
-from slimkit.quantization import aliases, awq, cast, dynamic_int8, gptq, mixed, qat, static_int8, weight_only  # noqa: F401  (they register)
+from slimkit.quantization import aliases, awq, cast, checkpoint, dynamic_int8, gptq, mixed, qat, static_int8, weight_only  # noqa: F401  (they register)
 
 
 def quantize(model: LoadedModel | str, method: str, *, data: TextSource | str | None = None, seed: int = 0,

@@ -1,0 +1,196 @@
+"""compressed-tensors checkpoints: quantized layers in the layout llm-compressor writes and
+transformers and vLLM read, wherever its numbers are exactly slimkit's.
+
+    slimkit module                               compressed-tensors scheme (format)
+    WeightOnlyLinear, symmetric                  int weights, symmetric, group or channel (pack-quantized)
+                                                 q in [-2^(b-1), 2^(b-1) - 1], w = q * s
+    Int8DynamicLinear without smoothing          int8 weights per channel x dynamic per-token
+                                                 symmetric int8 activations, W8A8 (int-quantized)
+
+Writing goes through compressed-tensors itself, as llm-compressor does: a float copy of
+the model holds each layer's dequantized weight, `apply_quantization_config` attaches
+the schemes, slimkit's scales are set, and `ModelCompressor` quantizes and packs. Scales are written in fp32 (slimkit keeps fp16 per group; widening is exact),
+because compressed-tensors dequantizes in the scale's dtype: so its decompressed weight is
+slimkit's fp32 dequantized weight bit for bit. Every save reads the packed tensors back
+and compares them with slimkit's before the artifact is published.
+
+Reading back (`read`) unpacks the same tensors into slimkit's modules, which keep their
+CPU kernels (int4pack, int8pack, int8 x int8).
+
+Kept in slimkit's own layout (its config.json makes plain loaders fail, naming
+slimkit.load), with the reason in the manifest:
+  * no exact equivalent: float zero points (w = u * s + m, the default of int4-wo, gptq
+    and awq), AWQ input scales left in a layer, SmoothQuant's per-layer factors (q, k and
+    v read one norm with three different factors, so they cannot fold into it), static
+    int8 activations (slimkit's symmetric grid stops at -127, compressed-tensors' at -128),
+    NF4;
+  * an exact equivalent that transformers 5.25 cannot load: integer zero points
+    (w = (u - z) * s is zp = z - 2^(b-1) on the signed grid q = u - 2^(b-1)), because
+    compressed-tensors 0.20 packs zero points 8 to an int32 along the output channels
+    when it writes and the loader expects them unpacked (size mismatch; known upstream as
+    llm-compressor issue 1618); quantized embeddings and the heads tied to them
+    (transformers reads the embedding's `weight`, which compressed-tensors replaced);
+    GPT-2's Conv1D layers, which compressed-tensors does not quantize, so transformers
+    would load them as missing weights, at random.
+
+Activations: compressed-tensors' own fake quantization (what transformers runs) scales a
+token by absmax / 127.5, vLLM and slimkit by absmax / 127; the stored tensors are the
+same either way.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimkit.core.errors import SlimkitError
+from slimkit.core.selection import set_module
+from slimkit.io.artifacts import Layout, register_layout
+from slimkit.quantization import formats as Q
+from slimkit.quantization.modules import Int8DynamicLinear, WeightOnlyLinear
+
+NAME = "compressed-tensors"
+
+
+def _why_not(module: nn.Module) -> str | None:
+    if isinstance(module, WeightOnlyLinear):
+        if module.inv_input_scale is not None:
+            return "AWQ input scales kept in a layer"
+        if not module.symmetric:
+            return "asymmetric grids (use symmetric=true; transformers 5 cannot load compressed-tensors' packed zero points)"
+        return None
+    if isinstance(module, Int8DynamicLinear):
+        return "SmoothQuant factors (smooth_alpha)" if module.inv_smooth is not None else None
+    if module.fmt in ("int8-embedding", "tied-int8-head", "tied-embedding"):
+        return "quantized embeddings, which transformers 5 cannot load from compressed-tensors: quantize with embeddings=false"
+    return f"{module.fmt} modules"
+
+
+def unfit(model: nn.Module) -> str | None:
+    """Why `model`'s quantized modules have no exact compressed-tensors equivalent, or None.
+
+    Besides the numbers, the layer a loader builds from config.json must be an nn.Linear:
+    compressed-tensors quantizes nothing else, so GPT-2's Conv1D layers would load as
+    missing weights, at random."""
+    if importlib.util.find_spec("compressed_tensors") is None:
+        return "the compressed-tensors package is not installed (pip install compressed-tensors)"
+    reasons = {r for m in model.modules() if hasattr(m, "fmt") and (r := _why_not(m))}
+    with torch.device("meta"):
+        built = dict(type(model)(copy.deepcopy(model.config)).named_modules())  # what from_pretrained builds, no memory
+    if any(type(built.get(n)) is not nn.Linear for n, m in model.named_modules() if hasattr(m, "fmt") and not _why_not(m)):
+        reasons.add("layers that are not nn.Linear in transformers (GPT-2's Conv1D), which compressed-tensors does not quantize")
+    return "; ".join(sorted(reasons)) or None
+
+
+def _scheme_key(module: nn.Module) -> tuple:
+    if isinstance(module, Int8DynamicLinear):
+        return ("w8a8",)
+    return ("weight-only", module.bits, module.group_size)
+
+
+def _scheme(key: tuple, targets: list[str]):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    if key[0] == "w8a8":
+        weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+        tokens = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+        return QuantizationScheme(targets=targets, weights=weights, input_activations=tokens, format="int-quantized")
+    _, bits, group = key
+    strategy = dict(strategy="group", group_size=group) if group else dict(strategy="channel")
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, **strategy)
+    return QuantizationScheme(targets=targets, weights=weights, format="pack-quantized")
+
+
+def _qparams(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dequantized weight (N, K) fp32, scale (N, G) fp32) of a symmetric module."""
+    if isinstance(module, Int8DynamicLinear):
+        scale = module.weight_scale.float()[:, None]  # (N, 1)
+        return module.weight_q.float() * scale, scale
+    return module.dequantize(torch.float32), module.scale.float()
+
+
+def write(model: nn.Module, out: Path) -> None:
+    """config.json with compressed-tensors' quantization_config, the compressed weights, the generation config."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+
+    quantized = {n: m for n, m in model.named_modules() if hasattr(m, "fmt")}
+    plain = copy.deepcopy(model)
+    groups: dict[tuple, list[str]] = {}
+    params = {}
+    with torch.no_grad():
+        for name, module in quantized.items():
+            w, scale = _qparams(module)
+            layer = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            layer.weight.copy_(w)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias.float())
+            set_module(plain, name, layer)
+            groups.setdefault(_scheme_key(module), []).append(name)
+            params[name] = scale
+    schemes = {f"group_{i}": _scheme(key, names) for i, (key, names) in enumerate(groups.items())}
+    formats = {s.format for s in schemes.values()}
+    config = QuantizationConfig(config_groups=schemes, format=formats.pop() if len(formats) == 1 else "mixed-precision")
+    apply_quantization_config(plain, config, show_progress=False)
+    with torch.no_grad():
+        for name, scale in params.items():
+            layer = plain.get_submodule(name)
+            layer.weight_scale.data = scale.reshape(layer.weight_scale.shape).clone()
+    compressor = ModelCompressor(quantization_config=config)
+    compressor.compress_model(plain)
+    plain.save_pretrained(out, safe_serialization=True)
+    compressor.update_config(str(out))
+    _check_written(model, out, quantized)
+
+
+def _check_written(model: nn.Module, out: Path, quantized: dict[str, nn.Module]) -> None:
+    """Read the written tensors back into slimkit's layout: they must be the model's own, exactly."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(out.glob("*.safetensors")):
+        state.update(load_file(f))
+    specs = {"modules": {n: m.spec() for n, m in quantized.items()}}
+    own = read(state, specs)
+    for name, tensor in model.state_dict().items():
+        if name.rpartition(".")[0] in quantized and not torch.equal(own[name].to(tensor.dtype), tensor):
+            raise SlimkitError(f"compressed-tensors did not store {name} exactly (compressed-tensors "
+                               f"{_ct_version()}): save it with layout slimkit (--layout slimkit) and report this")
+
+
+def _ct_version() -> str:
+    import compressed_tensors
+
+    return compressed_tensors.__version__
+
+
+def read(state: dict, manifest: dict) -> dict:
+    """The compressed-tensors tensors of the manifest's quantized modules, in slimkit's names and layout."""
+    try:
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    except ImportError as exc:
+        raise SlimkitError("this artifact is stored as compressed-tensors: pip install 'compressed-tensors>=0.20' to load it") from exc
+
+    state = dict(state)
+    for name, spec in manifest.get("modules", {}).items():
+        fmt = spec.get("format")
+        if fmt == Int8DynamicLinear.fmt:
+            state[f"{name}.weight_q"] = state.pop(f"{name}.weight")
+            state[f"{name}.weight_scale"] = state.pop(f"{name}.weight_scale").float().reshape(-1)
+            continue
+        if fmt != WeightOnlyLinear.fmt:
+            raise SlimkitError(f"module {name} ({fmt}) cannot be stored as compressed-tensors: the artifact is damaged; save it again")
+        bits = spec["bits"]
+        shape = state.pop(f"{name}.weight_shape")
+        q = unpack_from_int32(state.pop(f"{name}.weight_packed"), bits, shape)  # (N, K) int8 in [-2^(b-1), 2^(b-1) - 1]
+        state[f"{name}.qweight"] = q if bits == 8 else Q.pack_int4((q + 8).to(torch.uint8))  # int4 stored offset to [0, 15]
+        scale = state.pop(f"{name}.weight_scale")  # (N, G) fp32
+        state[f"{name}.scale"] = scale.to(Q.scale_dtype(spec["group_size"]))
+    return state
+
+
+register_layout(Layout(NAME, unfit, write, read))
