@@ -49,6 +49,7 @@ from slimkit.io.model import LoadedModel
 TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 METHODS = ("awq", "gptq")
 ARCHITECTURES = {"llama": "llama"}  # Hugging Face model_type -> llama.cpp architecture (q/k rope-permuted)
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # gguf.LlamaFileType
 PRE_TOKENIZERS = {  # the HF pre-tokenizer's layout -> llama.cpp's name for the same splitting
     ("Digits", "ByteLevel"): "smollm",
     ("ByteLevel",): "gpt-2",
@@ -107,7 +108,7 @@ def export_gguf(lm: LoadedModel, out: str | os.PathLike, config, *, overwrite: b
 
 
 def write(model: torch.nn.Module, tokenizer, arch: str, quantize: str, path: Path, name: str) -> dict:
-    """Write the GGUF file; return what each tensor became (for the summary and tests)."""
+    """Write the GGUF file; return what each tensor became (also stored in it, as `slimkit.tensor_sources`)."""
     from gguf import GGUFWriter
 
     writer = GGUFWriter(path, arch)
@@ -123,9 +124,6 @@ def write(model: torch.nn.Module, tokenizer, arch: str, quantize: str, path: Pat
     writer.write_tensors_to_file()
     writer.close()
     return report
-
-
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # gguf.LlamaFileType
 
 
 def add_hparams(writer, model: torch.nn.Module) -> None:
