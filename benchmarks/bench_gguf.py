@@ -4,7 +4,7 @@
 
 Every file is exported from slimkit's SmolLM2-135M (`slimkit export --format gguf`) and loaded
 by llama.cpp through llama-cpp-python. Each row is checked first: its logits on a fixed prompt
-against slimkit's own reading of the same file (`slimkit.load(file)`, the dequantized model),
+against PyTorch running the same file's weights, dequantized (what `slimkit.load(file)` reads),
 then measured by slimkit's harness through `benchmarks/llamacpp_model.py`: perplexity on the
 evaluation split (the same token windows for every row, tokenized once by slimkit's
 tokenizer) and decode tokens/s after a 64-token prompt, every row taking one turn per round.
@@ -149,11 +149,34 @@ def llama_quantize_imatrix(llama_cpp, src: Path, dst: Path, imatrix: dict[str, n
         raise SystemExit("llama_model_quantize with an importance matrix failed")
 
 
-def logit_check(served, path: Path, ids: torch.Tensor) -> dict:
-    """llama.cpp's logits on the prompt against slimkit's dequantized reading of the same file."""
-    import slimkit
+def dequantized(lm, path: Path) -> torch.nn.Module:
+    """The PyTorch model holding the file's weights, dequantized (q/k rows back in Hugging Face's rotary order):
+    what `slimkit.load(file)` reads, without converting and caching a safetensors copy per file."""
+    import copy
 
-    ref = slimkit.load(str(path)).model
+    from gguf import MODEL_ARCH, GGUFReader, dequantize, get_tensor_name_map
+
+    model = copy.deepcopy(lm.model)
+    cfg = model.config
+    names = get_tensor_name_map(MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    with torch.no_grad():
+        for name, param in model.state_dict(keep_vars=True).items():
+            gname = names.get_name(name, try_suffixes=(".weight",))
+            if gname not in tensors:  # the tied head: the embedding
+                continue
+            t = tensors[gname]
+            w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(param.shape)
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = w.shape[0] // (cfg.hidden_size // cfg.num_attention_heads)
+                w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(param.shape)
+            param.copy_(w)
+    return model.eval()
+
+
+def logit_check(served, lm, path: Path, ids: torch.Tensor) -> dict:
+    """llama.cpp's logits on the prompt against the PyTorch model with the same file's dequantized weights."""
+    ref = dequantized(lm, path)
     with torch.no_grad():
         want = ref(input_ids=ids).logits[0]  # (T, V)
     got = served(input_ids=ids).logits[0]
@@ -213,11 +236,11 @@ def main() -> None:
     for label, path in files.items():
         model = LlamaCppModel(path, args.threads)
         served[label] = LoadedModel(model, lm.tokenizer, CAUSAL_LM, f"llama.cpp {path.name}", path=None)  # slimkit's tokens for every row
-        check = logit_check(model, path, ids)
+        check = logit_check(model, lm, path, ids)
         q = slimkit.evaluate(served[label], config=eval_cfg)
         rows[label] = {"path": path, "ppl": q.perplexity, "tokens": q.tokens, "check": check, "tps": [],
                        "size": path.stat().st_size / 2**20, "types": tensor_types(path)}
-        log(f"{label}: ppl {q.perplexity:.3f}, logits vs slimkit's reading rel L2 {check['rel_l2']:.2e}, top-1 {check['top1']:.2f}")
+        log(f"{label}: ppl {q.perplexity:.3f}, logits vs PyTorch on the dequantized file rel L2 {check['rel_l2']:.2e}, top-1 {check['top1']:.2f}")
     bench = BenchConfig(seq_len=64, batch_sizes=(1,), new_tokens=args.new_tokens, warmup=1, min_iters=1, min_seconds=0,
                         decode_repeats=1, threads=args.threads, measure_size=False)
     for r in range(args.rounds):
@@ -233,7 +256,7 @@ def main() -> None:
     print(f"\nSmolLM2-135M GGUF files in llama.cpp {llama_cpp.__version__}: perplexity on {fp32['tokens']} tokens of the "
           f"evaluation split (PyTorch fp32: {torch_q.perplexity:.3f}); decode {args.new_tokens} tokens after a 64-token prompt, "
           f"median of {args.rounds} rotated rounds, {args.threads} threads.\n")
-    print("| file | tensor types | size MiB | perplexity | vs fp32 | vs llama.cpp Q4_0 | decode tok/s | vs llama.cpp Q4_0 | logits vs slimkit (rel L2, top-1) |")
+    print("| file | tensor types | size MiB | perplexity | vs fp32 | vs llama.cpp Q4_0 | decode tok/s | vs llama.cpp Q4_0 | logits vs its dequantized weights in PyTorch (rel L2, top-1) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, row in rows.items():
         c = row["check"]
