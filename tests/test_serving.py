@@ -46,14 +46,22 @@ def test_a_float_artifact_loads_as_printed_in_transformers_and_slimkit(float_art
 def test_a_slimkit_quantized_artifact_is_served_by_slimkit_only(tiny, tmp_path):
     path = slimkit.save(slimkit.quantize(slimkit.load(tiny("llama")), "int4-wo"), tmp_path / "q")
     (way,) = how_to_serve(path)
-    assert way.runtime == "slimkit" and "config.json does not describe the layers listed under 'modules' in slimkit.json" in way.lines[0]
+    assert way.runtime == "slimkit" and "slimkit's own layout: asymmetric grids" in way.lines[0]
     assert "slimkit export" in way.lines[0]
+
+
+def test_a_compressed_tensors_artifact_is_served_by_transformers_and_vllm(tiny, tmp_path):
+    q = slimkit.quantize(slimkit.load(tiny("llama")), "int4-wo", symmetric=True, embeddings=False)
+    path = slimkit.save(q, tmp_path / "q")
+    ways = how_to_serve(path)
+    assert [w.runtime for w in ways] == ["transformers", "vLLM server", "vLLM", "slimkit"]
+    assert "compressed-tensors" in ways[0].requires
 
 
 def test_bert_heads_pruned_apart_from_the_config_are_served_by_slimkit_only(tiny, tmp_path):
     path = slimkit.save(slimkit.prune(slimkit.load(tiny("bert")), "structured", head_groups=1, importance="magnitude-l1"), tmp_path / "p")
     (way,) = how_to_serve(path)
-    assert way.runtime == "slimkit" and "listed under 'pruned_shapes'" in way.lines[0]
+    assert way.runtime == "slimkit" and "layer shapes that config.json cannot express" in way.lines[0]
 
 
 def _hf_copy(src, dst, quant_method):

@@ -196,9 +196,12 @@ def distill_cmd(
 @command("export")
 def export_cmd(
     model: ModelArg,
-    out_dir: Annotated[str, typer.Option("--out", help="directory to write (new or empty)")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx, onnxruntime, ort-genai or tensorrt")] = "onnx",
-    quantize: Annotated[str | None, typer.Option(help="onnxruntime: int8, int8-static, int4; ort-genai: int4; tensorrt: fp16, int8")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out", help="directory to write (new or empty); gguf: the file (default MODEL-TYPE.gguf)")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx, onnxruntime, ort-genai, tensorrt or gguf")] = "onnx",
+    quantize: Annotated[str | None, typer.Option(help="onnxruntime: int8, int8-static, int4; ort-genai: int4; tensorrt: fp16, int8; "
+                                                      "gguf: f32, f16 (default), q8_0, q4_0, q4_1")] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="gguf: quantize with awq or gptq on the type's grid first, "
+                                                                       "then carry the codes exactly")] = None,
     block_size: Annotated[int, typer.Option(help="int4: weights per quantization block")] = 32,
     accuracy_level: Annotated[int, typer.Option(help="ort-genai int4/int8: 4 = int8 activations (fast), 0 = fp32 (exact)")] = 4,
     optimize: Annotated[bool, typer.Option(help="onnxruntime: apply transformer fusions")] = True,
@@ -210,9 +213,13 @@ def export_cmd(
     max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
-    """Export to a deployment runtime (ONNX, ONNX Runtime, onnxruntime-genai, TensorRT), parity-checked."""
+    """Export to a deployment runtime (ONNX, ONNX Runtime, onnxruntime-genai, TensorRT, a GGUF file for llama.cpp), checked."""
     config = ExportConfig(fmt, quantize, exporter=exporter, tolerance=tolerance, optimize=optimize, block_size=block_size,
-                          accuracy_level=accuracy_level)
+                          accuracy_level=accuracy_level, method=method)
+    if out_dir is None:
+        if fmt != "gguf":
+            raise SlimkitError(f"export needs --out: e.g. slimkit export {model} --format {fmt} --out ./exported")
+        out_dir = f"{Path(model).name.removesuffix('.gguf')}-{config.quantize}.gguf"
     check_memory("export", model, max_memory)
     lm = load_model(model, "auto", threads, trust_remote_code)
     path = export(lm, out_dir, config, overwrite=overwrite)

@@ -11,11 +11,14 @@ Formats
   ort-genai    a decoder LLM as an onnxruntime-genai model directory: fp32, the
                builder's int4, or a slimkit-quantized model's own codes carried
                exactly into MatMulNBits (see `genai_weights.py`)
+  gguf         one GGUF file for llama.cpp and Ollama (f32, f16, q8_0, q4_0,
+               q4_1), a slimkit-quantized model's codes carried exactly where
+               its grid is the type's (see `gguf.py`)
   tensorrt     a TensorRT engine for encoders and classifiers: fp32, fp16, or
                int8 from a calibrated Q/DQ graph; needs CUDA and TensorRT 10
                (see `tensorrt.py`; untested on a GPU in this version)
 
-An exported directory is a slimkit artifact whose manifest (`slimkit.json`,
+Every format but gguf writes a directory; an exported directory is a slimkit artifact whose manifest (`slimkit.json`,
 same conventions as `slimkit.io.artifacts`: written last, SHA-256 of every file,
 temporary directory renamed into place) carries `"runtime"`; `slimkit.load`
 dispatches on it, so the directory is evaluated and benchmarked through the
@@ -30,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from slimkit.core.errors import SlimkitError
-from slimkit.exporters import onnxruntime, ort_genai, runtime, tensorrt  # noqa: F401  (runtime: serves exported directories)
+from slimkit.exporters import gguf, onnxruntime, ort_genai, runtime, tensorrt  # noqa: F401  (runtime: serves exported directories)
 from slimkit.io.artifacts import FORMAT, FORMAT_VERSION, staging, versions
 from slimkit.io.files import file_sha256
 from slimkit.io.loader import load
@@ -42,6 +45,7 @@ FORMATS = {
     "onnxruntime": "ONNX Runtime: transformer fusions, int8 / int8-static / int4 quantization",
     "ort-genai": "decoder LLMs through onnxruntime-genai (KV cache, fp32 or int4)",
     "tensorrt": "TensorRT engine (fp16 / int8), needs CUDA",
+    "gguf": "one GGUF file for llama.cpp / Ollama (f16, q8_0, q4_0, q4_1)",
 }
 BUILDERS = {"onnx": onnxruntime.build, "onnxruntime": onnxruntime.build, "ort-genai": ort_genai.build, "tensorrt": tensorrt.build}
 QUANTIZE = {
@@ -49,6 +53,7 @@ QUANTIZE = {
     "onnxruntime": (None, "int8", "int8-static", "int4"),
     "ort-genai": (None, "int4"),
     "tensorrt": (None, "fp16", "int8"),
+    "gguf": gguf.TYPES,
 }
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -66,15 +71,23 @@ class ExportConfig:
     accuracy_level: int = 4  # ort-genai MatMulNBits: 4 = int8 activations (fast on CPU), 0 = fp32 activations (exact)
     calibration_samples: int = 16  # int8-static: calibration sequences
     calibration_seq_len: int = 128
+    method: str | None = None  # gguf: quantize with this slimkit method (awq, gptq) on the type's grid first, then carry its codes
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise SlimkitError(f"unknown export format '{self.format}': use one of {', '.join(FORMATS)}")
+        if self.format == "gguf" and self.quantize is None:
+            object.__setattr__(self, "quantize", "f16")  # a GGUF file always has a type; f16 is llama.cpp's usual float one
         allowed = QUANTIZE[self.format]
         if self.quantize not in allowed:
             names = ", ".join(q for q in allowed if q) or "none"
             raise SlimkitError(f"--quantize {self.quantize} is not available for --format {self.format}: use {names}"
                                + (" or --format onnxruntime" if self.format == "onnx" else ""))
+        if self.method is not None and (self.format != "gguf" or self.method not in gguf.METHODS):
+            raise SlimkitError(f"--method {self.method} is not available for --format {self.format}: "
+                               f"use --format gguf with --method {' or '.join(gguf.METHODS)}")
+        if self.method is not None:
+            gguf.method_options(self.method, self.quantize)
         if self.exporter not in EXPORTERS:
             raise SlimkitError(f"unknown exporter '{self.exporter}': use one of {', '.join(EXPORTERS)}")
         if self.block_size not in (16, 32, 64, 128, 256):
@@ -90,11 +103,13 @@ class ExportConfig:
 
 def export(model: LoadedModel | str, out: str | os.PathLike, config: ExportConfig = ExportConfig(), *,
            overwrite: bool = False, tokenizer=None) -> Path:
-    """Export `model` to `out` for `config.format`, check it, and return the directory
-    (`model` may be a transformers model object with its `tokenizer=`)."""
+    """Export `model` to `out` for `config.format`, check it, and return the directory (gguf: the
+    file). `model` may be a transformers model object with its `tokenizer=`."""
     lm = load(model, tokenizer=tokenizer)
     if lm.manifest.get("runtime", "torch") != "torch":
         raise SlimkitError(f"{lm.name} is already exported for {lm.manifest['runtime']}: export the PyTorch model instead")
+    if config.format == "gguf":
+        return gguf.export_gguf(lm, out, config, overwrite=overwrite)
     with staging(out, overwrite, "the export") as tmp:
         info = BUILDERS[config.format](lm, tmp, config)
         lm.tokenizer.save_pretrained(tmp)
@@ -105,7 +120,9 @@ def export(model: LoadedModel | str, out: str | os.PathLike, config: ExportConfi
 
 
 def summary(path: Path) -> dict:
-    """What an export directory holds, for the CLI: runtime, precision, parity, size."""
+    """What an export directory (or GGUF file) holds, for the CLI: runtime, precision, parity, size."""
+    if path.is_file():
+        return gguf.summary(path)
     manifest = json.loads((path / MANIFEST).read_text())
     export_info = manifest.get("export", {})
     parity = {k: v.get("max_abs_diff") if v.get("metric") == "max_abs" else v.get("rel_l2")

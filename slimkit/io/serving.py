@@ -100,7 +100,7 @@ def plain_loadable(path: Path, manifest: dict) -> tuple[bool, str]:
     """Whether config.json describes every weight in `path` (so plain loaders build the right model), and if not, why."""
     if "layout" in manifest:  # a slimkit artifact says which layout it was saved in, and why not a standard one
         only = manifest["layout"] == OWN_LAYOUT
-        return not only, f"it is in slimkit's own layout ({manifest.get('slimkit_only') or 'no standard equivalent'})" if only else ""
+        return not only, f"slimkit's own layout: {manifest.get('slimkit_only') or 'no standard equivalent'}" if only else ""
     config = json.loads((path / "config.json").read_text())
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method == COMPRESSED_TENSORS:
