@@ -204,5 +204,5 @@ def _slimkit(where: str, why: str = "") -> Serving:
     """`why`: the reason plain loaders cannot read it, said with the way to a runtime that can."""
     lines = ("import slimkit", f"lm = slimkit.load({_py(where)})")
     if why:
-        lines = (f"# only slimkit reads this model ({why}); `slimkit export` it for ONNX Runtime or onnxruntime-genai",) + lines
+        lines = (f"# only slimkit reads this model ({why}); `slimkit export` it for ONNX Runtime, onnxruntime-genai or llama.cpp (--format gguf)",) + lines
     return Serving("slimkit", "python", lines)
