@@ -17,6 +17,7 @@ import slimkit
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import techniques
 from slimkit.core.selection import set_module
+from slimkit.quantization.embedding import Int8Embedding, TiedInt8Head
 from slimkit.quantization.modules import WeightOnlyLinear
 
 CAL = {"calibration_samples": 2, "seq_len": 32}
@@ -24,23 +25,23 @@ QAT = {"steps": 1, "seq_len": 32, "batch_size": 2, "calibration_samples": 2}
 MIXED = {"low": "int4-wo", "low_options": {"group_size": 32}, "high": "int8-wo", "max_kl": 10.0, "batch_size": 2, **CAL}
 # (how to make it, its options, the layout it must be saved in)
 CASES = {
-    "int4": ("quantize", "int4", {}, "slimkit"),
-    "int8": ("quantize", "int8", CAL, "slimkit"),
+    "int4": ("quantize", "int4", {}, "compressed-tensors"),
+    "int8": ("quantize", "int8", CAL, "slimkit"),  # AWQ scales that no layer before can absorb
     "int4-wo-sym": ("quantize", "int4-wo", {"symmetric": True, "embeddings": False}, "compressed-tensors"),
-    "int4-wo-integer-zero": ("quantize", "int4-wo", {"zero_point": "integer", "embeddings": False}, "slimkit"),
-    "int4-wo-float-zero": ("quantize", "int4-wo", {"embeddings": False}, "slimkit"),
+    "int4-wo-integer-zero": ("quantize", "int4-wo", {"zero_point": "integer", "embeddings": False}, "compressed-tensors"),
+    "int4-wo-float-zero": ("quantize", "int4-wo", {"embeddings": False}, "compressed-tensors"),
     "int8-wo": ("quantize", "int8-wo", {"embeddings": False}, "compressed-tensors"),
     "int8-wo-group": ("quantize", "int8-wo", {"group_size": 32, "embeddings": False}, "compressed-tensors"),
-    "int8-wo-embeddings": ("quantize", "int8-wo", {}, "slimkit"),
+    "int8-wo-embeddings": ("quantize", "int8-wo", {}, "compressed-tensors"),
     "int8-dynamic": ("quantize", "int8-dynamic", {}, "compressed-tensors"),
     "int8-dynamic-smooth": ("quantize", "int8-dynamic", {"smooth_alpha": 0.5, **CAL}, "slimkit"),
     "int8-static": ("quantize", "int8-static", CAL, "slimkit"),
     "nf4": ("quantize", "nf4", {}, "slimkit"),
-    "gptq": ("quantize", "gptq", CAL, "slimkit"),
+    "gptq": ("quantize", "gptq", CAL, "compressed-tensors"),
     "gptq-sym": ("quantize", "gptq", {"symmetric": True, "embeddings": False, **CAL}, "compressed-tensors"),
     "awq-sym": ("quantize", "awq", {"symmetric": True, "embeddings": False, "grid": 4, **CAL}, "compressed-tensors"),
-    "mixed": ("quantize", "mixed", MIXED, "slimkit"),
-    "qat": ("quantize", "qat", QAT, "slimkit"),
+    "mixed": ("quantize", "mixed", MIXED, "compressed-tensors"),
+    "qat": ("quantize", "qat", QAT, "compressed-tensors"),
     "qat-sym": ("quantize", "qat", {"symmetric": True, "embeddings": False, **QAT}, "compressed-tensors"),
     "bf16": ("quantize", "bf16", {}, "transformers"),
     "fp16": ("quantize", "fp16", {}, "transformers"),
@@ -127,8 +128,15 @@ def test_plain_transformers_loads_it_right_or_says_how(artifacts, case):
     assert rel(plain, ours) < TOLERANCE[manifest["layout"]], case
 
 
+def dequantized(module: torch.nn.Module) -> torch.Tensor:
+    """slimkit's fp32 weight of a quantized module (a tied int8 head: its embedding's rows)."""
+    module = getattr(module, "embedding", module)
+    return module.dequantize() if hasattr(module, "dequantize") else module.weight_q.float() * module.weight_scale[:, None]
+
+
 def test_compressed_tensors_decompresses_exactly(artifacts):
-    """compressed-tensors' own compressors give back slimkit's dequantized weights bit for bit."""
+    """compressed-tensors' own compressors give back slimkit's dequantized weights: bit for bit, or to
+    float rounding where a float offset becomes a float zero point ((q - lo) * s + m is (q - zp) * s)."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
@@ -145,8 +153,12 @@ def test_compressed_tensors_decompresses_exactly(artifacts):
                 module = dict(model.named_modules())[name]
                 local = {k.removeprefix(name + "."): v for k, v in state.items() if k.rpartition(".")[0] == name}
                 weight = compressor.decompress(local, scheme)["weight"]
-                expected = module.dequantize() if hasattr(module, "dequantize") else module.weight_q.float() * module.weight_scale[:, None]
-                assert torch.equal(weight, expected), (case, name)
+                expected = dequantized(module)
+                if getattr(module, "offset", None) is None:
+                    assert torch.equal(weight, expected), (case, name)
+                else:
+                    step = module.scale.float().repeat_interleave(module.group_size, dim=1)  # (N, K)
+                    assert ((weight - expected).abs() <= 1e-5 * step).all(), (case, name)
                 checked += 1
     assert checked
 
@@ -154,14 +166,17 @@ def test_compressed_tensors_decompresses_exactly(artifacts):
 @pytest.mark.parametrize("case", [c for c, spec in CASES.items() if spec[3] == "compressed-tensors" and spec[1] != "int8-dynamic"])
 def test_plain_transformers_computes_slimkits_dequantized_model(artifacts, case):
     """Weight-only: the gap to slimkit.load is its kernels' bf16 activations; against slimkit's
-    dequantized weights in fp32 (the same model, no kernel), plain transformers agrees to float rounding."""
+    dequantized weights (embeddings and heads included) in fp32 (the same model, no kernel), plain transformers agrees to float rounding."""
     path, _, plain = artifacts[case]
     model = slimkit.load(str(path)).model
     for name, module in list(model.named_modules()):
-        if isinstance(module, WeightOnlyLinear):
-            layer = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            layer.weight.data, layer.bias = module.dequantize(), module.bias
+        if isinstance(module, (WeightOnlyLinear, TiedInt8Head)):
+            w = dequantized(module)
+            layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=getattr(module, "bias", None) is not None)
+            layer.weight.data, layer.bias = w, getattr(module, "bias", None)
             set_module(model, name, layer)
+        elif isinstance(module, Int8Embedding):
+            set_module(model, name, torch.nn.Embedding.from_pretrained(dequantized(module), padding_idx=module.padding_idx))
     with torch.no_grad():
         assert rel(plain, model(IDS).logits.float()) < 1e-5
 

@@ -19,7 +19,7 @@ def test_quantize_then_eval_and_bench_the_artifact(tiny, tmp_path):
     out = tmp_path / "q"
     info = cli_json("quantize", str(tiny("llama")), "--method", "int4", "--out", str(out), "-o", "group_size=32", "-o", "symmetric=true")
     assert info["options"] == {"group_size": 32, "symmetric": True} and info["quantized_modules"] > 0
-    assert info["layout"] == "slimkit" and "quantized embeddings" in info["slimkit_only"]  # plain loaders are told to use slimkit
+    assert info["layout"] == "compressed-tensors" and "slimkit_only" not in info  # int8 rows and packed int4: plain loaders read it
     manifest = json.loads((out / "slimkit.json").read_text())
     assert manifest["recipe"][-1]["method"] == "int4-wo"
     ev = cli_json("eval", str(out), "--reference", str(tiny("llama")), "--max-tokens", "200", "--window", "64", "--stride", "32")

@@ -44,9 +44,9 @@ def test_a_float_artifact_loads_as_printed_in_transformers_and_slimkit(float_art
 
 
 def test_a_slimkit_quantized_artifact_is_served_by_slimkit_only(tiny, tmp_path):
-    path = slimkit.save(slimkit.quantize(slimkit.load(tiny("llama")), "int4-wo"), tmp_path / "q")
+    path = slimkit.save(slimkit.quantize(slimkit.load(tiny("llama")), "nf4"), tmp_path / "q")
     (way,) = how_to_serve(path)
-    assert way.runtime == "slimkit" and "slimkit's own layout: asymmetric grids" in way.lines[0]
+    assert way.runtime == "slimkit" and "slimkit's own layout: nf4 modules" in way.lines[0]
     assert "slimkit export" in way.lines[0]
 
 
@@ -56,6 +56,15 @@ def test_a_compressed_tensors_artifact_is_served_by_transformers_and_vllm(tiny, 
     ways = how_to_serve(path)
     assert [w.runtime for w in ways] == ["transformers", "vLLM server", "vLLM", "slimkit"]
     assert "compressed-tensors" in ways[0].requires
+
+
+def test_an_int8_per_weight_artifact_is_served_by_transformers_and_not_by_vllm(tiny, tmp_path):
+    """Asymmetric int4 with int8 embeddings (the default int4) is compressed-tensors' int-quantized format:
+    transformers reads it, vLLM has no scheme for weight-only layers that are not packed."""
+    path = slimkit.save(slimkit.quantize(slimkit.load(tiny("llama")), "int4"), tmp_path / "q")
+    ways = how_to_serve(path)
+    assert [w.runtime for w in ways] == ["transformers", "slimkit"]
+    assert ways[0].lines[-1].startswith("# not vLLM:") and "symmetric=true" in ways[0].lines[-1]
 
 
 def test_bert_heads_pruned_apart_from_the_config_are_served_by_slimkit_only(tiny, tmp_path):
@@ -157,4 +166,4 @@ def test_cli_commands_end_with_the_lines(tiny, tmp_path):
     assert f'model = AutoModelForCausalLM.from_pretrained("{tmp_path / "p"}")' in lines  # zeroed weights: still plain transformers
     proc = invoke_cli("quantize", str(tiny("llama")), "--method", "int4-wo", "--out", str(tmp_path / "q"), "--json")
     assert proc.returncode == 0, proc.stderr
-    assert [w["runtime"] for w in json.loads(proc.stdout)["serve"]] == ["slimkit"]
+    assert [w["runtime"] for w in json.loads(proc.stdout)["serve"]] == ["transformers", "slimkit"]  # int-quantized: not vLLM

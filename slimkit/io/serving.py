@@ -9,7 +9,9 @@ them and whatever formats are added later:
   model.onnx (or the manifest's graph) ONNX Runtime (not sentence-transformers' `backend="onnx"`:
                                       its Optimum needs transformers < 4.58, slimkit 5)
   the manifest's TensorRT engine      `trtexec --loadEngine`
-  *.safetensors + config.json         transformers `from_pretrained`, vLLM for causal LMs,
+  *.safetensors + config.json         transformers `from_pretrained`, vLLM for causal LMs
+                                      (not for weight-only layers stored one int8 per
+                                      weight: vLLM reads those only packed),
                                       sentence-transformers where modules.json is present;
                                       only when config.json describes the whole model:
                                       no quantization_config, or one whose quant_method is
@@ -140,7 +142,10 @@ def _transformers(path: Path, where: str, manifest: dict) -> list[Serving]:
         f"tokenizer = AutoTokenizer.from_pretrained({d})",
         use,
     ), "pip install compressed-tensors" if quantized else ""))
-    if kind == CAUSAL_LM:
+    refused = vllm_refuses(config)
+    if kind == CAUSAL_LM and refused:
+        ways[-1] = Serving("transformers", "python", ways[-1].lines + (f"# not vLLM: {refused}",), ways[-1].requires)
+    elif kind == CAUSAL_LM:
         ways.append(Serving("vLLM server", "shell", (f"vllm serve {shlex.quote(where)}",), "pip install vllm"))
         ways.append(Serving("vLLM", "python", (
             "from vllm import LLM",
@@ -148,6 +153,22 @@ def _transformers(path: Path, where: str, manifest: dict) -> list[Serving]:
             'print(llm.generate("Hello")[0].outputs[0].text)',
         ), "pip install vllm"))
     return ways
+
+
+def vllm_refuses(config: dict) -> str:
+    """Why vLLM cannot read this config.json's compressed-tensors layers, or "".
+
+    vLLM reads weight-only layers packed (pack-quantized) and int8 x int8 layers
+    (int-quantized with activations); weight-only layers stored one int8 per weight
+    (int-quantized: asymmetric grids, quantized embeddings) it has no scheme for."""
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != COMPRESSED_TENSORS:
+        return ""
+    for group in (quant.get("config_groups") or {}).values():
+        if group.get("input_activations") is None and (group.get("format") or quant.get("format")) != "pack-quantized":
+            return ("it reads weight-only layers packed, and these store one int8 per weight (asymmetric grids or quantized "
+                    "embeddings): quantize with symmetric=true and embeddings=false for vLLM")
+    return ""
 
 
 def _gguf(file: Path, where: str) -> list[Serving]:

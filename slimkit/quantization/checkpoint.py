@@ -4,34 +4,42 @@ transformers and vLLM read, wherever its numbers are exactly slimkit's.
     slimkit module                               compressed-tensors scheme (format)
     WeightOnlyLinear, symmetric                  int weights, symmetric, group or channel (pack-quantized)
                                                  q in [-2^(b-1), 2^(b-1) - 1], w = q * s
+    WeightOnlyLinear, asymmetric                 int weights with zero points (int-quantized: one int8
+                                                 per weight), w = (q - zp) * s; float offsets
+                                                 (w = (q - lo) * s + m) are float zero points
+                                                 zp = lo - m / s, integer ones zp = lo + z
+    Int8Embedding and the head tied to it        int8 rows, symmetric per row (int-quantized); the
+                                                 head is written as its own copy of the rows
     Int8DynamicLinear without smoothing          int8 weights per channel x dynamic per-token
                                                  symmetric int8 activations, W8A8 (int-quantized)
 
 Writing goes through compressed-tensors itself, as llm-compressor does: a float copy of
 the model holds each layer's dequantized weight, `apply_quantization_config` attaches
-the schemes, slimkit's scales are set, and `ModelCompressor` quantizes and packs. Scales are written in fp32 (slimkit keeps fp16 per group; widening is exact),
-because compressed-tensors dequantizes in the scale's dtype: so its decompressed weight is
-slimkit's fp32 dequantized weight bit for bit. Every save reads the packed tensors back
-and compares them with slimkit's before the artifact is published.
+the schemes, slimkit's scales (and zero points) are set, and `ModelCompressor` quantizes
+and packs. Scales and zero points are written in fp32 (slimkit keeps fp16 per group;
+widening is exact), because compressed-tensors dequantizes in the scale's dtype: so its
+decompressed weight is slimkit's fp32 dequantized weight to float rounding. Every save
+reads the tensors back and compares them with slimkit's before the artifact is published.
 
-Reading back (`read`) unpacks the same tensors into slimkit's modules, which keep their
+Why asymmetric grids are int-quantized, not packed: compressed-tensors 0.20 packs zero
+points 8 to an int32 along the output channels when it writes, and transformers 5.25
+expects them unpacked (a size mismatch at load; known upstream as llm-compressor issue
+1618); float zero points cannot be packed at all. The price is disk: one byte per 4-bit
+weight. `--layout slimkit` keeps slimkit's packed layout instead. Why a tied head is
+written twice: transformers ties the head to the embedding's parameter before
+compressed-tensors decompresses it, so a head without its own tensors would read int8.
+
+Reading back (`read`) turns the same tensors into slimkit's modules, which keep their
 CPU kernels (int4pack, int8pack, int8 x int8).
 
 Kept in slimkit's own layout (its config.json makes plain loaders fail, naming
-slimkit.load), with the reason in the manifest:
-  * no exact equivalent: float zero points (w = u * s + m, the default of int4-wo, gptq
-    and awq), AWQ input scales left in a layer, SmoothQuant's per-layer factors (q, k and
-    v read one norm with three different factors, so they cannot fold into it), static
-    int8 activations (slimkit's symmetric grid stops at -127, compressed-tensors' at -128),
-    NF4;
-  * an exact equivalent that transformers 5.25 cannot load: integer zero points
-    (w = (u - z) * s is zp = z - 2^(b-1) on the signed grid q = u - 2^(b-1)), because
-    compressed-tensors 0.20 packs zero points 8 to an int32 along the output channels
-    when it writes and the loader expects them unpacked (size mismatch; known upstream as
-    llm-compressor issue 1618); quantized embeddings and the heads tied to them
-    (transformers reads the embedding's `weight`, which compressed-tensors replaced);
-    GPT-2's Conv1D layers, which compressed-tensors does not quantize, so transformers
-    would load them as missing weights, at random.
+slimkit.load), with the reason in the manifest, where there is no exact equivalent:
+AWQ input or column scales left in a layer, SmoothQuant's per-layer factors (q, k and v
+read one norm with three different factors, so they cannot fold into it), static int8
+activations (slimkit's symmetric grid stops at -127, compressed-tensors' at -128), NF4,
+a 4-bit embedding read from its tied head's codes, and GPT-2's Conv1D layers, which
+compressed-tensors does not quantize, so transformers would load them as missing
+weights, at random.
 
 Activations: compressed-tensors' own fake quantization (what transformers runs) scales a
 token by absmax / 127.5, vLLM and slimkit by absmax / 127; the stored tensors are the
@@ -51,37 +59,40 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.selection import set_module
 from slimkit.io.artifacts import Layout, register_layout
 from slimkit.quantization import formats as Q
+from slimkit.quantization.embedding import Int8Embedding, TiedInt8Head
 from slimkit.quantization.modules import Int8DynamicLinear, WeightOnlyLinear
 
 NAME = "compressed-tensors"
+ROWS = (Int8Embedding.fmt, TiedInt8Head.fmt)  # int8 rows, the head tied to them reads the same
 
 
 def _why_not(module: nn.Module) -> str | None:
     if isinstance(module, WeightOnlyLinear):
-        if module.inv_input_scale is not None:
-            return "AWQ input scales kept in a layer"
-        if not module.symmetric:
-            return "asymmetric grids (use symmetric=true; transformers 5 cannot load compressed-tensors' packed zero points)"
-        return None
+        return "AWQ input scales kept in a layer" if module.inv_input_scale is not None else None
     if isinstance(module, Int8DynamicLinear):
         return "SmoothQuant factors (smooth_alpha)" if module.inv_smooth is not None else None
-    if module.fmt in ("int8-embedding", "tied-int8-head", "tied-embedding"):
-        return "quantized embeddings, which transformers 5 cannot load from compressed-tensors: quantize with embeddings=false"
+    if isinstance(module, Int8Embedding):
+        return "AWQ column scales on a tied embedding" if module.inv_column_scale is not None else None
+    if isinstance(module, TiedInt8Head):
+        return _why_not(module.embedding)
+    if module.fmt == "tied-embedding":
+        return "a 4-bit embedding read from its tied head's codes (quantize with embedding_bits=8)"
     return f"{module.fmt} modules"
 
 
 def unfit(model: nn.Module) -> str | None:
     """Why `model`'s quantized modules have no exact compressed-tensors equivalent, or None.
 
-    Besides the numbers, the layer a loader builds from config.json must be an nn.Linear:
-    compressed-tensors quantizes nothing else, so GPT-2's Conv1D layers would load as
-    missing weights, at random."""
+    Besides the numbers, the layer a loader builds from config.json must be an nn.Linear
+    (nn.Embedding for embeddings): compressed-tensors quantizes nothing else, so GPT-2's
+    Conv1D layers would load as missing weights, at random."""
     if importlib.util.find_spec("compressed_tensors") is None:
         return "the compressed-tensors package is not installed (pip install compressed-tensors)"
     reasons = {r for m in model.modules() if hasattr(m, "fmt") and (r := _why_not(m))}
     with torch.device("meta"):
         built = dict(type(model)(copy.deepcopy(model.config)).named_modules())  # what from_pretrained builds, no memory
-    if any(type(built.get(n)) is not nn.Linear for n, m in model.named_modules() if hasattr(m, "fmt") and not _why_not(m)):
+    wanted = {n: nn.Embedding if isinstance(m, Int8Embedding) else nn.Linear for n, m in model.named_modules() if hasattr(m, "fmt") and not _why_not(m)}
+    if any(type(built.get(n)) is not kind for n, kind in wanted.items()):
         reasons.add("layers that are not nn.Linear in transformers (GPT-2's Conv1D), which compressed-tensors does not quantize")
     return "; ".join(sorted(reasons)) or None
 
@@ -89,7 +100,10 @@ def unfit(model: nn.Module) -> str | None:
 def _scheme_key(module: nn.Module) -> tuple:
     if isinstance(module, Int8DynamicLinear):
         return ("w8a8",)
-    return ("weight-only", module.bits, module.group_size)
+    if module.fmt in ROWS:
+        return ("rows",)
+    zero = "none" if module.symmetric else "integer" if module.zero_point is not None else "float"
+    return ("weight-only", module.bits, module.group_size, zero)
 
 
 def _scheme(key: tuple, targets: list[str]):
@@ -99,18 +113,36 @@ def _scheme(key: tuple, targets: list[str]):
         weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
         tokens = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
         return QuantizationScheme(targets=targets, weights=weights, input_activations=tokens, format="int-quantized")
-    _, bits, group = key
+    if key[0] == "rows":
+        weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+        return QuantizationScheme(targets=targets, weights=weights, format="int-quantized")
+    _, bits, group, zero = key
     strategy = dict(strategy="group", group_size=group) if group else dict(strategy="channel")
-    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, **strategy)
-    return QuantizationScheme(targets=targets, weights=weights, format="pack-quantized")
+    if zero == "none":
+        weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, **strategy)
+        return QuantizationScheme(targets=targets, weights=weights, format="pack-quantized")
+    zp_dtype = torch.float32 if zero == "float" else torch.int8
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=False, zp_dtype=zp_dtype, **strategy)
+    return QuantizationScheme(targets=targets, weights=weights, format="int-quantized")
 
 
-def _qparams(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dequantized weight (N, K) fp32, scale (N, G) fp32) of a symmetric module."""
+def _qparams(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dequantized weight (N, K) fp32, scale (N, G) fp32, zero point (N, G) or None) of a module."""
+    if module.fmt in ROWS:
+        emb = module if isinstance(module, Int8Embedding) else module.embedding
+        scale = emb.weight_scale.float()[:, None]  # (V, 1)
+        return emb.weight_q.float() * scale, scale, None
     if isinstance(module, Int8DynamicLinear):
         scale = module.weight_scale.float()[:, None]  # (N, 1)
-        return module.weight_q.float() * scale, scale
-    return module.dequantize(torch.float32), module.scale.float()
+        return module.weight_q.float() * scale, scale, None
+    scale, lo = module.scale.float(), Q.qrange(module.bits)[0]
+    if module.offset is not None:
+        zero = lo - module.offset.float() / scale  # (q - lo) * s + m = (q - zp) * s
+    elif module.zero_point is not None:
+        zero = (lo + module.zero_point.to(torch.int16)).to(torch.int8)  # (q - lo - z) * s
+    else:
+        zero = None
+    return module.dequantize(torch.float32), scale, zero
 
 
 def write(model: nn.Module, out: Path) -> None:
@@ -124,22 +156,27 @@ def write(model: nn.Module, out: Path) -> None:
     params = {}
     with torch.no_grad():
         for name, module in quantized.items():
-            w, scale = _qparams(module)
-            layer = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            w, scale, zero = _qparams(module)
+            if isinstance(module, Int8Embedding):
+                layer = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx)
+            else:
+                layer = nn.Linear(w.shape[1], w.shape[0], bias=getattr(module, "bias", None) is not None)  # (N, K)
+                if layer.bias is not None:
+                    layer.bias.copy_(module.bias.float())
             layer.weight.copy_(w)
-            if module.bias is not None:
-                layer.bias.copy_(module.bias.float())
             set_module(plain, name, layer)
             groups.setdefault(_scheme_key(module), []).append(name)
-            params[name] = scale
+            params[name] = scale, zero
     schemes = {f"group_{i}": _scheme(key, names) for i, (key, names) in enumerate(groups.items())}
     formats = {s.format for s in schemes.values()}
     config = QuantizationConfig(config_groups=schemes, format=formats.pop() if len(formats) == 1 else "mixed-precision")
     apply_quantization_config(plain, config, show_progress=False)
     with torch.no_grad():
-        for name, scale in params.items():
+        for name, (scale, zero) in params.items():
             layer = plain.get_submodule(name)
             layer.weight_scale.data = scale.reshape(layer.weight_scale.shape).clone()
+            if zero is not None:
+                layer.weight_zero_point.data = zero.reshape(layer.weight_zero_point.shape).clone()
     compressor = ModelCompressor(quantization_config=config)
     compressor.compress_model(plain)
     plain.save_pretrained(out, safe_serialization=True)
@@ -181,16 +218,35 @@ def read(state: dict, manifest: dict) -> dict:
         if fmt == Int8DynamicLinear.fmt:
             state[f"{name}.weight_q"] = state.pop(f"{name}.weight")
             state[f"{name}.weight_scale"] = state.pop(f"{name}.weight_scale").float().reshape(-1)
-            continue
-        if fmt != WeightOnlyLinear.fmt:
+        elif fmt == Int8Embedding.fmt:
+            state[f"{name}.weight_q"] = state.pop(f"{name}.weight")
+            state[f"{name}.weight_scale"] = state.pop(f"{name}.weight_scale").float().reshape(-1)
+        elif fmt == TiedInt8Head.fmt:
+            state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale")  # the embedding's rows again
+        elif fmt == WeightOnlyLinear.fmt:
+            _weight_only(state, name, spec, unpack_from_int32)
+        else:
             raise SlimkitError(f"module {name} ({fmt}) cannot be stored as compressed-tensors: the artifact is damaged; save it again")
-        bits = spec["bits"]
+    return state
+
+
+def _weight_only(state: dict, name: str, spec: dict, unpack_from_int32) -> None:
+    """A WeightOnlyLinear's tensors in slimkit's layout: packed codes, fp16/fp32 scales, offsets or zero points."""
+    bits, dtype = spec["bits"], Q.scale_dtype(spec["group_size"])
+    if f"{name}.weight_packed" in state:  # symmetric, pack-quantized
         shape = state.pop(f"{name}.weight_shape")
         q = unpack_from_int32(state.pop(f"{name}.weight_packed"), bits, shape)  # (N, K) int8 in [-2^(b-1), 2^(b-1) - 1]
-        state[f"{name}.qweight"] = q if bits == 8 else Q.pack_int4((q + 8).to(torch.uint8))  # int4 stored offset to [0, 15]
-        scale = state.pop(f"{name}.weight_scale")  # (N, G) fp32
-        state[f"{name}.scale"] = scale.to(Q.scale_dtype(spec["group_size"]))
-    return state
+    else:  # asymmetric, int-quantized
+        q = state.pop(f"{name}.weight")
+    state[f"{name}.qweight"] = q if bits == 8 else Q.pack_int4((q + 8).to(torch.uint8))  # int4 stored offset to [0, 15]
+    scale = state.pop(f"{name}.weight_scale").float()  # (N, G)
+    state[f"{name}.scale"] = scale.to(dtype)
+    if not spec.get("symmetric", True):
+        zero, lo = state.pop(f"{name}.weight_zero_point"), Q.qrange(bits)[0]
+        if spec.get("zero_point") == "integer":
+            state[f"{name}.zero_point"] = (zero.to(torch.int16) - lo).to(torch.uint8)
+        else:
+            state[f"{name}.offset"] = ((lo - zero.float()) * scale).to(dtype)
 
 
 register_layout(Layout(NAME, unfit, write, read))

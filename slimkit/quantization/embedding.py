@@ -105,6 +105,10 @@ class TiedInt8Head(nn.Module):
         self._embedding = [embedding]  # a list: not a submodule, so nothing is saved twice
         self.embedding_name = embedding_name
 
+    @property
+    def embedding(self) -> Int8Embedding:
+        return self._embedding[0]
+
     def spec(self) -> dict:
         return {"format": self.fmt, "tied_to": self.embedding_name}
 
