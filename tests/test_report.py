@@ -34,6 +34,55 @@ def _results(winner="int8-dynamic"):
     }
 
 
+def _classifier_results():
+    """A classifier's run on the embedded-free path: quality is prediction agreement with the original."""
+    speed = {"latency_ms_p50": 20.0, "throughput_tokens_per_s": 900.0, "size_on_disk_mb": 87.0, "peak_memory_mb": 500.0}
+    return {
+        "model": "tiny-bert", "kind": "classifier", "target": "latency", "target_metric": "latency_ms_p50",
+        "target_label": "p50 latency (ms)", "higher_is_better": False, "quality_metric": "agreement",
+        "quality_label": "1 - agreement", "max_quality_drop": 0.02,
+        "baseline": {**speed, "runtime": "eager", "quality_value": 1.0, "quality_on": "full"},
+        "baseline_compiled": {**speed, "latency_ms_p50": 12.5, "runtime": "torch.compile", "compile_seconds": 30.0},
+        "candidates": [{"name": "int8-dynamic", "recipe": {"steps": [{"method": "int8-dynamic"}]}, "passed": True, "reason": "confirmed",
+                        "metrics": {**speed, "latency_ms_p50": 10.0, "size_on_disk_mb": 23.0, "runtime": "torch.compile",
+                                    "quality_value": 0.985, "quality_drop": 0.015, "proxy_quality_drop": 0.01, "full_quality_drop": 0.015}}],
+        "winner": "int8-dynamic", "environment": {"cpu": "test"},
+    }
+
+
+def _tables(md: str, page: str) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """The candidates table of report.md and of report.html, each as {row name: {column header: cell}}."""
+    import html as H
+    import re
+
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    from_md = {r[0]: dict(zip(head, r)) for r in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:])}
+    table = page[page.index("<table id=\"candidates\">"):page.index("</table>")]
+    head = [H.unescape(h) for h in re.findall(r"<th>(.*?)</th>", table)]
+    rows = [[H.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", tr)] for tr in re.findall(r"<tr[^>]*>(.*?)</tr>", table)[1:]]
+    return from_md, {r[0]: dict(zip(head, r)) for r in rows}
+
+
+def test_the_original_rows_show_the_original_against_itself(tmp_path):
+    """The original agrees with itself (agreement 1.000, drop +0.00%), eager and compiled, in every summary."""
+    paths = write_report(_classifier_results(), tmp_path)
+    for rows in _tables(paths["markdown"].read_text(), paths["html"].read_text()):
+        assert "1 - agreement" not in rows["original"]  # the column holds the agreement itself, and says so
+        for name in ("original", "original, torch.compile"):
+            assert (rows[name]["agreement"], rows[name]["quality drop"]) == ("1.000", "+0.00%"), name
+        assert (rows["int8-dynamic"]["agreement"], rows["int8-dynamic"]["quality drop"]) == ("0.985", "+1.50%")
+        assert rows["original"]["p50 latency (ms)"] == "20.0" and rows["original, torch.compile"]["p50 latency (ms)"] == "12.5"
+        assert rows["original"]["runtime"] == "eager" and rows["original, torch.compile"]["runtime"] == "torch.compile (30 s)"
+        assert rows["original"]["size MiB"] == rows["original, torch.compile"]["size MiB"] == "87.0"
+    proxy = _classifier_results()
+    proxy["baseline"]["quality_on"], proxy["winner"] = "proxy", None  # no winner confirmed: the proxy slice's value, marked so
+    paths = write_report(proxy, tmp_path / "proxy")
+    md, page = _tables(paths["markdown"].read_text(), paths["html"].read_text())
+    assert md["original"]["agreement"] == md["original, torch.compile"]["agreement"] == "1.000 (proxy)"
+    assert page["original, torch.compile"]["agreement"] == "1.000 (proxy)"
+
+
 def test_pareto_front():
     pts = [(1, 5), (2, 2), (3, 1), (3, 3), (2, 2), (0, 9)]
     assert pareto_front(pts) == [0, 1, 2, 4, 5]

@@ -109,7 +109,7 @@ def _ratio(results: dict, m: dict) -> float:
 
 def _columns(results: dict) -> list[tuple[str, str]]:
     return [
-        ("quality_value", results["quality_label"]),
+        ("quality_value", results.get("quality_metric", results["quality_label"])),  # the value itself: agreement, not 1 - agreement
         ("quality_drop", "quality drop"),
         ("proxy_vs_full", "proxy → full drop"),
         (results["target_metric"], results["target_label"]),
@@ -151,10 +151,11 @@ def _note(c: dict) -> str:
 
 def _rows(results: dict) -> list[tuple[str, dict, str]]:
     """(name, metrics, note) of the baseline rows: the original, and compiled where measured."""
-    rows = [("original", results["baseline"], "baseline")]
+    base = {**results["baseline"], "quality_drop": 0.0}  # the original against itself
+    rows = [("original", base, "baseline")]
     compiled = results.get("baseline_compiled")
-    if compiled:
-        same = {"quality_value": results["baseline"].get("quality_value"), "quality_drop": 0.0}
+    if compiled:  # the same weights: the original's quality, on the same slice
+        same = {k: base[k] for k in ("quality_value", "quality_drop", "quality_on") if k in base}
         rows.append(("original, torch.compile", {**compiled, **same}, "reference: compiling alone"))
     return rows
 
