@@ -83,6 +83,31 @@ def test_the_original_rows_show_the_original_against_itself(tmp_path):
     assert page["original, torch.compile"]["agreement"] == "1.000 (proxy)"
 
 
+Q4_1 = {"format": "gguf", "weights": "Q4_1", "bits": 4, "types": ["Q4_1", "Q8_0"]}
+FLATTERED = "source was Q4_1 GGUF: 4-bit results on it are optimistic"
+
+
+@pytest.mark.parametrize("source", [Q4_1, None, {"format": "gguf", "weights": "F16", "bits": 16, "types": ["F16"]}])
+def test_four_bit_results_on_a_four_bit_source_are_marked_optimistic(tmp_path, source):
+    """SmolLM2 ships as Q4_1: a 4-bit method on it finds that grid again; a safetensors (float) source flatters nothing."""
+    r = _results(winner="int4")
+    r["source_format"] = source
+    steps = {"int4": [{"method": "int4", "group_size": 32}], "awq-g64": [{"method": "awq", "bits": 4, "group_size": 64}],
+             "int8": [{"method": "int8", "bits": 8}], "int4 + rollback": [{"method": "mixed", "low": "int4", "high": "int8-wo"}],
+             "ort-genai int4": [], "bf16": [{"method": "bf16"}]}
+    r["candidates"] = [{"name": n, "recipe": {"steps": s}, "passed": True, "reason": "within budget",
+                        "metrics": {"decode_tokens_per_s": 50.0, "quality_drop": 0.003, "quality_value": 11.63}} for n, s in steps.items()]
+    r["candidates"][4]["export"] = {"format": "ort-genai", "quantize": "int4"}
+    paths = write_report(r, tmp_path)
+    md, page = _tables(paths["markdown"].read_text(), paths["html"].read_text())
+    flagged = {"int4", "awq-g64", "int4 + rollback", "ort-genai int4"} if source is Q4_1 else set()
+    for rows in (md, page):
+        assert {n for n, row in rows.items() if FLATTERED in row["note"]} == flagged
+    text = paths["markdown"].read_text() + paths["html"].read_text()
+    assert ("Source: a Q4_1 GGUF file (4-bit weights" in text) == (source is Q4_1)
+    assert ("4-bit already" in recommendation(r)) == (source is Q4_1)  # the winner, int4, is one of them
+
+
 def test_pareto_front():
     pts = [(1, 5), (2, 2), (3, 1), (3, 3), (2, 2), (0, 9)]
     assert pareto_front(pts) == [0, 1, 2, 4, 5]

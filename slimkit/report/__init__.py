@@ -2,7 +2,8 @@
 
 `write_report(results, out_dir)` takes the plain results dictionary of a run:
 
-    model, kind, target, target_metric, target_label, higher_is_better,
+    model, source_format (optional: what a GGUF source was stored as, {format, weights, bits}),
+    kind, target, target_metric, target_label, higher_is_better,
     quality_metric, quality_label, max_quality_drop,
     baseline:   {metric: value}                      the original model
     baseline_compiled (optional): {metric: value}    the original through torch.compile
@@ -30,6 +31,7 @@ import os
 from pathlib import Path
 
 from slimkit.report import plots
+from slimkit.report.origin import source_caveat, source_line, winner_caveat
 from slimkit.report.pareto import pareto_front
 
 
@@ -95,7 +97,7 @@ def recommendation(results: dict) -> str:
     return (
         f"Use {winner['name']}: {label} {_num(m[target])}{measured} against {_num(base[target])}{base_runtime} for the original "
         f"({ratio:.2f}x better{alone}), with {results['quality_label']} {100 * m['quality_drop']:+.2f}%{checks} "
-        f"(budget {100 * results['max_quality_drop']:.1f}%).{size}{serve} Reproduce it with {how}."
+        f"(budget {100 * results['max_quality_drop']:.1f}%).{winner_caveat(results, winner)}{size}{serve} Reproduce it with {how}."
     )
 
 
@@ -139,14 +141,15 @@ def _cell(key: str, m: dict) -> str:
     return _num(value)
 
 
-def _note(c: dict) -> str:
-    """A candidate's reason, and where a rollback came from or why there was none."""
+def _note(c: dict, results: dict) -> str:
+    """A candidate's reason, where a rollback came from or why there was none, and whether its source flatters it."""
     rb = c.get("rollback") or {}
+    parts = [c.get("reason", "")]
     if rb.get("kept_high"):
-        return f"{c.get('reason', '')}; rollback of {rb['of']}: {rb['kept_high']} at {rb['high']}"
-    if rb.get("skipped"):
-        return f"{c.get('reason', '')}; {rb['skipped']}"
-    return c.get("reason", "")
+        parts.append(f"rollback of {rb['of']}: {rb['kept_high']} at {rb['high']}")
+    elif rb.get("skipped"):
+        parts.append(rb["skipped"])
+    return "; ".join(p for p in (*parts, source_caveat(results, c)) if p)
 
 
 def _rows(results: dict) -> list[tuple[str, dict, str]]:
@@ -172,7 +175,7 @@ def render_markdown(results: dict) -> str:
         f"# slimkit report: {results['model']}",
         "",
         f"Target: **{results['target']}** ({results['target_label']}); quality budget: at most "
-        f"{100 * results['max_quality_drop']:.1f}% worse {results['quality_label']}.",
+        f"{100 * results['max_quality_drop']:.1f}% worse {results['quality_label']}." + (f" {source_line(results)}" if source_line(results) else ""),
         "",
         "## Recommendation",
         "",
@@ -187,7 +190,7 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {name} | - | " + " | ".join(_cell(k, m) for k, _ in cols) + f" | - | {note} |")
     for c in results["candidates"]:
         cells = " | ".join(_cell(k, c["metrics"]) for k, _ in cols)
-        lines.append(f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {cells} | {'yes' if c.get('on_frontier') else ''} | {_note(c)} |")
+        lines.append(f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {cells} | {'yes' if c.get('on_frontier') else ''} | {_note(c, results)} |")
     recipe = winner_recipe(results)
     if recipe:
         lines += ["", "## Recipe", "", "```yaml", recipe.rstrip(), "```"]
@@ -265,7 +268,7 @@ def render_html(results: dict) -> str:
         cls = " class='win'" if c["name"] == results.get("winner") else ""
         ok = "<td class='pass'>yes</td>" if c["passed"] else "<td class='fail'>no</td>"
         cells = "".join(f"<td>{esc(_cell(k, c['metrics']))}</td>" for k, _ in cols)
-        rows.append(f"<tr{cls}><td>{esc(c['name'])}</td>{ok}{cells}<td>{'&#9733;' if c.get('on_frontier') else ''}</td><td class='note'>{esc(_note(c))}</td></tr>")
+        rows.append(f"<tr{cls}><td>{esc(c['name'])}</td>{ok}{cells}<td>{'&#9733;' if c.get('on_frontier') else ''}</td><td class='note'>{esc(_note(c, results))}</td></tr>")
     env = results.get("environment", {})
     plots_html = "".join(f"<div class='plot' id='{fid}'>{svg}</div>" for fid, svg in figures)
     return f"""<!doctype html>
@@ -273,7 +276,7 @@ def render_html(results: dict) -> str:
 <style>{_CSS}</style></head><body>
 <h1>slimkit report: {esc(results['model'])}</h1>
 <p>Target: <b>{esc(results['target'])}</b> ({esc(results['target_label'])}); quality budget: at most
-{100 * results['max_quality_drop']:.1f}% worse {esc(results['quality_label'])}.</p>
+{100 * results['max_quality_drop']:.1f}% worse {esc(results['quality_label'])}. {esc(source_line(results))}</p>
 <h2>Recommendation</h2><p class="rec" id="recommendation">{esc(recommendation(results))}</p>
 <h2>Plots</h2><div class="plots">{plots_html}</div>
 <h2>Candidates</h2><table id="candidates"><thead><tr><th>candidate</th><th>passed</th>{head}<th>frontier</th><th>note</th></tr></thead>
