@@ -83,6 +83,43 @@ def test_the_original_rows_show_the_original_against_itself(tmp_path):
     assert page["original, torch.compile"]["agreement"] == "1.000 (proxy)"
 
 
+def _size_plot(page: str) -> str:
+    """The SVG of the plot whose y axis is the size on disk (matplotlib writes each text as a comment)."""
+    import re
+
+    return next(svg for svg in re.findall(r"<svg.*?</svg>", page, re.S) if "<!-- size on disk (MiB) -->" in svg)
+
+
+def test_speed_is_shown_on_the_target_metric_with_prefill_and_decode_side_by_side(tmp_path):
+    """A causal LM's search ranks by compiled decode tokens/s: int4 decodes 4.58x faster though its eager prefill is slower."""
+    r = _results(winner="int4")
+    r["baseline"].update(latency_ms_p50=133.0, runtime="eager")
+    r["baseline_compiled"] = {**r["baseline"], "decode_tokens_per_s": 30.0, "runtime": "torch.compile", "compile_seconds": 40.0}
+    r["candidates"] = [{"name": "int4", "recipe": {"steps": [{"method": "int4"}]}, "passed": True, "reason": "confirmed",
+                        "metrics": {"quality_value": 11.64, "quality_drop": 0.003, "decode_tokens_per_s": 110.0, "latency_ms_p50": 210.0,
+                                    "size_on_disk_mb": 94.0, "peak_memory_mb": 600.0, "runtime": "torch.compile", "compile_seconds": 11.0}}]
+    paths = write_report(r, tmp_path)
+    md, page = paths["markdown"].read_text(), paths["html"].read_text()
+    for rows in _tables(md, page):
+        head = list(rows["original"])
+        speed = head.index("speed-up (decode tokens/s)")
+        assert head[speed - 1] == "decode tokens/s" and head[speed + 1] == "prefill p50 ms (first token)"  # side by side
+        assert [rows[n]["speed-up (decode tokens/s)"] for n in ("original", "original, torch.compile", "int4")] == ["1.00x", "1.25x", "4.58x"]
+        assert rows["original"]["prefill p50 ms (first token)"] == "133.0" and rows["int4"]["prefill p50 ms (first token)"] == "210.0 (eager)"
+    assert "compiles decoding only, so its prefill ran eagerly" in md and "compiles decoding only" in page
+    plot = _size_plot(page)
+    assert "<!-- decode tokens/s (higher is faster) -->" in plot and "latency" not in plot
+    assert "<!-- Size vs decode tokens/s -->" in plot and "<!-- original, torch.compile -->" in plot
+
+
+def test_an_encoder_speeds_up_on_its_p50_latency(tmp_path):
+    paths = write_report(_classifier_results(), tmp_path)
+    for rows in _tables(paths["markdown"].read_text(), paths["html"].read_text()):
+        assert [rows[n]["speed-up (p50 latency)"] for n in ("original", "original, torch.compile", "int8-dynamic")] == ["1.00x", "1.60x", "2.00x"]
+        assert "prefill p50 ms (first token)" not in rows["original"] and "decode tokens/s" not in rows["original"]
+    assert "<!-- p50 latency (ms) (lower is faster) -->" in _size_plot(paths["html"].read_text())
+
+
 Q4_1 = {"format": "gguf", "weights": "Q4_1", "bits": 4, "types": ["Q4_1", "Q8_0"]}
 FLATTERED = "source was Q4_1 GGUF: 4-bit results on it are optimistic"
 
