@@ -112,6 +112,13 @@ def test_speed_is_shown_on_the_target_metric_with_prefill_and_decode_side_by_sid
     assert "<!-- Size vs decode tokens/s -->" in plot and "<!-- original, torch.compile -->" in plot
 
 
+def test_perplexities_show_the_changes_the_budget_is_about(tmp_path):
+    """A 1% budget on a perplexity of 11.6 needs more than one decimal: 11.6 and 11.7 hide a +0.6% change."""
+    paths = write_report(_results(), tmp_path)
+    for rows in _tables(paths["markdown"].read_text(), paths["html"].read_text()):
+        assert [rows[n]["perplexity"] for n in ("original", "bf16", "int8-dynamic")] == ["11.600", "11.612", "11.670"]
+
+
 def test_an_encoder_speeds_up_on_its_p50_latency(tmp_path):
     paths = write_report(_classifier_results(), tmp_path)
     for rows in _tables(paths["markdown"].read_text(), paths["html"].read_text()):
