@@ -410,3 +410,25 @@ def test_the_result_is_written_whole_where_its_folder_does_not_exist_yet(techniq
     assert results["winner"] == "test-bf16"
     assert sorted(p.name for p in out.iterdir()) == ["model", "report.html", "report.md", "results.json"]
     assert [p.name for p in out.parent.iterdir()] == ["out"] and [p.name for p in tmp_path.iterdir()] == ["runs"]
+
+
+def test_a_gguf_source_is_recorded_and_its_4bit_results_are_marked(tiny, tmp_path, monkeypatch, fake_bench, one_thread):
+    """A model loaded from a Q4_1 GGUF keeps what it was stored as, through its artifacts, into results.json and the report."""
+    from slimkit.exporters import ExportConfig, export
+    from slimkit.io import sources
+
+    monkeypatch.setenv("SLIMKIT_CACHE", str(tmp_path / "cache"))  # the GGUF's fp32 copy goes here
+    monkeypatch.setitem(PRESETS, "test", [[("int4", {})], [("int8-wo", {})]])
+    gguf = export(slimkit.load(tiny("llama")), tmp_path / "q.gguf", ExportConfig("gguf", quantize="q4_1"))
+    lm = slimkit.load(str(gguf))
+    assert lm.manifest["source_format"] == {"format": "gguf", "weights": "Q4_1", "bits": 4, "types": ["Q4_1", "Q8_0"]}
+    assert slimkit.load(str(slimkit.save(lm, tmp_path / "saved"))).manifest["source_format"] == lm.manifest["source_format"]
+    (sources.gguf_to_hf_dir(gguf) / sources.ORIGIN).unlink()  # a copy converted before the origin was recorded: read again
+    assert slimkit.load(str(gguf)).manifest["source_format"] == lm.manifest["source_format"]
+    cfg = OptimizeConfig(target="size", max_quality_drop=0.5, preset="test", proxy_tokens=200, full_tokens=400, rollback=False)
+    results = optimize(lm, cfg, tmp_path / "out")
+    assert results["source_format"]["weights"] == "Q4_1"
+    md = (tmp_path / "out" / "report.md").read_text()
+    notes = {line.split(" | ")[0].strip("| "): "optimistic" in line for line in md.splitlines() if line.startswith("| int")}
+    assert notes == {"int4": True, "int8-wo": False}
+    assert "source_format" not in slimkit.load(tiny("llama")).manifest  # a safetensors directory: float weights, nothing to say

@@ -75,7 +75,8 @@ def test_export_rollback_and_compile_error_keys():
 
 def test_the_baseline_is_its_bench_keys_and_its_quality():
     base = Baseline(_speed(), 16.135, "proxy")
-    assert list(base.to_dict()) == [*BENCH_KEYS, "quality_value", "quality_on"]
+    assert list(base.to_dict()) == [*BENCH_KEYS, "quality_value", "quality_drop", "quality_on"]
+    assert base.to_dict()["quality_drop"] == 0.0  # the original against itself, in a candidate's key
     assert "environment" not in base.to_dict() and base.speed.environment == {"cpu": "test"}  # recorded once, at the top
 
 

@@ -7,8 +7,9 @@ Layout of an artifact directory:
   slimkit.json                    the manifest, written last: format version, slimkit
                                   and library versions, model kind, source, dtypes,
                                   the resolved recipe, measured metrics, the format
-                                  of every quantized module, and the SHA-256 of
-                                  every other file
+                                  of every quantized module, the SHA-256 of every
+                                  other file, and, for a model that came from a GGUF
+                                  file, what its weights were stored as (source_format)
 
 Modules that a model built from config.json does not have are recorded in the
 manifest, each kind under its own key, through the table `RECORDS` that the
@@ -195,6 +196,7 @@ def save(
             "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},
             "layout": chosen,
             **({"slimkit_only": why} if why is not None else {}),
+            **({"source_format": model.manifest["source_format"]} if model.manifest.get("source_format") else {}),
             **records,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

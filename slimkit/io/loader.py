@@ -37,7 +37,18 @@ from slimkit.io.artifacts import load_artifact, read_manifest, verify_files
 from slimkit.io.files import quiet_transformers, read_config, read_tokenizer, read_weights
 from slimkit.io.model import MANIFEST, LoadedModel
 from slimkit.io.sentence import read_layout
-from slimkit.io.sources import EMBEDDED, HUB_ID, NoTokenizer, embedded_path, gguf_to_hf_dir, hub_snapshot, in_memory, looks_like_path, usable_tokenizer
+from slimkit.io.sources import (
+    EMBEDDED,
+    HUB_ID,
+    NoTokenizer,
+    embedded_path,
+    gguf_origin,
+    gguf_to_hf_dir,
+    hub_snapshot,
+    in_memory,
+    looks_like_path,
+    usable_tokenizer,
+)
 
 # runtime name -> serve(path, manifest, source) -> LoadedModel, for exported directories (see `register_runtime`)
 RUNTIMES: dict[str, Callable[[Path, dict, str], LoadedModel]] = {}
@@ -76,13 +87,13 @@ def load(
     if text in EMBEDDED:
         path = embedded_path(text)
         if path.suffix == ".gguf":
-            path = gguf_to_hf_dir(path)
+            return _load_gguf(path, text, dtype)
         return load_dir(path, source=text, dtype=dtype)
     path = Path(text).expanduser()
     if path.exists():
         if path.is_file():
             if path.suffix.lower() == ".gguf":
-                return load_dir(gguf_to_hf_dir(path), source=text, dtype=dtype)
+                return _load_gguf(path, text, dtype)
             raise SlimkitError(
                 f"{text} is a file, not a model: pass a model directory (with config.json), "
                 "a .gguf file, a hub id or an embedded name (see `slimkit models`)"
@@ -92,6 +103,15 @@ def load(
         raise SlimkitError(f"no such file or directory: {text}; check the path")
     snapshot = hub_snapshot(text)
     return load_dir(snapshot, source=text, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _load_gguf(path: Path, source: str, dtype: torch.dtype | None) -> LoadedModel:
+    """A GGUF file through its fp32 copy; the manifest keeps what the weights were stored as
+    (`source_format`), which every artifact made from it carries on."""
+    converted = gguf_to_hf_dir(path)
+    lm = load_dir(converted, source=source, dtype=dtype)
+    lm.manifest["source_format"] = gguf_origin(converted)
+    return lm
 
 
 def takes_tokenizer(source) -> bool:

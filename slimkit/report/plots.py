@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 
+from slimkit.report.axes import speed_axis
 from slimkit.report.pareto import pareto_front
 
 PASS, FAIL, FRONT, WIN, BASE = "#2a7ab9", "#c44e52", "#2a7ab9", "#e3a21a", "#555555"
@@ -65,17 +66,25 @@ def quality_vs_target(results: dict) -> str:
     return _svg(plt, fig)
 
 
-def size_vs_latency(results: dict) -> str:
+def size_vs_speed(results: dict) -> str:
+    """Size on disk against the speed the search ranked by (`axes.speed_axis`): for a causal LM, decode tokens/s."""
+    axis = speed_axis(results)
     plt, fig, ax = _figure()
-    rows = [("original", results["baseline"], BASE)] + [(c["name"], c["metrics"], PASS if c["passed"] else FAIL) for c in results["candidates"]]
+    rows = [("original", results["baseline"], BASE), ("original, torch.compile", results.get("baseline_compiled") or {}, BASE)]
+    rows += [(c["name"], c["metrics"], PASS if c["passed"] else FAIL) for c in results["candidates"]]
     for name, m, color in rows:
-        if m.get("latency_ms_p50") is None or m.get("size_on_disk_mb") is None:
+        if m.get(axis.metric) is None or m.get("size_on_disk_mb") is None:
             continue
-        ax.scatter(m["latency_ms_p50"], m["size_on_disk_mb"], s=40, color=color, marker="s" if name == "original" else "o", zorder=3)
-        ax.annotate(name, (m["latency_ms_p50"], m["size_on_disk_mb"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    ax.set_xlabel("p50 latency (ms)")
+        x, y = m[axis.metric], m["size_on_disk_mb"]
+        if name.startswith("original"):
+            hollow = name != "original"
+            ax.scatter(x, y, s=50, marker="s", facecolors="none" if hollow else color, edgecolors=color, zorder=3)
+        else:
+            ax.scatter(x, y, s=40, color=color, zorder=3)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xlabel(axis.label + (" (higher is faster)" if axis.higher_is_better else " (lower is faster)"))
     ax.set_ylabel("size on disk (MiB)")
-    ax.set_title("Size vs latency")
+    ax.set_title(f"Size vs {axis.label}")
     return _svg(plt, fig)
 
 

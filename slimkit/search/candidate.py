@@ -178,14 +178,15 @@ class Candidate:
 
 @dataclass
 class Baseline:
-    """The original model's figures: its benchmark, and its quality on the slice the candidates' was measured on."""
+    """The original model's figures: its benchmark, and its quality on the slice the candidates' was measured on
+    (its drop against itself is 0, in the same key as a candidate's)."""
 
     speed: Speed
     quality_value: float
     quality_on: str  # "proxy", or "full" once a winner is confirmed on the full split
 
     def to_dict(self) -> dict:
-        return {**self.speed.to_dict(), "quality_value": self.quality_value, "quality_on": self.quality_on}
+        return {**self.speed.to_dict(), "quality_value": self.quality_value, "quality_drop": 0.0, "quality_on": self.quality_on}
 
 
 def ranked(candidates: list[Candidate], target: Target, tolerance: float) -> list[Candidate]:

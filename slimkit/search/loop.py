@@ -216,7 +216,7 @@ def _results(trials: Trials, config: OptimizeConfig, target: Target, compiled: b
     """The run's results: results.json, what `slimkit optimize --json` prints and `slimkit.report` reads."""
     kind = trials.kind
     return {
-        "model": trials.name, "kind": kind, "target": config.target, "target_metric": target.metric,
+        "model": trials.name, "source_format": trials.source_format, "kind": kind, "target": config.target, "target_metric": target.metric,
         "target_label": target.label, "higher_is_better": target.higher_is_better,
         "quality_metric": "perplexity" if kind == CAUSAL_LM else "embedding cosine" if kind == ENCODER else "agreement",
         "quality_label": "perplexity" if kind == CAUSAL_LM else "1 - cosine" if kind == ENCODER else "1 - agreement",

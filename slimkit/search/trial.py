@@ -61,6 +61,7 @@ class Trials:
                  saved: Path):
         self._original, self.saved, self.config, self.target, self.work = original, saved, config, target, work
         self.name, self.kind, self._manifest = original.name, original.kind, original.manifest
+        self.source_format = original.manifest.get("source_format")  # a GGUF source's storage type: 4-bit results on Q4_1 are optimistic
         self.fp32_bytes = 4 * original.num_parameters()
         self.proxy_base, self.compiled = proxy_base, compiled  # the original's quality value on the proxy slice
         self.candidates: list[Candidate] = []
