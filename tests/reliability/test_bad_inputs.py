@@ -59,6 +59,11 @@ CASES = [
     ("pickle-only-weights", lambda t, p: ["eval", str(_pickle_only(_copy(t, "llama", p)))], ["does not unpickle", "safetensors"]),
     ("invalid-config-json", lambda t, p: ["eval", str(_write(_copy(t, "llama", p) / "config.json", "{oops").parent)], ["not valid JSON"]),
     ("impossible-config-sizes", lambda t, p: ["eval", str(_edit_config(_copy(t, "llama", p), hidden_size=48))], ["cannot load the weights"]),
+    ("config-rejected-by-transformers", lambda t, p: ["eval", str(_write(_copy(t, "llama", p) / "config.json", json.dumps({"model_type": "llama", "hidden_size": 8})).parent)],
+     ["config.json", "hidden size (8) is not a multiple of the number of attention heads (32)", "fix that field"]),
+    ("tokenizer-json-missing-keys", lambda t, p: ["eval", str(_write(_copy(t, "llama", p) / "tokenizer.json", '{"version": "1.0", "model": {"type": "BPE"}}').parent)],
+     ["tokenizer.json", "no key 'added_tokens'", "tokenizer.save_pretrained"]),
+    ("weights-of-unknown-dtype", lambda t, p: ["eval", str(_unknown_dtype(_copy(t, "llama", p)))], ["model.safetensors", "unknown variant", "re-save or re-download"]),
     ("nan-weights", lambda t, p: ["eval", str(_poison(_copy(t, "llama", p), float("nan")))], ["NaN or Inf"]),
     ("inf-weights", lambda t, p: ["bench", str(_poison(_copy(t, "bert", p), float("inf")))], ["NaN or Inf"]),
     ("truncated-gguf", lambda t, p: ["eval", str(_gguf_truncated(p))], ["cannot read GGUF file", "re-download"]),
@@ -124,6 +129,12 @@ def _scramble(d: Path) -> Path:
 def _append(d: Path) -> Path:
     with open(d / "model.safetensors", "ab") as fh:
         fh.write(b"junk" * 10)
+    return d
+
+
+def _unknown_dtype(d: Path) -> Path:
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "Q9", "shape": [4, 4], "data_offsets": [0, 16]}}).encode()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
     return d
 
 
