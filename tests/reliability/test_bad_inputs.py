@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,11 @@ CASES = [
     ("whitespace-dataset", lambda t, p: ["eval", str(t("bert")), "--data", str(_write(p / "w.txt", " \n\n\t\n"))], ["has no"]),
     ("missing-dataset", lambda t, p: ["eval", str(t("llama")), "--data", str(p / "nope.txt")], ["no such data file"]),
     ("unsupported-dataset-type", lambda t, p: ["eval", str(t("llama")), "--data", str(_write(p / "d.csv", "a,b"))], [".txt", ".jsonl"]),
+    ("binary-dataset", lambda t, p: ["eval", str(t("llama")), "--data", str(_executable_head(p / "program.txt"))], ["program.txt is not text", "is NUL", "UTF-8"]),
+    ("binary-calibration-data", lambda t, p: ["quantize", str(t("llama")), "--method", "int8", "--data", str(_executable_head(p / "program.txt")),
+                                              "--out", str(p / "q")], ["program.txt is not text", "is NUL"]),
+    ("dataset-in-another-encoding", lambda t, p: ["eval", str(t("llama")), "--data", str(_write_bytes(p / "l.txt", "déjà vu\n".encode("latin-1") * 50))],
+     ["l.txt is not UTF-8 text", "byte 1 (0xe9)", "iconv"]),
     ("bad-jsonl-line", lambda t, p: ["eval", str(t("llama")), "--data", str(_write(p / "d.jsonl", '{"text": "a"}\n{bad'))], ["d.jsonl:2"]),
     ("jsonl-without-text", lambda t, p: ["eval", str(t("llama")), "--data", str(_write(p / "d.jsonl", '{"body": "a"}'))], ["--text-key"]),
     ("unknown-split", lambda t, p: ["eval", str(t("llama")), "--split", "train"], ["unknown split"]),
@@ -110,6 +116,16 @@ def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _executable_head(path: Path) -> Path:
+    """The first 5 KB of this Python's executable, named like text."""
+    return _write_bytes(path, Path(sys.executable).resolve().read_bytes()[:5000])
 
 
 def _truncate(d: Path) -> Path:
