@@ -121,6 +121,8 @@ def prune_cmd(
     method: Annotated[str, typer.Option("--method", "-m", help="magnitude, wanda, 2:4 (or any N:M), structured, gradual")],
     out_dir: Annotated[str, typer.Option("--out", help="artifact directory to write")],
     sparsity: Annotated[float | None, typer.Option(help="fraction of weights zeroed; for structured, of parameters removed")] = None,
+    of: Annotated[str | None, typer.Option("--of", help="structured: --sparsity counts the parameters of the whole model "
+                                           "(default, embeddings included) or of its transformer blocks alone: model or blocks")] = None,
     recover_minutes: Annotated[float, typer.Option(help="recovery training budget on the calibration split (minutes)")] = 0.0,
     option: Options = None,
     data: Data = None,
@@ -132,7 +134,7 @@ def prune_cmd(
     as_json: Json = False,
 ):
     """Prune a model (unstructured, N:M or structured) and save it as an artifact."""
-    name, options = cli_options(method, sparsity, recover_minutes)
+    name, options = cli_options(method, sparsity, recover_minutes, of)
     options = {**parse_options(name, option or [], "prune"), **options}
     data = calibration_source(data)
     check_memory("training" if options.get("recover_minutes") else "prune", model, max_memory)
