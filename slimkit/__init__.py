@@ -12,6 +12,11 @@ core < io < quantization, pruning, distillation < exporters < measure < report <
 so every method and runtime is registered before anything is asked of the registry.
 """
 
+import sys
+
+if sys.version_info < (3, 11):  # before any import that would fail on an older Python in a less clear way
+    raise ImportError("slimkit needs Python 3.11 or newer, and this is Python {}.{}.{}: install 3.11+ and reinstall slimkit with it".format(*sys.version_info[:3]))
+
 __version__ = "0.1.0"
 
 from slimkit.core.errors import SlimkitError

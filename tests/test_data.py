@@ -137,3 +137,36 @@ def test_bad_jsonl_line_names_the_line(tmp_path):
     jl.write_text('{"body": "no text field"}\n')
     with pytest.raises(SlimkitError, match="--text-key"):
         list(D.TextSource.parse(str(jl)).texts())
+
+
+def _executable_head() -> bytes:
+    import sys
+    from pathlib import Path
+
+    return Path(sys.executable).resolve().read_bytes()[:5000]
+
+
+@pytest.mark.parametrize(
+    "name,content,fragment",
+    [
+        ("program.txt", _executable_head(), r"program.txt is not text: byte \d+ is NUL"),
+        ("utf16.jsonl", json.dumps({"text": "hi"}).encode("utf-16"), "utf16.jsonl is not text: byte 3 is NUL"),
+        ("latin1.txt", "Voilà déjà l'été.\n".encode("latin-1") * 50, r"latin1.txt is not UTF-8 text: byte 4 \(0xe0\) is the first of 250 bytes"),
+    ],
+)
+def test_files_that_are_not_text_are_refused_at_their_first_bad_byte(tmp_path, name, content, fragment):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(SlimkitError, match=fragment) as info:
+        D.TextSource.parse(str(tmp_path / name))
+    assert "iconv -t UTF-8" in str(info.value)
+
+
+def test_text_with_a_stray_byte_or_characters_across_read_chunks_is_accepted(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_bytes(b"plain words " * 1000 + b"\xff" + b" more words")  # one byte in 12,000: a stray, not an encoding
+    assert "more words" in "".join(D.TextSource.parse(str(f)).texts())
+    f.write_bytes("€".encode() * 400_000)  # 1.2 MB of 3-byte characters: one straddles the 1 MiB read
+    D.check_text_file(f, tolerance=0)
+    f.write_bytes(f.read_bytes()[:-1])  # the last one cut short
+    with pytest.raises(SlimkitError, match="byte 1199997 .0xe2. is the first of 2 bytes"):
+        D.check_text_file(f, tolerance=0)

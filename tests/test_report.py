@@ -194,7 +194,8 @@ def _chromium():
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
             return shutil.which(name)
-    pytest.skip("Chromium is not installed (make test installs Debian's chromium package)")
+    pytest.skip("no chromium, chromium-browser or google-chrome on PATH: install one to run this test "
+                "(Debian/Ubuntu: apt-get install chromium; CI does so in .ci/run)")
 
 
 def test_report_renders_in_headless_chromium(tmp_path):

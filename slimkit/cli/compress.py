@@ -79,6 +79,7 @@ def quantize_cmd(
         raise SlimkitError(f"quantize needs {', '.join(missing)}: e.g. slimkit quantize smollm2-135m --method int8 --out ./smollm2-int8")
     options = parse_options(method, option or [], "quantize")
     check_layout(layout)
+    data = calibration_source(data)  # a bad file is refused before the model loads
     check_memory("training" if method == "qat" else "quantize", model, max_memory)
     q = quantize(load_model(model, "fp32", threads, trust_remote_code), method, data=data, seed=seed, **options)
     training = {"training": q.manifest["training"]} if "training" in q.manifest else {}  # methods that train (qat)
@@ -106,6 +107,7 @@ def sensitivity_cmd(
 ):
     """Rank layers (or blocks) by how much quantizing each alone hurts quality, most sensitive first."""
     options = parse_options(method, option or [], "quantize")
+    data = calibration_source(data)
     check_memory("quantize", model, max_memory)
     r = sensitivity(load_model(model, "fp32", threads), method, options, data=data, granularity=granularity, metric=metric, calibration_samples=calibration_samples, seq_len=seq_len)
     rows = [(f"{i + 1}. {u.name}" + (f" ({len(u.layers)} layers)" if len(u.layers) > 1 else ""), fmt(u.score, 6)) for i, u in enumerate(r.units)]
@@ -119,6 +121,8 @@ def prune_cmd(
     method: Annotated[str, typer.Option("--method", "-m", help="magnitude, wanda, 2:4 (or any N:M), structured, gradual")],
     out_dir: Annotated[str, typer.Option("--out", help="artifact directory to write")],
     sparsity: Annotated[float | None, typer.Option(help="fraction of weights zeroed; for structured, of parameters removed")] = None,
+    of: Annotated[str | None, typer.Option("--of", help="structured: --sparsity counts the parameters of the whole model "
+                                           "(default, embeddings included) or of its transformer blocks alone: model or blocks")] = None,
     recover_minutes: Annotated[float, typer.Option(help="recovery training budget on the calibration split (minutes)")] = 0.0,
     option: Options = None,
     data: Data = None,
@@ -130,8 +134,9 @@ def prune_cmd(
     as_json: Json = False,
 ):
     """Prune a model (unstructured, N:M or structured) and save it as an artifact."""
-    name, options = cli_options(method, sparsity, recover_minutes)
+    name, options = cli_options(method, sparsity, recover_minutes, of)
     options = {**parse_options(name, option or [], "prune"), **options}
+    data = calibration_source(data)
     check_memory("training" if options.get("recover_minutes") else "prune", model, max_memory)
     lm = load_model(model, "auto", threads, trust_remote_code)
     pruned = prune(lm, name, data=data, seed=seed, **options)
@@ -181,8 +186,9 @@ def distill_cmd(
                            layer_map=_layer_pairs(layer_map), freeze=tuple(items(freeze)),
                            text_views=text_views, cache_teacher=cache_teacher, checkpoint_dir=checkpoint_dir,
                            checkpoint_every=checkpoint_every, resume=resume, log_dir=log_dir)
+    source = calibration_source(data)
     check_memory("distill", teacher, max_memory)
-    student = apply(load_model(teacher, "auto", threads), config, Context(calibration_source(data), seed))
+    student = apply(load_model(teacher, "auto", threads), config, Context(source, seed))
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under torchrun: one process writes

@@ -56,19 +56,21 @@ def detach_from_files(module) -> int:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB: Linux's high-water mark (VmHWM,
-    which `PeakMemory` in `measure.speed` resets), else `ru_maxrss`.
+    """Peak resident memory of this process so far, in MiB: on Linux its high-water mark (VmHWM,
+    which `PeakMemory` in `measure.speed` resets), elsewhere `ru_maxrss`. The one place that
+    reads either: `ru_maxrss` counts bytes on macOS and KiB on Linux and the BSDs.
 
     (Not its children's: a forked child's peak counts the parent's pages it
     shared before `exec`, so `RUSAGE_CHILDREN` overstates a benchmark process.)
     """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
     import resource
 
     unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux

@@ -1,5 +1,11 @@
 """Reading a Hugging Face model directory, with checks that turn every bad file into one line.
 
+This is the one place where configs, weights and tokenizers are read from disk
+(the loader, artifacts and every exported runtime call it), so every error
+transformers, tokenizers or huggingface_hub raise on a bad file, of whatever
+type (a config its strict validation rejects, a tokenizer.json missing a key),
+becomes a SlimkitError here that names the file and the fix.
+
 Weights are read only from safetensors (never unpickled), a truncated or corrupt
 file is refused with its name, weights holding NaN or Inf are refused, and
 `trust_remote_code` stays off unless the caller turns it on.
@@ -29,13 +35,18 @@ def read_config(path: Path, *, trust_remote_code: bool = False):
         ) from exc
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:
         if "trust_remote_code" in str(exc):
             raise SlimkitError(
                 f"{path} needs custom code from its repository: pass --trust-remote-code "
                 "only if you trust that code"
             ) from exc
-        raise SlimkitError(f"cannot read the config in {path}: {short_reason(exc)}") from exc
+        raise SlimkitError(
+            f"transformers rejects {path / 'config.json'} ({root_reason(exc)}): fix that field of the config, "
+            "or re-save the model with save_pretrained"
+        ) from exc
 
 
 def read_weights(path: Path, kind: str, config, dtype, trust_remote_code: bool = False) -> nn.Module:
@@ -55,9 +66,12 @@ def read_weights(path: Path, kind: str, config, dtype, trust_remote_code: bool =
         model = auto_class(kind).from_pretrained(
             path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:
+        where = files[0] if len(files) == 1 else f"{path}/*.safetensors"
         raise SlimkitError(
-            f"cannot load the weights in {path} ({short_reason(exc)}): the files may be "
+            f"cannot load the weights in {where} ({root_reason(exc)}): the files may be "
             "corrupt or belong to another architecture; re-save or re-download the model"
         ) from exc
     check_finite(model, path)
@@ -77,14 +91,26 @@ def read_tokenizer(path: Path, *, trust_remote_code: bool = False):
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as exc:
-        raise SlimkitError(
-            f"cannot load a tokenizer from {path} ({short_reason(exc)}): save the tokenizer "
-            "files (tokenizer.json or vocab) next to the model"
-        ) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        fix = "save the model's tokenizer next to it with tokenizer.save_pretrained(dir)"
+        present = sorted(p.name for p in path.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "spiece", "sentencepiece")))
+        if not present:
+            raise SlimkitError(f"no tokenizer files in {path}: {fix}") from exc
+        raise SlimkitError(f"cannot load the tokenizer in {path} from {', '.join(present)} ({root_reason(exc)}): {fix}") from exc
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def root_reason(exc: BaseException) -> str:
+    """The first line of the innermost cause: huggingface_hub wraps a config's failed check
+    ("hidden size (8) is not a multiple of ...") in an error whose own first line names only the validator."""
+    while exc.__cause__ is not None and str(exc.__cause__).strip():
+        exc = exc.__cause__
+    reason = short_reason(exc).rstrip(".")
+    return f"no key {reason}" if isinstance(exc, KeyError) else reason
 
 
 def check_safetensors(path: Path) -> None:

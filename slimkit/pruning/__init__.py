@@ -40,10 +40,14 @@ def prune(model: LoadedModel | str, method: str, *, data: TextSource | str | Non
     return apply(load(model, tokenizer=tokenizer), method, options, Context(calibration_source(data), seed, device, on_step), "prune")
 
 
-def cli_options(method: str, sparsity: float | None, recover_minutes: float) -> tuple[str, dict]:
-    """The registered technique and its options for `slimkit prune --method M [--sparsity S]`.
+def cli_options(method: str, sparsity: float | None, recover_minutes: float, of: str | None = None) -> tuple[str, dict]:
+    """The registered technique and its options for `slimkit prune --method M [--sparsity S] [--of model|blocks]`.
     An N:M pattern such as 2:4 or 1:4 selects the semi-structured method."""
     options: dict = {}
+    if of is not None:
+        if method != "structured":
+            raise SlimkitError(f"--of says what structured pruning's --sparsity counts; {method} zeroes a fraction of each layer's weights: drop --of")
+        options["of"] = of
     if re.fullmatch(r"\d+:\d+", method):
         n, m = parse_nm(method)
         options.update(n=n, m=m)
@@ -66,6 +70,7 @@ def summary(lm: LoadedModel, before: int) -> dict:
         out["sparsity"] = report["sparsity"]["overall"]
     if "removed_fraction" in report:
         out["removed_fraction"] = report["removed_fraction"]
+        out["removed_fraction_of_blocks"] = report.get("removed_fraction_of_blocks")
         out["layers"] = report.get("layers")
     return out
 

@@ -25,7 +25,10 @@ activation criterion uses block influence (1 - cosine of a block's input and
 output hidden states; Men et al. 2024): blocks that barely change the stream go first.
 
 `sparsity` is the fraction of the model's parameters removed (embeddings
-included), split across the chosen units in proportion to their size;
+included; `of="blocks"` counts the transformer blocks' parameters alone, for
+models whose embeddings are most of their size), split across the chosen units
+in proportion to their size. A sparsity the units cannot reach (every layer
+keeps a head group and a channel) is refused with the largest one they can.
 The default prunes MLP channels only: on SmolLM2, removing 25% of parameters
 one-shot as one of three kv groups per layer plus MLP channels gave perplexity
 828 (fp32: 17.8, 1,024 evaluation tokens), as MLP channels alone 41; a GQA
@@ -63,6 +66,7 @@ from slimkit.pruning.recovery import RecoveryConfig, recover
 from slimkit.pruning.removal import obs_keep, remove_head_groups, remove_mlp_channels
 
 UNITS = ("heads", "mlp", "layers")
+OF = ("model", "blocks")  # what `sparsity` is a fraction of
 DEFAULT_SPARSITY = 0.25
 UNSUPPORTED = "use method magnitude, wanda or 2:4 instead"
 
@@ -72,7 +76,8 @@ UNSUPPORTED = "use method magnitude, wanda or 2:4 instead"
 
 @dataclass(frozen=True)
 class StructuredConfig:
-    sparsity: float | None = None  # fraction of all parameters removed (default 0.25 when no amount below is given)
+    sparsity: float | None = None  # fraction of parameters removed (default 0.25 when no amount below is given)
+    of: str = "model"  # sparsity counts all the model's parameters, or (blocks) its transformer blocks' alone
     units: tuple[str, ...] = ("mlp",)  # any of heads, mlp; or layers alone
     head_groups: int | None = None  # kv groups to remove per layer (explicit amount)
     mlp_channels: int | None = None  # MLP channels to remove per layer (explicit amount)
@@ -106,6 +111,8 @@ class StructuredConfig:
         check_patterns(self.targets, self.ignore)
         common.check_calibration(self.calibration_samples, self.seq_len, self.batch_size)
         common.check_minutes(self.recover_minutes)
+        if self.of not in OF:
+            raise SlimkitError(f"of={self.of!r}: sparsity counts the parameters of the 'model' (embeddings included) or of its 'blocks'")
         if self.recovery not in ("finetune", "distill"):
             raise SlimkitError(f"unknown recovery '{self.recovery}': use 'finetune' or 'distill'")
 
@@ -140,11 +147,33 @@ def plan_amounts(model, arch: Adapter, blocks: list[Block], config: StructuredCo
     """Per-layer amounts {heads, mlp, layers} to remove, from explicit amounts or `sparsity`."""
     if any(v is not None for v in (config.head_groups, config.mlp_channels, config.layers)):
         amounts = {"heads": config.head_groups or 0, "mlp": config.mlp_channels or 0, "layers": config.layers or 0}
-    else:
-        target = (DEFAULT_SPARSITY if config.sparsity is None else config.sparsity) * total_params
-        amounts = _from_sparsity(model, arch, blocks, config.units, target)
-    _check_amounts(model, arch, blocks, amounts)
+        problem = _problem(model, arch, blocks, amounts)
+        if problem:
+            raise SlimkitError(f"{problem}: remove fewer")
+        return amounts
+    total = sparsity_base(arch, config.of, total_params)
+    sparsity = DEFAULT_SPARSITY if config.sparsity is None else config.sparsity
+    amounts = _from_sparsity(model, arch, blocks, config.units, sparsity * total)
+    problem = _problem(model, arch, blocks, amounts)
+    if problem:
+        of = ("of its blocks' parameters" if config.of == "blocks" else
+              "of all its parameters, embeddings included; --of blocks (of='blocks') counts the blocks' alone")
+        raise SlimkitError(f"--sparsity {sparsity}: {problem}; the largest --sparsity this model allows with units "
+                           f"{', '.join(config.units)} is {_largest(model, arch, blocks, config.units, sparsity, total):.2f} ({of})")
     return amounts
+
+
+def _largest(model, arch, blocks, units, sparsity: float, total: int) -> float:
+    """The largest sparsity below `sparsity`, to the hundredth, whose amounts fit (they grow with it: the first going down)."""
+    for hundredths in range(round(sparsity * 100), 0, -1):
+        if not _problem(model, arch, blocks, _from_sparsity(model, arch, blocks, units, hundredths / 100 * total)):
+            return hundredths / 100
+    return 0.0
+
+
+def sparsity_base(arch: Adapter, of: str, total_params: int) -> int:
+    """The parameters `sparsity` is a fraction of: the whole model's, or its transformer blocks'."""
+    return total_params if of == "model" else sum(p.numel() for p in arch.model.get_submodule(arch.layers).parameters())
 
 
 def _numel(model, names) -> int:
@@ -175,12 +204,13 @@ def _from_sparsity(model, arch, blocks, units, target) -> dict:
     return out
 
 
-def _check_amounts(model, arch, blocks, amounts) -> None:
+def _problem(model, arch, blocks, amounts) -> str | None:
+    """Why the amounts cannot be removed (every layer keeps a head group and a channel), or None."""
     n_layers = len(arch.blocks)
     if amounts["layers"] >= n_layers:
-        raise SlimkitError(f"cannot remove {amounts['layers']} of {n_layers} layers: lower --sparsity or prune heads/mlp")
+        return f"cannot remove {amounts['layers']} of {n_layers} layers"
     if amounts["layers"] > len(blocks):
-        raise SlimkitError(f"only {len(blocks)} layers match targets; cannot remove {amounts['layers']}")
+        return f"only {len(blocks)} layers match targets; cannot remove {amounts['layers']}"
     if amounts["heads"]:
         _check_heads(arch)
     for b in blocks:
@@ -188,13 +218,11 @@ def _check_amounts(model, arch, blocks, amounts) -> None:
             n_kv, per = arch.kv_groups(b)
             if amounts["heads"] >= n_kv:
                 kind = f"kv head groups ({n_kv * per} query heads)" if per > 1 else "heads"
-                raise SlimkitError(
-                    f"cannot remove {amounts['heads']} of the {n_kv} {kind} of layer {b.name}: a layer needs at least "
-                    "one; lower --sparsity or add mlp/layers to units"
-                )
+                return f"cannot remove {amounts['heads']} of the {n_kv} {kind} of layer {b.name}, which needs at least one"
         channels = _w(model, b.mlp_out).shape[1]
         if amounts["mlp"] >= channels:
-            raise SlimkitError(f"cannot remove {amounts['mlp']} of the {channels} MLP channels of {b.name}: lower --sparsity")
+            return f"cannot remove {amounts['mlp']} of the {channels} MLP channels of {b.name}, which needs at least one"
+    return None
 
 
 # --------------------------------------------------------------------------- scoring
@@ -277,6 +305,7 @@ def apply(model: LoadedModel, config: StructuredConfig, ctx: Context = Context()
             f"ignore {list(config.ignore)}; check the patterns"
         )
     before = lm.num_parameters()
+    blocks_before = sparsity_base(arch, "blocks", before)
     amounts = plan_amounts(net, arch, blocks, config, before)
     crit = importance.get(config.importance)
     get_batches = common.calibration(lm, config, ctx)
@@ -327,7 +356,8 @@ def apply(model: LoadedModel, config: StructuredConfig, ctx: Context = Context()
     after = lm.num_parameters()
     shapes = layer_shapes(arch)
     facts = {"parameters_before": before, "parameters_after": after, "removed_fraction": round(1 - after / before, 6)}
-    lm.manifest["prune_report"] = {"method": "structured", **facts, "amounts": amounts, "layers": shapes,
+    removed_of_blocks = round(1 - sparsity_base(arch, "blocks", after) / blocks_before, 6)
+    lm.manifest["prune_report"] = {"method": "structured", **facts, "removed_fraction_of_blocks": removed_of_blocks, "amounts": amounts, "layers": shapes,
                                    "speed": "smaller matrices: measure with slimkit bench"}
     return lm.record("prune", "structured", config, **facts)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,11 @@ CASES = [
     ("pickle-only-weights", lambda t, p: ["eval", str(_pickle_only(_copy(t, "llama", p)))], ["does not unpickle", "safetensors"]),
     ("invalid-config-json", lambda t, p: ["eval", str(_write(_copy(t, "llama", p) / "config.json", "{oops").parent)], ["not valid JSON"]),
     ("impossible-config-sizes", lambda t, p: ["eval", str(_edit_config(_copy(t, "llama", p), hidden_size=48))], ["cannot load the weights"]),
+    ("config-rejected-by-transformers", lambda t, p: ["eval", str(_write(_copy(t, "llama", p) / "config.json", json.dumps({"model_type": "llama", "hidden_size": 8})).parent)],
+     ["config.json", "hidden size (8) is not a multiple of the number of attention heads (32)", "fix that field"]),
+    ("tokenizer-json-missing-keys", lambda t, p: ["eval", str(_write(_copy(t, "llama", p) / "tokenizer.json", '{"version": "1.0", "model": {"type": "BPE"}}').parent)],
+     ["tokenizer.json", "no key 'added_tokens'", "tokenizer.save_pretrained"]),
+    ("weights-of-unknown-dtype", lambda t, p: ["eval", str(_unknown_dtype(_copy(t, "llama", p)))], ["model.safetensors", "unknown variant", "re-save or re-download"]),
     ("nan-weights", lambda t, p: ["eval", str(_poison(_copy(t, "llama", p), float("nan")))], ["NaN or Inf"]),
     ("inf-weights", lambda t, p: ["bench", str(_poison(_copy(t, "bert", p), float("inf")))], ["NaN or Inf"]),
     ("truncated-gguf", lambda t, p: ["eval", str(_gguf_truncated(p))], ["cannot read GGUF file", "re-download"]),
@@ -68,6 +74,11 @@ CASES = [
     ("whitespace-dataset", lambda t, p: ["eval", str(t("bert")), "--data", str(_write(p / "w.txt", " \n\n\t\n"))], ["has no"]),
     ("missing-dataset", lambda t, p: ["eval", str(t("llama")), "--data", str(p / "nope.txt")], ["no such data file"]),
     ("unsupported-dataset-type", lambda t, p: ["eval", str(t("llama")), "--data", str(_write(p / "d.csv", "a,b"))], [".txt", ".jsonl"]),
+    ("binary-dataset", lambda t, p: ["eval", str(t("llama")), "--data", str(_executable_head(p / "program.txt"))], ["program.txt is not text", "is NUL", "UTF-8"]),
+    ("binary-calibration-data", lambda t, p: ["quantize", str(t("llama")), "--method", "int8", "--data", str(_executable_head(p / "program.txt")),
+                                              "--out", str(p / "q")], ["program.txt is not text", "is NUL"]),
+    ("dataset-in-another-encoding", lambda t, p: ["eval", str(t("llama")), "--data", str(_write_bytes(p / "l.txt", "déjà vu\n".encode("latin-1") * 50))],
+     ["l.txt is not UTF-8 text", "byte 1 (0xe9)", "iconv"]),
     ("bad-jsonl-line", lambda t, p: ["eval", str(t("llama")), "--data", str(_write(p / "d.jsonl", '{"text": "a"}\n{bad'))], ["d.jsonl:2"]),
     ("jsonl-without-text", lambda t, p: ["eval", str(t("llama")), "--data", str(_write(p / "d.jsonl", '{"body": "a"}'))], ["--text-key"]),
     ("unknown-split", lambda t, p: ["eval", str(t("llama")), "--split", "train"], ["unknown split"]),
@@ -107,6 +118,16 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _executable_head(path: Path) -> Path:
+    """The first 5 KB of this Python's executable, named like text."""
+    return _write_bytes(path, Path(sys.executable).resolve().read_bytes()[:5000])
+
+
 def _truncate(d: Path) -> Path:
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size * 2 // 3])
@@ -124,6 +145,12 @@ def _scramble(d: Path) -> Path:
 def _append(d: Path) -> Path:
     with open(d / "model.safetensors", "ab") as fh:
         fh.write(b"junk" * 10)
+    return d
+
+
+def _unknown_dtype(d: Path) -> Path:
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "Q9", "shape": [4, 4], "data_offsets": [0, 16]}}).encode()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
     return d
 
 
