@@ -52,10 +52,10 @@ from slimkit.core.progress import track
 from slimkit.core.registry import Context, register
 from slimkit.core.selection import linear_weight, select_linears, set_module
 from slimkit.io.model import copy_model
-from slimkit.quantization.awq_math import search_clip, search_scale
+from slimkit.quantization.awq_math import search_scale
 from slimkit.quantization.common import CalibratedOptions, cast_unquantized
 from slimkit.quantization.embedding import head_grid, quantize_embeddings, tied_head
-from slimkit.quantization.formats import check_group, quantize_int, sqnr_db
+from slimkit.quantization.formats import check_group, sqnr_db
 from slimkit.quantization.modules import WeightOnlyLinear
 from slimkit.quantization.smoothing import require_batches
 
@@ -72,14 +72,11 @@ class AWQConfig(CalibratedOptions):
     METHOD: ClassVar[str] = "awq"
 
     grid: int = 20
-    clip: bool = False  # also search each group's range (AWQ's clipping): finer steps for all but the extremes
 
     def __post_init__(self):
         super().__post_init__()
         if self.group_size is None and self.bits == 4:
             raise SlimkitError("awq int4 needs groups: use group_size 32, 64, 128 or 256")
-        if self.clip and (self.group_size is None or self.zero_point == "integer"):
-            raise SlimkitError("clip=true searches group ranges on float grids: set group_size (e.g. 32) and zero_point='float', or clip=false")
         if not 2 <= self.grid <= 100:
             raise SlimkitError(f"grid={self.grid} is out of range: use 2..100 alpha points, e.g. 20")
 
@@ -193,12 +190,11 @@ def _fold(model: nn.Module, producer: str, rows: torch.Tensor | None, members: l
         _scale_columns_(model.get_submodule(m), 1 / s if inv else s)
 
 
-def scale_model_(lm, config: AWQConfig, source: D.TextSource | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict[str, torch.Tensor]]:
+def scale_model_(lm, config: AWQConfig, source: D.TextSource | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Search every group's scales and fold what folds exactly, in place on `lm`'s float model.
 
     Returns (layer -> s for the layers that must keep an explicit input scale,
-    s of the tied head or None, layer -> (N, G) clipping factors with config.clip).
-    Call on a copy.
+    s of the tied head or None). Call on a copy.
     """
     model, causal = lm.model, lm.kind == CAUSAL_LM
     names = list(select_linears(model, tuple(config.targets), tuple(config.ignore)))
@@ -210,7 +206,6 @@ def scale_model_(lm, config: AWQConfig, source: D.TextSource | None = None) -> t
     arch = find(model)
     probe = batches[0][:, :PROBE_TOKENS]
     explicit: dict[str, torch.Tensor] = {}
-    clips: dict[str, torch.Tensor] = {}
     head_scale = None
     with torch.no_grad():
         reference = _forward(model, probe, causal)
@@ -226,8 +221,6 @@ def scale_model_(lm, config: AWQConfig, source: D.TextSource | None = None) -> t
             int8_rows = is_head and config.embedding_bits == 8
             bits, group, sym, zp = (8, None, True, "float") if int8_rows else (config.bits, config.group_size, config.symmetric, config.zero_point)
             s = search_scale(w, g.inputs(), bits, group, sym, config.grid, stat, zp).scale
-            if config.clip and not is_head:  # W diag(s) reads x / s, folded or not
-                clips.update({m: search_clip(wm * s, g.inputs() / s, bits, group, sym) for m, wm in zip(members, ws)})
             if is_head:
                 if producer is not None and _try_head_fold(model, producer, head, s, probe, causal, reference):
                     head_scale = s
@@ -235,7 +228,7 @@ def scale_model_(lm, config: AWQConfig, source: D.TextSource | None = None) -> t
             if producer is not None and _try_fold(model, producer, rows, members, s, probe, causal, reference):
                 continue
             explicit.update({m: s for m in members})
-    return explicit, head_scale, clips
+    return explicit, head_scale
 
 
 def _try_fold(model, producer, rows, members, s, probe, causal, reference) -> bool:
@@ -267,7 +260,7 @@ def _try_head_fold(model, norm, head, s, probe, causal, reference) -> bool:
 @register("awq", "quantize", AWQConfig, "AWQ: int4/int8 weight-only with activation-aware per-channel scales, calibrated (same kernels as int4-wo)")
 def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
     lm = copy_model(model, "awq")
-    explicit, head_scale, clips = scale_model_(lm, config, ctx.calibration())
+    explicit, head_scale = scale_model_(lm, config, ctx.calibration())
     names = list(select_linears(lm.model, tuple(config.targets), tuple(config.ignore)))
     with torch.no_grad():
         for name in track(names, "Quantizing (AWQ)"):
@@ -279,10 +272,7 @@ def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
             if s is not None:
                 w = w * s[None, :]
                 module.inv_input_scale.copy_(1 / s)
-            if name in clips:
-                module.set_quantized(quantize_int(w, config.bits, config.group_size, config.symmetric, clip=clips[name]))
-            else:
-                module.set_weight(w)
+            module.set_weight(w)
             if module.bias is not None:
                 module.bias.copy_(layer.bias.float())
             set_module(lm.model, name, module)

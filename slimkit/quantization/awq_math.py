@@ -100,33 +100,3 @@ def search_scale(
         if best is None or err < best[0]:
             best = (err, alpha, s)
     return ScaleSearch(best[2], best[1], best[0], rtn)
-
-
-CLIP_RATIOS = torch.linspace(1.0, 0.5, 11).tolist()  # range kept per group, AWQ's clipping grid
-CLIP_TOKENS = 256  # inputs the clipping search scores each group on
-
-
-def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, symmetric: bool, rows: int = 512) -> torch.Tensor:
-    """Per group, the range factor in CLIP_RATIOS with the least output error: (N, G).
-
-    w (N, K) the weight as it will be quantized, x (T, K) the inputs it will read.
-    A group's error is that of its own share of the output, sum_k (w - q(w))_k x_k,
-    squared and averaged over tokens: groups are scored apart, as AWQ does, so the
-    choice is one argmin per group. Rows are taken `rows` at a time to bound the
-    (rows, G, T) temporaries."""
-    n, k = w.shape
-    g = group_size
-    xg = x[:CLIP_TOKENS].float().reshape(-1, k // g, g).permute(1, 2, 0)  # (G, g, T)
-    best = torch.ones(n, k // g)
-    for lo in range(0, n, rows):
-        wc = w[lo : lo + rows].float()  # (n, K)
-        least = torch.full((wc.shape[0], k // g), torch.inf)
-        for ratio in CLIP_RATIOS:
-            factor = torch.full_like(least, ratio)
-            diff = wc - Q.quantize_int(wc, bits, g, symmetric, clip=factor).dequantize()  # (n, K)
-            out = torch.bmm(diff.reshape(-1, k // g, g).transpose(0, 1), xg)  # (G, n, T)
-            err = out.pow(2).mean(-1).T  # (n, G)
-            better = err < least
-            least = torch.where(better, err, least)
-            best[lo : lo + rows] = torch.where(better, ratio, best[lo : lo + rows])
-    return best

@@ -131,13 +131,10 @@ ROWS_PER_CHUNK = 4096  # rows quantized at a time: a 49k-row embedding costs a f
 
 
 def quantize_int(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
-                 zero_point: str = "float", clip: torch.Tensor | None = None) -> QuantizedInt:
+                 zero_point: str = "float") -> QuantizedInt:
     """Round-to-nearest integer quantization of `w` (N, K) with per-group scales.
 
     zero_point: 'float' or 'integer', the asymmetric grid's offset (see the module docstring).
-    clip: (N, G) factors in (0, 1] that shrink each group's range (its absmax, or its min
-    and max) before the scale is set: the extremes clip, every other weight steps finer
-    (AWQ's clipping search picks them). Not for integer zero points, which search their own.
     Every group lies within one row, so rows are quantized `ROWS_PER_CHUNK` at a time and
     joined: the same result as all at once, without full-size float temporaries."""
     check_zero_point(zero_point, symmetric)
@@ -145,33 +142,27 @@ def quantize_int(w: torch.Tensor, bits: int, group_size: int | None = None, symm
         raise SlimkitError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     n, k = w.shape
     g = check_group(k, group_size)
-    if clip is not None and zero_point == "integer":
-        raise SlimkitError("clipping shapes float grids; integer zero points search their own range: use zero_point='float'")
     if n <= ROWS_PER_CHUNK:
-        return _quantize_rows(w, bits, g, symmetric, zero_point, clip)
-    parts = [_quantize_rows(w[i : i + ROWS_PER_CHUNK], bits, g, symmetric, zero_point, None if clip is None else clip[i : i + ROWS_PER_CHUNK])
-             for i in range(0, n, ROWS_PER_CHUNK)]
+        return _quantize_rows(w, bits, g, symmetric, zero_point)
+    parts = [_quantize_rows(w[i : i + ROWS_PER_CHUNK], bits, g, symmetric, zero_point) for i in range(0, n, ROWS_PER_CHUNK)]
     join = lambda field: None if getattr(parts[0], field) is None else torch.cat([getattr(p, field) for p in parts])  # noqa: E731
     return QuantizedInt(join("q"), join("scale"), join("offset"), bits, g, join("zero_point"))
 
 
-def _quantize_rows(w: torch.Tensor, bits: int, g: int, symmetric: bool, zero_point: str, clip: torch.Tensor | None = None) -> QuantizedInt:
+def _quantize_rows(w: torch.Tensor, bits: int, g: int, symmetric: bool, zero_point: str) -> QuantizedInt:
     n, k = w.shape
     lo, hi = qrange(bits)
     wg = w.detach().float().reshape(n, k // g, g)  # (N, G, g)
     tiny = torch.finfo(torch.float32).tiny
-    shrink = 1.0 if clip is None else clip.float()  # (N, G)
     if symmetric:
         absmax = wg.abs().amax(-1)  # (N, G)
         check_finite(absmax)
-        absmax = absmax * shrink
         scale = fit_scale((absmax / hi).clamp(min=tiny), hi)  # (N, G)
         q, _ = round_to_grid(wg, scale[..., None], bits=bits)
         offset = None
     else:
         offset, top = wg.amin(-1), wg.amax(-1)  # (N, G)
         check_finite(offset, top)
-        offset, top = offset * shrink, top * shrink
         scale = ((top - offset) / (hi - lo)).clamp(min=tiny)  # (N, G)
         if not torch.isfinite((hi - lo) * scale + offset).all():  # the grid's top level, by monotonicity every level
             raise SlimkitError(SPAN_TOO_WIDE)
