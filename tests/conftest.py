@@ -97,28 +97,54 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     )
 
 
+HIDDEN_BY_DEFAULT = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
 def invoke_cli(*args: str) -> subprocess.CompletedProcess:
     """Run the real CLI code in this process (fast: no interpreter start-up).
 
-    Returns the same shape as run_cli. Environment variables read at import
-    time (the hub endpoint, say) must be patched on the module instead.
+    Returns the same shape as run_cli, and stderr holds what a fresh process would
+    print there: warnings too, each once, those Python hides by default left out.
+    What the command changes in the process (torch's threads, the environment) is
+    put back. Environment variables read at import time (the hub endpoint, say)
+    must be patched on the module instead.
     """
+    import traceback
+    import warnings
+
     from typer.testing import CliRunner
 
     from slimkit.cli.base import app, state
 
     state["debug"] = False
-    result = CliRunner().invoke(app, list(args))
-    stderr = result.stderr
+    threads, environ = torch.get_num_threads(), dict(os.environ)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filters[:] = [f for f in warnings.filters if f[0] == "ignore"]  # the libraries' own, and Python's defaults
+            warnings.simplefilter("always", append=True)
+            result = CliRunner().invoke(app, list(args))
+    finally:
+        torch.set_num_threads(threads)
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update(environ)
+    shown = dict.fromkeys(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                          for w in caught if not issubclass(w.category, HIDDEN_BY_DEFAULT))
+    stderr = "".join(shown) + result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):
-        import traceback
-
         stderr += "Traceback\n" + "".join(traceback.format_exception(result.exception))
     return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)
 
 
 def cli_json(*args: str, **kw) -> dict:
     proc = run_cli(*args, "--json", **kw)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def invoke_json(*args: str) -> dict:
+    """cli_json in this process (invoke_cli)."""
+    proc = invoke_cli(*args, "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 

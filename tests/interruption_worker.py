@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,55 @@ PRELOAD = ["torch", "transformers", "onnx", "onnxruntime", "torch.onnx", "slimki
 
 def nothing() -> None:
     pass
+
+
+def save_forever(model: str, out: str, ready) -> None:
+    """Load `model`, set `ready`, then save it again and again as OUT/run-0, OUT/run-1, ... until killed."""
+    import torch
+
+    import slimkit
+
+    torch.set_num_threads(1)
+    lm = slimkit.load(model)
+    ready.set()
+    i = 0
+    while True:
+        slimkit.save(lm, f"{out}/run-{i}")
+        i += 1
+
+
+def writes_to_disk(event: str, args: tuple) -> bool:
+    """Whether an audit event (sys.addaudithook) changes the file system: a file opened
+    for writing, a directory made, something renamed or removed."""
+    if event == "open":  # (path, mode, flags): mode is None for os.open
+        mode, flags = args[1], args[2]
+        return (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+    return event in {"os.mkdir", "tempfile.mkdtemp", "os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree",
+                     "shutil.copyfile", "shutil.copytree", "shutil.move", "os.symlink", "os.link", "os.truncate"}
+
+
+def save_killed_at(model: str, out: str, kill_at: int | None, conn) -> None:
+    """Load `model` and save it to `out`, dying by SIGKILL just before the save's `kill_at`-th
+    change to the file system (counted from 0); never when None, then send the changes it made."""
+    import torch
+
+    import slimkit
+
+    torch.set_num_threads(1)
+    lm = slimkit.load(model)
+    changes: list[str] = []
+    watching = [True]
+
+    def hook(event, args):
+        if watching[0] and writes_to_disk(event, args):
+            if len(changes) == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            changes.append(f"{event} {os.path.basename(str(args[0]))}")
+
+    sys.addaudithook(hook)  # Python-level operations: the bytes that Rust writes (safetensors, tokenizers) fall between two of them
+    slimkit.save(lm, out)
+    watching[0] = False
+    conn.send(changes)
 
 
 def export_cli(model: str, out: str) -> None:

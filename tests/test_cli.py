@@ -1,33 +1,37 @@
-"""The real `slimkit` command, in a subprocess: JSON interface and error lines."""
+"""The `slimkit` command: JSON interface and error lines.
+
+Most checks run the CLI in this process (conftest.invoke_cli); a real subprocess
+where only a fresh interpreter shows it: the entry point and --help, --debug's
+traceback, environment variables read at import, a load that fails inside a library."""
 
 import shutil
 
 import pytest
-from conftest import assert_user_error, cli_json, run_cli
+from conftest import assert_user_error, invoke_cli, invoke_json, run_cli
 
 EVAL_FAST = ["--max-tokens", "200", "--window", "64", "--stride", "32"]
 BENCH_FAST = ["--seq-len", "16", "--batch-sizes", "1,2", "--new-tokens", "4", "--threads", "1"]
 
 
 def test_models_lists_embedded():
-    names = [m["name"] for m in cli_json("models")["models"]]
+    names = [m["name"] for m in invoke_json("models")["models"]]
     assert names == ["smollm2-135m", "minilm-l6"]
 
 
 def test_eval_json_with_reference(tiny):
-    out = cli_json("eval", str(tiny("llama")), "--reference", str(tiny("llama", seed=1)), *EVAL_FAST)
+    out = invoke_json("eval", str(tiny("llama")), "--reference", str(tiny("llama", seed=1)), *EVAL_FAST)
     for key in ("perplexity", "reference_perplexity", "kl_divergence", "top1_agreement"):
         assert isinstance(out[key], float), key
     assert out["kl_divergence"] > 0
 
 
 def test_eval_encoder_json(tiny):
-    out = cli_json("eval", str(tiny("bert")), "--reference", str(tiny("bert")))
+    out = invoke_json("eval", str(tiny("bert")), "--reference", str(tiny("bert")))
     assert out["cosine_to_reference"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_bench_json(tiny):
-    out = cli_json("bench", str(tiny("gpt2")), *BENCH_FAST)
+    out = invoke_json("bench", str(tiny("gpt2")), *BENCH_FAST)
     assert set(out["latency_ms"]) >= {"p50", "p90", "p99"}
     for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "peak_memory_mb", "size_on_disk_mb"):
         assert out[key] > 0, key
@@ -35,7 +39,7 @@ def test_bench_json(tiny):
 
 
 def test_table_output(tiny):
-    proc = run_cli("bench", str(tiny("bert")), *BENCH_FAST)
+    proc = invoke_cli("bench", str(tiny("bert")), *BENCH_FAST)
     assert proc.returncode == 0, proc.stderr
     assert "latency p50" in proc.stdout and "size on disk" in proc.stdout
 
@@ -56,7 +60,7 @@ def test_help_lists_commands():
 
 
 def test_missing_path(tmp_path):
-    assert_user_error(run_cli("eval", str(tmp_path / "nope")), "no such file or directory", "check the path")
+    assert_user_error(invoke_cli("eval", str(tmp_path / "nope")), "no such file or directory", "check the path")
 
 
 def test_unknown_embedded_name():
@@ -78,7 +82,7 @@ def test_corrupt_weights(tiny, tmp_path):
 def test_empty_dataset(tiny, tmp_path):
     f = tmp_path / "empty.txt"
     f.write_text("\n\n   \n")
-    assert_user_error(run_cli("eval", str(tiny("llama")), "--data", str(f)), "has no", "pass a file with non-empty text")
+    assert_user_error(invoke_cli("eval", str(tiny("llama")), "--data", str(f)), "has no", "pass a file with non-empty text")
 
 
 def test_unsupported_model_kind(tmp_path):
@@ -86,9 +90,9 @@ def test_unsupported_model_kind(tmp_path):
 
     model = T.T5ForConditionalGeneration(T.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=64))
     model.save_pretrained(tmp_path / "t5")
-    assert_user_error(run_cli("eval", str(tmp_path / "t5")), "unsupported model", "causal LM")
+    assert_user_error(invoke_cli("eval", str(tmp_path / "t5")), "unsupported model", "causal LM")
 
 
 def test_out_of_range_option(tiny):
-    assert_user_error(run_cli("eval", str(tiny("llama")), "--stride", "0"), "stride")
-    assert_user_error(run_cli("bench", str(tiny("llama")), "--batch-sizes", "1,x"), "--batch-sizes")
+    assert_user_error(invoke_cli("eval", str(tiny("llama")), "--stride", "0"), "stride")
+    assert_user_error(invoke_cli("bench", str(tiny("llama")), "--batch-sizes", "1,x"), "--batch-sizes")

@@ -371,23 +371,23 @@ def test_cli_encoder_options_reach_the_training(tiny, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, fragments",
+    "args, fragments, run",
     [
-        (["--student-layers", "1", "--steps", "1", "--layer-map", "1-2"], ["--layer-map takes student:teacher pairs"]),
-        (["--student-layers", "1", "--steps", "1", "--hidden-weight", "1", "--layer-map", "0:7"], ["out of range"]),
-        (["--student-layers", "5", "--steps", "1"], ["student layers must be in 1..2"]),
-        (["--student-layers", "x", "--steps", "1"], ["--student-layers must be a layer count"]),
-        (["--student-layers", "1", "--steps", "1", "--temperature", "0"], ["temperature must be > 0"]),
-        (["--student-layers", "1", "--steps", "1", "--loss", "mse"], ["unknown distillation loss 'mse'"]),
-        (["--student-layers", "1"], ["give a training length"]),
+        (["--student-layers", "1", "--steps", "1", "--layer-map", "1-2"], ["--layer-map takes student:teacher pairs"], invoke_cli),
+        (["--student-layers", "1", "--steps", "1", "--hidden-weight", "1", "--layer-map", "0:7"], ["out of range"], run_cli),  # after the load: in a fresh interpreter
+        (["--student-layers", "5", "--steps", "1"], ["student layers must be in 1..2"], invoke_cli),
+        (["--student-layers", "x", "--steps", "1"], ["--student-layers must be a layer count"], invoke_cli),
+        (["--student-layers", "1", "--steps", "1", "--temperature", "0"], ["temperature must be > 0"], invoke_cli),
+        (["--student-layers", "1", "--steps", "1", "--loss", "mse"], ["unknown distillation loss 'mse'"], invoke_cli),
+        (["--student-layers", "1"], ["give a training length"], invoke_cli),
     ],
 )
-def test_cli_bad_input(args, fragments, tiny, tmp_path):
-    assert_user_error(run_cli("distill", str(tiny("llama")), *args, "--out", str(tmp_path / "o")), *fragments)
+def test_cli_bad_input(args, fragments, run, tiny, tmp_path):
+    assert_user_error(run("distill", str(tiny("llama")), *args, "--out", str(tmp_path / "o")), *fragments)
 
 
 def test_cli_help_lists_distill():
-    proc = run_cli("--help")
+    proc = invoke_cli("--help")
     assert proc.returncode == 0 and "distill" in proc.stdout
 
 

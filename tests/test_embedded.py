@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import cli_json
+from conftest import invoke_json
 
 import slimkit
 from slimkit.core import arch as A
@@ -27,7 +27,7 @@ def test_smollm2_loads_from_cache_without_dequantizing(monkeypatch):
 
 
 def test_smollm2_eval_cli_json():
-    out = cli_json("eval", "smollm2-135m", "--max-tokens", "512")
+    out = invoke_json("eval", "smollm2-135m", "--max-tokens", "512")
     assert out["kind"] == "causal-lm" and out["tokens"] == 511
     assert 5 < out["perplexity"] < 40  # a working 135M model on English prose
 
@@ -41,7 +41,7 @@ def test_smollm2_generates_sensible_text():
 
 
 def test_minilm_bench_cli_json():
-    out = cli_json("bench", "minilm-l6", "--batch-sizes", "1,4", "--threads", "2")
+    out = invoke_json("bench", "minilm-l6", "--batch-sizes", "1,4", "--threads", "2")
     assert out["kind"] == "encoder"
     assert set(out["latency_ms"]) >= {"p50", "p90", "p99"}
     assert out["peak_memory_mb"] > 0 and 80 < out["size_on_disk_mb"] < 100

@@ -22,8 +22,22 @@ def _ops(out):
     return collections.Counter(n.op_type for n in model.graph.node)
 
 
-def test_fusions_keep_parity(tiny, tmp_path):
-    out = export(tiny("bert"), tmp_path / "o", ExportConfig("onnxruntime"))
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    """exported(arch, quantize=None) -> a tiny model exported for ONNX Runtime once per module: the tests only read it."""
+    cache = {}
+
+    def get(arch: str, quantize: str | None = None):
+        if (arch, quantize) not in cache:
+            out = tmp_path_factory.mktemp(f"{arch}-{quantize}") / "o"
+            cache[arch, quantize] = export(tiny(arch), out, ExportConfig("onnxruntime", quantize=quantize))
+        return cache[arch, quantize]
+
+    return get
+
+
+def test_fusions_keep_parity(exported):
+    out = exported("bert")
     manifest = json.loads((out / "slimkit.json").read_text())["export"]
     assert manifest["optimized"] and manifest["fusions"].get("BiasGelu", 0) > 0
     assert manifest["parity"]["optimized"]["max_abs_diff"] < 1e-4
@@ -42,9 +56,9 @@ def test_fusions_keep_parity(tiny, tmp_path):
     ("llama", "int4", "MatMulNBits"),
     ("gpt2", "int8-static", "DequantizeLinear"),
 ])
-def test_quantized_export_quality(tiny, tmp_path, arch, quant, op):
+def test_quantized_export_quality(tiny, exported, arch, quant, op):
     ref = slimkit.load(tiny(arch))
-    out = export(ref, tmp_path / "o", ExportConfig("onnxruntime", quantize=quant))
+    out = exported(arch, quant)
     assert _ops(out)[op] > 0
     served = slimkit.load(str(out))
     assert served.manifest["dtypes"] == [quant]
@@ -60,9 +74,8 @@ def test_quantized_export_quality(tiny, tmp_path, arch, quant, op):
         assert q.agreement_with_reference > 0.9
 
 
-def test_int4_is_smaller_on_disk(tiny, tmp_path):
-    fp32 = export(tiny("llama"), tmp_path / "fp32", ExportConfig("onnxruntime"))
-    int4 = export(tiny("llama"), tmp_path / "int4", ExportConfig("onnxruntime", quantize="int4"))
+def test_int4_is_smaller_on_disk(exported):
+    fp32, int4 = exported("llama"), exported("llama", "int4")
     ops = _ops(int4)
     assert ops["GatherBlockQuantized"] == 1  # the embedding too
     assert _weight_bytes(int4) < 0.3 * _weight_bytes(fp32)  # a tiny graph's file is mostly structure
@@ -73,15 +86,15 @@ def _weight_bytes(out):
     return sum(len(i.raw_data) + 4 * len(i.float_data) for i in model.graph.initializer)
 
 
-def test_int8_dynamic_keeps_the_lm_head_fp32(tiny, tmp_path):
-    out = export(tiny("llama"), tmp_path / "o", ExportConfig("onnxruntime", quantize="int8"))
+def test_int8_dynamic_keeps_the_lm_head_fp32(exported):
+    out = exported("llama", "int8")
     model = onnx.load(str(out / "model.onnx"))
     producer = {o: n for n in model.graph.node for o in n.output}
     assert producer["logits"].op_type == "MatMul"
 
 
-def test_quantized_generation_runs(tiny, tmp_path):
-    out = export(tiny("gpt2"), tmp_path / "o", ExportConfig("onnxruntime", quantize="int8"))
+def test_quantized_generation_runs(exported):
+    out = exported("gpt2", "int8")
     result = generate(str(out), "The def statement", 5)
     assert result.new_tokens >= 1 and result.prompt_tokens > 0
 
@@ -91,7 +104,7 @@ def test_generate_refuses_an_encoder(tiny):
         generate(tiny("bert"), "hello")
 
 
-def test_smoothing_is_exact_before_quantization_and_zeroes_padded_rows(tiny, tmp_path):
+def test_smoothing_is_exact_before_quantization_and_zeroes_padded_rows(tiny, exported, tmp_path):
     import numpy as np
     import onnxruntime as ort
 
@@ -101,7 +114,7 @@ def test_smoothing_is_exact_before_quantization_and_zeroes_padded_rows(tiny, tmp
 
     lm = slimkit.load(tiny("bert"))
     spec = graph_spec(lm)
-    out = export(lm, tmp_path / "fp32", ExportConfig("onnxruntime"))
+    out = exported("bert")
     done = smooth(out / "model.onnx", tmp_path / "smoothed.onnx", calibration_feeds(lm, spec, 8, 32))
     assert done["inputs"] == 8 and done["masked"] == 8  # per layer: Q/K/V, attention output, FFN in, FFN out
     feeds = {k: v.numpy() for k, v in example_inputs(spec, 3, 12, 0, "left", vocab=512, seed=5).items()}
@@ -115,13 +128,11 @@ def test_smoothing_is_exact_before_quantization_and_zeroes_padded_rows(tiny, tmp
     assert not keep.all() and np.all(ffn_in[~keep] == 0) and np.abs(ffn_in[keep]).max() > 0
 
 
-def test_int8_smooths_encoders_and_checks_the_smoothed_graph(tiny, tmp_path):
-    manifest = json.loads((export(tiny("bert"), tmp_path / "o", ExportConfig("onnxruntime", quantize="int8"))
-                           / "slimkit.json").read_text())["export"]
+def test_int8_smooths_encoders_and_checks_the_smoothed_graph(exported):
+    manifest = json.loads((exported("bert", "int8") / "slimkit.json").read_text())["export"]
     assert manifest["smoothing"]["inputs"] == 8
     assert manifest["parity"]["smoothed"]["max_abs_diff"] < 1e-4
-    cls = json.loads((export(tiny("bert-cls"), tmp_path / "c", ExportConfig("onnxruntime", quantize="int8"))
-                      / "slimkit.json").read_text())["export"]
+    cls = json.loads((exported("bert-cls", "int8") / "slimkit.json").read_text())["export"]
     assert "smoothing" not in cls and "smoothed" not in cls["parity"]  # padded rows may be read: see smoothquant.py
 
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_user_error, cli_json, run_cli
+from conftest import assert_user_error, cli_json, invoke_cli
 
 import slimkit
 from slimkit.core.errors import SlimkitError
@@ -75,15 +75,15 @@ def test_check(monkeypatch, cuda, module, fragments):
 
 
 @no_cuda
-@pytest.mark.parametrize("quant", ["fp16", "int8"])  # no --quantize: test_export_cli.py
+@pytest.mark.parametrize("quant", ["fp16", "int8"])  # no --quantize, in a fresh interpreter: test_export_cli.py
 def test_cli_export_without_cuda(tiny, tmp_path, quant):
-    proc = run_cli("export", str(tiny("bert")), "--format", "tensorrt", "--quantize", quant, "--out", str(tmp_path / "trt"))
+    proc = invoke_cli("export", str(tiny("bert")), "--format", "tensorrt", "--quantize", quant, "--out", str(tmp_path / "trt"))
     assert_user_error(proc, "--format tensorrt: TensorRT needs an NVIDIA GPU with CUDA", "--format onnxruntime")
     assert not (tmp_path / "trt").exists()
 
 
 def test_unknown_precision_is_refused(tiny, tmp_path):
-    proc = run_cli("export", str(tiny("bert")), "--format", "tensorrt", "--quantize", "int4", "--out", str(tmp_path / "t"))
+    proc = invoke_cli("export", str(tiny("bert")), "--format", "tensorrt", "--quantize", "int4", "--out", str(tmp_path / "t"))
     assert_user_error(proc, "--quantize int4 is not available for --format tensorrt", "fp16, int8")
 
 
@@ -111,9 +111,9 @@ def test_engine_directory_refuses_to_load_without_cuda(tiny, tmp_path):
     out = _fake_engine_dir(tiny, tmp_path, BUILT)
     with pytest.raises(SlimkitError, match="is a TensorRT engine and cannot run here: TensorRT needs an NVIDIA GPU"):
         slimkit.load(str(out))
-    assert_user_error(run_cli("bench", str(out), "--json"), "is a TensorRT engine and cannot run here",
+    assert_user_error(invoke_cli("bench", str(out), "--json"), "is a TensorRT engine and cannot run here",
                       "--format onnxruntime")
-    assert_user_error(run_cli("eval", str(out), "--reference", str(tiny("bert")), "--json"),
+    assert_user_error(invoke_cli("eval", str(out), "--reference", str(tiny("bert")), "--json"),
                       "is a TensorRT engine and cannot run here")
 
 

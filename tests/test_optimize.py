@@ -63,7 +63,7 @@ def _run(tiny, tmp_path, monkeypatch, preset, budget=0.05):
     return optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")
 
 
-def test_picks_the_best_passing_candidate(techniques, tiny, tmp_path, monkeypatch):
+def test_picks_the_best_passing_candidate(techniques, tiny, tmp_path, monkeypatch, fake_bench):
     results = _run(tiny, tmp_path, monkeypatch, [[("test-noise", {"scale": 3.0})], [("test-bf16", {})], [("test-noise", {"scale": 0.0})]])
     names = [c["name"] for c in results["candidates"]]
     assert names == ["test-noise(scale=3.0)", "test-bf16", "test-noise"]
@@ -86,6 +86,7 @@ def test_picks_the_best_passing_candidate(techniques, tiny, tmp_path, monkeypatc
 
 
 def test_nothing_passes_returns_the_original(techniques, tiny, tmp_path, monkeypatch):
+    """The one search here whose benchmark is a real `slimkit bench` process (the original's); the others use fake_bench."""
     results = _run(tiny, tmp_path, monkeypatch, [[("test-noise", {"scale": 3.0})]], budget=0.001)
     assert results["winner"] is None
     saved = slimkit.load(str(tmp_path / "out" / "model"))
@@ -96,7 +97,7 @@ def test_nothing_passes_returns_the_original(techniques, tiny, tmp_path, monkeyp
     assert "original model is kept" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_combinations_wait_for_a_wide_enough_budget(techniques, tiny, tmp_path, monkeypatch):
+def test_combinations_wait_for_a_wide_enough_budget(techniques, tiny, tmp_path, monkeypatch, fake_bench):
     combo = ([("test-noise", {"scale": 0.0}), ("test-bf16", {})], 0.04)  # (steps, min_budget)
     (tmp_path / "narrow").mkdir(), (tmp_path / "wide").mkdir()
     narrow = _run(tiny, tmp_path / "narrow", monkeypatch, [combo], budget=0.03)
@@ -127,7 +128,7 @@ def test_parsers():
         parse_duration("soon")
 
 
-def test_budget_keeps_time_for_the_confirmation(techniques, tiny, tmp_path, monkeypatch):
+def test_budget_keeps_time_for_the_confirmation(techniques, tiny, tmp_path, monkeypatch, fake_bench):
     monkeypatch.setitem(PRESETS, "test", [[("test-bf16", {})]])
     cfg = OptimizeConfig(target="size", max_quality_drop=0.05, preset="test", proxy_tokens=200, full_tokens=400, threads=1, time_budget_s=1)
     results = optimize(slimkit.load(tiny("llama")), cfg, tmp_path / "out")

@@ -147,15 +147,17 @@ def test_a_gguf_file_is_served_by_llama_cpp_ollama_transformers_and_slimkit(tmp_
     assert ways["slimkit"].lines[-1] == 'lm = slimkit.load("/srv/exported")'
 
 
-@pytest.mark.slow
-def test_the_printed_transformers_line_reads_the_embedded_gguf(tmp_path):
-    from slimkit.io.sources import embedded_path
+def test_the_printed_transformers_line_reads_a_gguf_file(tiny, tmp_path):
+    """A tiny Llama exported as Q4_1, the embedded SmolLM2's type (transformers reads the 30-layer file in tens of
+    seconds; slimkit.load("smollm2-135m") reads it through the same gguf_file= call when it converts it)."""
+    from slimkit.exporters import ExportConfig, export
 
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "smollm2.gguf").symlink_to(embedded_path("smollm2-135m"))
-    ways = {w.runtime: w for w in how_to_serve(tmp_path / "m" / "smollm2.gguf", "m/smollm2.gguf")}
-    out = run_printed(tmp_path, ways["transformers (dequantized to float)"], after="print(model.config.num_hidden_layers, len(tokenizer))")
-    assert out.split() == ["30", "49152"]
+    export(slimkit.load(tiny("llama")), tmp_path / "m" / "tiny.gguf", ExportConfig("gguf", quantize="q4_1"))
+    ways = {w.runtime: w for w in how_to_serve(tmp_path / "m" / "tiny.gguf", "m/tiny.gguf")}
+    out = run_printed(tmp_path, ways["transformers (dequantized to float)"],
+                      after="print(model.config.num_hidden_layers, model.config.vocab_size, tokenizer.vocab_size)")
+    assert out.split() == ["2", "512", "512"]
 
 
 def test_cli_commands_end_with_the_lines(tiny, tmp_path):

@@ -48,20 +48,27 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None, symmetric:
 
 def scaled_error(w: torch.Tensor, x: torch.Tensor, s: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
                  zero_point: str = "float", rows: int = ROWS_PER_CHUNK) -> float:
-    """Mean squared output error of quantizing W diag(s) and feeding x / s.
+    """Mean squared output error of quantizing W diag(s) and feeding x / s: w (N, K), x (T, K), s (K,)."""
+    return scaled_errors(w, x, [s], bits, group_size, symmetric, zero_point, rows)[0]
 
-    w (N, K), x (T, K), s (K,). Output rows are taken `rows` at a time: a
-    quantization group never spans two rows, so the chunks quantize exactly
-    as the whole would, and a wide layer (a 49k-row LM head) costs a few MB of
-    temporaries instead of several copies of itself."""
-    xs = x / s  # (T, K)
-    total = 0.0
+
+def scaled_errors(w: torch.Tensor, x: torch.Tensor, scales: list[torch.Tensor], bits: int, group_size: int | None, symmetric: bool,
+                  zero_point: str = "float", rows: int = ROWS_PER_CHUNK) -> list[float]:
+    """scaled_error for each s in `scales`, with the float output x W^T computed once per chunk.
+
+    Output rows are taken `rows` at a time: a quantization group never spans
+    two rows, so the chunks quantize exactly as the whole would, and a wide
+    layer (a 49k-row LM head) costs a few MB of temporaries instead of several
+    copies of itself. The reference product is the same for every s: computing
+    it once per chunk rather than once per s halves the search's matmuls."""
+    totals = [0.0] * len(scales)
     for lo in range(0, w.shape[0], rows):
         wc = w[lo : lo + rows]  # (n, K)
         ref = x @ wc.T  # (T, n)
-        approx = xs @ fake_quantize(wc * s, bits, group_size, symmetric, zero_point).T  # (T, n)
-        total += float((ref - approx).pow(2).sum())
-    return total / (x.shape[0] * w.shape[0])
+        for i, s in enumerate(scales):
+            approx = (x / s) @ fake_quantize(wc * s, bits, group_size, symmetric, zero_point).T  # (T, n)
+            totals[i] += float((ref - approx).pow(2).sum())
+    return [t / (x.shape[0] * w.shape[0]) for t in totals]
 
 
 @dataclass(frozen=True)
@@ -89,14 +96,7 @@ def search_scale(
     """
     w, x = w.float(), x.float()
     m = x.abs().mean(0) if x_mean_abs is None else x_mean_abs.float()  # (K,)
-    best = None
-    rtn = None
-    for i in range(grid):
-        alpha = i / grid
-        s = awq_scales(m, alpha)
-        err = scaled_error(w, x, s, bits, group_size, symmetric, zero_point)
-        if rtn is None:
-            rtn = err
-        if best is None or err < best[0]:
-            best = (err, alpha, s)
-    return ScaleSearch(best[2], best[1], best[0], rtn)
+    scales = [awq_scales(m, i / grid) for i in range(grid)]
+    errors = scaled_errors(w, x, scales, bits, group_size, symmetric, zero_point)
+    best = min(range(grid), key=errors.__getitem__)  # the first of equal errors: the smallest alpha
+    return ScaleSearch(scales[best], best / grid, errors[best], errors[0])

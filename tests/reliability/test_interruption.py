@@ -1,72 +1,20 @@
-"""Killing a save at random points never leaves an artifact that loads half-written."""
+"""Killing a save, an export or an optimize run never leaves an artifact that loads half-written.
+
+Each trial runs in a process forked from a fork server that has imported
+everything already (tests/interruption_worker.py), and is killed with SIGKILL:
+no cleanup runs."""
 
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 import slimkit
 from slimkit.core.errors import SlimkitError
+from slimkit.io.artifacts import MANIFEST
 
-CHILD = r"""
-import sys, slimkit
-lm = slimkit.load(sys.argv[1])
-print("ready", flush=True)
-i = 0
-while True:
-    slimkit.save(lm, f"{sys.argv[2]}/run-{i}")
-    i += 1
-"""
-
-TRIALS = 12  # random kill points; each trial is a fresh interpreter (about 7 s)
-
-
-@pytest.mark.slow
-def test_killed_saves_never_leave_a_loadable_half_artifact(tiny, tmp_path):
-    rng = random.Random(1234)
-    model = tiny("gpt2")
-    reference = slimkit.load(model)
-    for trial in range(TRIALS):
-        out = tmp_path / f"trial-{trial}"
-        out.mkdir()
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(model), str(out)], stdout=subprocess.PIPE, text=True)
-        assert child.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, 0.4))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        for entry in out.iterdir():
-            if not entry.name.startswith("."):  # a visible artifact is always complete
-                _assert_complete(slimkit.load(str(entry)), reference)
-                continue
-            try:  # a temporary directory is either refused, or complete (killed just before the rename)
-                lm = slimkit.load(str(entry))
-            except SlimkitError:
-                continue
-            _assert_complete(lm, reference)
-
-
-def _assert_complete(lm, reference):
-    import torch
-
-    ids = torch.arange(3, 30)[None]
-    with torch.no_grad():
-        assert torch.equal(lm.model(input_ids=ids).logits, reference.model(input_ids=ids).logits)
-
-
-# --------------------------------------------------------------------------- export and optimize
-#
-# Each trial runs the whole command in a process forked from a fork server that
-# has imported everything already (tests/interruption_worker.py), and kills it
-# with SIGKILL after a random delay. The delays are stratified over 0 to 1.1
-# times the length of an uninterrupted run (trial i of n dies at a random point
-# of the i-th n-th), so kills land in every phase, the short final writes
-# included, and a run or two finishes.
-
-EXPORT_TRIALS = 10
-OPTIMIZE_TRIALS = 12
+SAVE_TRIALS = 12  # kills at random times, on top of one just before each change a save makes to the disk
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +29,86 @@ def fork_server():
     warm.start()
     warm.join()
     return ctx
+
+
+@pytest.mark.slow
+def test_a_save_killed_before_any_of_its_disk_changes_leaves_nothing_half_written(fork_server, tiny, tmp_path):
+    """Every stage, deterministically: one kill just before each file-system change the save makes (its
+    temporary directory, each file, the manifest, the rename into place, the cleanup)."""
+    import interruption_worker
+
+    model = tiny("gpt2")
+    reference = slimkit.load(model)
+
+    def save(out, kill_at):
+        receive, send = fork_server.Pipe(duplex=False)
+        child = fork_server.Process(target=interruption_worker.save_killed_at, args=(str(model), str(out), kill_at, send))
+        child.start()
+        send.close()  # the child holds the only sending end: a child that dies makes recv() fail, not hang
+        changes = receive.recv() if kill_at is None else None
+        child.join()
+        return child.exitcode, changes
+
+    exitcode, changes = save(tmp_path / "whole" / "out", None)
+    assert exitcode == 0 and f"open {MANIFEST}" in changes and any(c.startswith(("os.rename", "os.replace")) for c in changes), changes
+    for k, change in enumerate(changes):
+        trial = tmp_path / f"before-{k}"
+        trial.mkdir()
+        exitcode, _ = save(trial / "out", k)
+        assert exitcode == -signal.SIGKILL, (k, change)  # died just before this change
+        _left_complete_or_refused(trial, reference)
+
+
+@pytest.mark.slow
+def test_killed_saves_never_leave_a_loadable_half_artifact(fork_server, tiny, tmp_path):
+    """At random times, so kills land inside a write too (the weights and the tokenizer are written in one call each)."""
+    import interruption_worker
+
+    rng = random.Random(1234)
+    model = tiny("gpt2")
+    reference = slimkit.load(model)
+    for trial in range(SAVE_TRIALS):
+        out = tmp_path / f"trial-{trial}"
+        out.mkdir()
+        ready = fork_server.Event()
+        child = fork_server.Process(target=interruption_worker.save_forever, args=(str(model), str(out), ready))
+        child.start()
+        assert ready.wait(120)
+        time.sleep(rng.uniform(0.0, 0.4))
+        child.kill()
+        child.join()
+        _left_complete_or_refused(out, reference)
+
+
+def _left_complete_or_refused(parent, reference):
+    for entry in parent.iterdir():
+        if not entry.name.startswith("."):  # a visible artifact is always complete
+            _assert_complete(slimkit.load(str(entry)), reference)
+            continue
+        try:  # a temporary directory is either refused, or complete (killed just before the rename)
+            lm = slimkit.load(str(entry))
+        except SlimkitError:
+            continue
+        _assert_complete(lm, reference)
+
+
+def _assert_complete(lm, reference):
+    import torch
+
+    ids = torch.arange(3, 30)[None]
+    with torch.no_grad():
+        assert torch.equal(lm.model(input_ids=ids).logits, reference.model(input_ids=ids).logits)
+
+
+# --------------------------------------------------------------------------- export and optimize
+#
+# Each trial runs the whole command and kills it after a random delay. The
+# delays are stratified over 0 to 1.1 times the length of an uninterrupted run
+# (trial i of n dies at a random point of the i-th n-th), so kills land in
+# every phase, the short final writes included, and a run or two finishes.
+
+EXPORT_TRIALS = 10
+OPTIMIZE_TRIALS = 12
 
 
 def _trials(ctx, target, model, tmp_path, trials: int, seed: int, check, same) -> list[str]:
