@@ -124,9 +124,12 @@ def test_size_on_disk_shrinks(tiny, tmp_path):
     lm = slimkit.load(tiny("llama"))
     sizes = {"fp32": dir_size_mb(save(lm, tmp_path / "fp32"), "*.safetensors")}
     for method in ("int8-wo", "int4-wo", "nf4"):
-        sizes[method] = dir_size_mb(save(slimkit.quantize(lm, method), tmp_path / method), "*.safetensors")
+        sizes[method] = dir_size_mb(save(slimkit.quantize(lm, method), tmp_path / method, layout="slimkit"), "*.safetensors")
     assert sizes["int8-wo"] < 0.32 * sizes["fp32"]
     assert sizes["int4-wo"] < sizes["int8-wo"] and sizes["nf4"] < sizes["int8-wo"]
+    # the layout plain transformers reads holds asymmetric 4-bit codes one int8 each, with fp32 scales and zero points
+    readable = dir_size_mb(save(slimkit.quantize(lm, "int4-wo"), tmp_path / "int4-wo-ct"), "*.safetensors")
+    assert sizes["int4-wo"] < readable < 0.45 * sizes["fp32"]
 
 
 def test_unknown_format_in_manifest_is_refused(tiny, tmp_path):

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -181,7 +182,20 @@ def write(model: nn.Module, out: Path) -> None:
     compressor.compress_model(plain)
     plain.save_pretrained(out, safe_serialization=True)
     compressor.update_config(str(out))
+    _keep_dtype(model, out)
     _check_written(model, out, quantized)
+
+
+def _keep_dtype(model: nn.Module, out: Path) -> None:
+    """config.json's dtype as the model's own: save_pretrained took it from the float layers standing in
+    for the quantized ones, so a bf16 model (compute_dtype=bf16) would otherwise come back with fp32 norms."""
+    dtype = getattr(model.config, "dtype", None)
+    if dtype is None:
+        return
+    path = out / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _check_written(model: nn.Module, out: Path, quantized: dict[str, nn.Module]) -> None:
