@@ -77,7 +77,7 @@ def command(name: str):
     return wrap
 
 
-def load_model(source: str, dtype: str, threads: int | None, trust_remote_code: bool = False):
+def load_model(source: str, dtype: str, threads: int | None, trust_remote_code: bool = False, lazy: bool = False):
     import torch
 
     dtypes = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,12 +87,12 @@ def load_model(source: str, dtype: str, threads: int | None, trust_remote_code: 
         if threads < 1:
             raise SlimkitError(f"threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-    return load(source, dtype=dtypes[dtype], trust_remote_code=trust_remote_code)
+    return load(source, dtype=dtypes[dtype], trust_remote_code=trust_remote_code, lazy=lazy)
 
 
-def check_memory(command: str, model: str, max_memory: str | None, *also: str | None) -> None:
+def check_memory(command: str, model: str, max_memory: str | None, *also: str | None, blockwise: dict | None = None) -> None:
     """Before loading: refuse past --max-memory, warn past the memory available (slimkit.io.resources)."""
-    guard(command, model, max_memory, also=also)
+    guard(command, model, max_memory, also=also, blockwise=blockwise)
 
 
 def emit(as_json: bool, payload: dict, tables: list, served: Path | None = None) -> None:

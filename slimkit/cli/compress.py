@@ -30,7 +30,7 @@ from slimkit.cli.display import bench_rows, eval_rows, fmt, table
 from slimkit.core import registry
 from slimkit.core.data import calibration_source
 from slimkit.core.errors import SlimkitError
-from slimkit.core.options import parse_options
+from slimkit.core.options import make_config, parse_options
 from slimkit.core.progress import search_progress
 from slimkit.core.recipe import Recipe
 from slimkit.core.registry import Context
@@ -45,6 +45,7 @@ from slimkit.measure.speed import benchmark, dir_size_mb
 from slimkit.pruning import cli_options, prune
 from slimkit.pruning import summary as prune_summary
 from slimkit.quantization import quantize
+from slimkit.quantization.blockwise import METHODS as BLOCKWISE
 from slimkit.quantization.common import quantized_modules
 from slimkit.quantization.ranking import sensitivity
 from slimkit.report import recommendation
@@ -80,8 +81,11 @@ def quantize_cmd(
     options = parse_options(method, option or [], "quantize")
     check_layout(layout)
     data = calibration_source(data)  # a bad file is refused before the model loads
-    check_memory("training" if method == "qat" else "quantize", model, max_memory)
-    q = quantize(load_model(model, "fp32", threads, trust_remote_code), method, data=data, seed=seed, **options)
+    check_memory("training" if method == "qat" else "quantize", model, max_memory, blockwise=_calibration(method, options))
+    # lazy and streamed: a method that goes block by block reads one block from the files at a time and
+    # writes it out when done; the others read the whole model from the files (no copy of it is made)
+    q = quantize(load_model(model, "fp32", threads, trust_remote_code, lazy=True), method, data=data, seed=seed,
+                 stream=str(Path(out_dir).expanduser().absolute().parent), **options)
     training = {"training": q.manifest["training"]} if "training" in q.manifest else {}  # methods that train (qat)
     path = save(q, out_dir, overwrite=overwrite, metrics=training, layout=layout)
     manifest = read_manifest(path)
@@ -89,6 +93,15 @@ def quantize_cmd(
     info = {"model": model, "method": method, "options": options, "out": str(path), "quantized_modules": len(quantized_modules(q.model)),
             "parameters": q.num_parameters(), "size_on_disk_mb": round(dir_size_mb(path), 3), **loads, **training}
     emit(as_json, info, [table(f"Quantized {model} with {method}", [(k, str(v)) for k, v in info.items()])], served=path)
+
+
+def _calibration(method: str, options: dict) -> dict | None:
+    """What the memory guard needs of a method that goes block by block: its calibration windows ({} for none); None otherwise."""
+    if method not in BLOCKWISE:
+        return None
+    config = make_config(method, options, "quantize")
+    samples = getattr(config, "calibration_samples", 0)
+    return {"samples": samples, "seq_len": config.seq_len} if samples else {}
 
 
 @command("sensitivity")

@@ -37,12 +37,16 @@ class Context:
         then lets Accelerate choose, a GPU where there is one); calibration runs where the
         model is.
     on_step: called with the optimizer step after each training step (progress, tests).
+    stream: a technique that goes block by block writes each finished block of a lazy model
+        to disk (`LoadedModel.staged`) instead of keeping it: for `save` right after (the CLI);
+        a directory says where to stage those files (beside the artifact to be).
     """
 
     data: TextSource | None = None
     seed: int = 0
     device: str | None = None
     on_step: Callable[[int], None] | None = None
+    stream: bool | str = False
 
     def __post_init__(self):
         if self.data is not None and not isinstance(self.data, TextSource):

@@ -40,6 +40,7 @@ then reads the safetensors weights.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -59,6 +60,7 @@ from slimkit.core.progress import note
 from slimkit.io.files import check_safetensors, file_sha256, quiet_transformers, read_config, read_tokenizer, read_weights
 from slimkit.io.model import MANIFEST, LoadedModel
 from slimkit.io.sentence import write_layout
+from slimkit.io.shards import ShardWriter, convert_shards, shard_files
 
 FORMAT = "slimkit-artifact"
 FORMAT_VERSION = 1
@@ -91,7 +93,8 @@ class Layout:
 
     name: str
     unfit: Callable[[nn.Module], str | None]  # why this model has no exact equivalent in the layout, or None
-    write: Callable[[nn.Module, Path], None]  # config.json (with its quantization_config), generation config, weights
+    encode: Callable[[dict, dict], dict]  # (one shard's tensors in slimkit's layout, module specs) -> the layout's tensors
+    finish: Callable[[Path, dict], None]  # (directory, module specs): config.json's quantization_config
     read: Callable[[dict, dict], dict]  # (tensors as saved, manifest) -> the model's own state dict
 
 
@@ -172,12 +175,18 @@ def save(
     records = {key: entry for key, r in RECORDS.items() if (entry := r.describe(model.model))}
     chosen, why = choose_layout(model.model, records, layout)
     with staging(out, overwrite, "the artifact") as tmp:
-        if chosen in LAYOUTS:
-            LAYOUTS[chosen].write(model.model, tmp)
-        elif any(RECORDS[key].own_weights for key in records):
-            _save_state(model.model, tmp)
+        if model.staged is not None:  # a technique that streamed its blocks wrote the weights already
+            for f in sorted(model.staged.iterdir()):
+                shutil.move(f, tmp / f.name)  # a rename where both are on one file system
+            model.staged = None
+        elif records:
+            write_state(model.model, tmp)
         else:
             model.model.save_pretrained(tmp, safe_serialization=True)
+        if chosen in LAYOUTS:
+            specs = records.get("modules", {})
+            convert_shards(tmp, lambda tensors: LAYOUTS[chosen].encode(tensors, specs))
+            LAYOUTS[chosen].finish(tmp, specs)
         if why is not None:
             mark_slimkit_only(tmp, why)
             note(f"{out} is in slimkit's own layout ({why}): transformers and vLLM refuse it; slimkit.load reads it")
@@ -249,48 +258,85 @@ def load_artifact(path: Path, *, source: str | None = None, dtype: torch.dtype |
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, source=source or str(path), path=path, manifest=manifest)
 
 
-def _save_state(model: nn.Module, out: Path) -> None:
-    """Config, generation config and the state dict (tied tensors stored once) of a model with recorded modules."""
-    from safetensors.torch import save_model
-
-    model.config.save_pretrained(out)
+def write_config(model: nn.Module, out: Path) -> None:
+    """config.json (naming the model's class and dtype, as save_pretrained does) and the generation config."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    if getattr(config, "dtype", None) is None:
+        config.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    config.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(out)
-    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def own_tensors(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A module's state dict under `prefix`, as slimkit's own layout stores it."""
+    return {f"{prefix}.{k}" if prefix else k: v for k, v in module.state_dict().items()}
+
+
+def write_state(model: nn.Module, out: Path) -> None:
+    """Config, generation config and the state dict (tied tensors stored once), in shards, of a model with recorded modules."""
+    write_config(model, out)
+    writer = ShardWriter(out)
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in own_tensors(model).items():  # a module's tensors stay together in one shard
+        by_module.setdefault(name.rpartition(".")[0], {})[name] = t
+    for tensors in by_module.values():
+        writer.add(tensors)
+    writer.close()
 
 
 def _rebuild(path: Path, kind: str, config, records: dict[str, dict], manifest: dict, dtype: torch.dtype | None) -> nn.Module:
-    """Build from `config`, put the recorded modules in place, then load the safetensors weights into them."""
+    """Build from `config` on the meta device, put the recorded modules in place, then load the
+    safetensors weights into them shard by shard: no float copy of the model is ever made."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
+    files = shard_files(path)
     if not files:
         raise SlimkitError(f"no *.safetensors weights in {path}: the artifact is incomplete; save it again")
-    state = {}
-    for f in files:
-        check_safetensors(f)
-        state.update(load_file(f))
     saved = getattr(config, "dtype", None)
     saved = getattr(torch, saved) if isinstance(saved, str) else saved
-    first = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    model = auto_class(kind).from_config(config, dtype=dtype or saved or first)
+    if saved is None:
+        check_safetensors(files[0])
+        with safe_open(str(files[0]), "pt") as fh:
+            first = next((fh.get_tensor(k).dtype for k in fh.keys() if fh.get_slice(k).get_dtype() in ("F32", "BF16", "F16")), torch.float32)
+    with init_empty_weights(include_buffers=False):
+        model = auto_class(kind).from_config(config, dtype=dtype or saved or first)
     for key, entry in records.items():
         RECORDS[key].rebuild(model, entry)
     layout = manifest.get("layout", OWN_LAYOUT)
-    if layout not in (OWN_LAYOUT, PLAIN_LAYOUT):
-        if layout not in LAYOUTS:
-            raise SlimkitError(f"{path} is stored in the {layout} layout, which this slimkit cannot read: upgrade slimkit")
-        state = LAYOUTS[layout].read(state, manifest)
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise SlimkitError(f"cannot load the weights in {path} ({short_reason(exc)}): save the artifact again") from exc
+    if layout not in (OWN_LAYOUT, PLAIN_LAYOUT) and layout not in LAYOUTS:
+        raise SlimkitError(f"{path} is stored in the {layout} layout, which this slimkit cannot read: upgrade slimkit")
+    expected = model.state_dict(keep_vars=True)
+    marks = {(m, a): b._slimkit_weight for m in model.modules() for a, b in m._buffers.items() if hasattr(b, "_slimkit_weight")}
+    unexpected: list[str] = []
+    for f in files:
+        check_safetensors(f)
+        state = load_file(f)
+        if layout in LAYOUTS:
+            state = LAYOUTS[layout].read(state, manifest)
+        unexpected += [k for k in state if k not in expected]
+        try:
+            model.load_state_dict({k: _like(v, expected[k]) for k, v in state.items() if k in expected}, strict=False, assign=True)
+        except RuntimeError as exc:
+            raise SlimkitError(f"cannot load the weights in {path} ({short_reason(exc)}): save the artifact again") from exc
+        del state
+    for (m, a), mark in marks.items():  # assigned tensors are new objects: mark the packed ones again
+        m._buffers[a]._slimkit_weight = mark
     model.tie_weights()
-    loaded = {t.data_ptr() for n, t in model.state_dict().items() if n in state}
-    untied = [k for k in result.missing_keys if model.state_dict()[k].data_ptr() not in loaded]
-    if untied or result.unexpected_keys:
-        raise SlimkitError(f"the weights in {path} do not match the model (e.g. {(untied or result.unexpected_keys)[0]}): save the artifact again")
+    missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if missing or unexpected:
+        raise SlimkitError(f"the weights in {path} do not match the model (e.g. {(missing or unexpected)[0]}): save the artifact again")
     return model.eval()
+
+
+def _like(t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A loaded tensor in the dtype the model was built with (floats only), as a copying load would give, in
+    memory of its own: safetensors' tensors can start anywhere in the file's buffer, and the int8 and int4
+    kernels read their weights with aligned vector loads (unaligned, they crash)."""
+    return t.to(target.dtype) if t.is_floating_point() and target.is_floating_point() and t.dtype != target.dtype else t.clone()
 
 
 def read_manifest(path: Path) -> dict:

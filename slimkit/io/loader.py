@@ -35,6 +35,7 @@ from slimkit.core.arch import ENCODER, detect_kind
 from slimkit.core.errors import SlimkitError
 from slimkit.io.artifacts import load_artifact, read_manifest, verify_files
 from slimkit.io.files import quiet_transformers, read_config, read_tokenizer, read_weights
+from slimkit.io.lazy import open_lazy
 from slimkit.io.model import MANIFEST, LoadedModel
 from slimkit.io.sentence import read_layout
 from slimkit.io.sources import (
@@ -67,12 +68,15 @@ def load(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     tokenizer=None,
+    lazy: bool = False,
 ) -> LoadedModel:
     """Load a model from any supported source; see the module docstring.
 
     dtype: None keeps a slimkit artifact's saved dtypes and loads everything
     else in float32 (the reference precision). tokenizer: for a model object
-    (`sources.in_memory`); every other source brings its own.
+    (`sources.in_memory`); every other source brings its own. lazy: a Hugging Face
+    directory's weights stay in their files until a technique reads them (`io.lazy`),
+    block by block where it can; other sources load as usual.
     """
     if isinstance(source, nn.Module):
         if dtype is not None:
@@ -88,7 +92,7 @@ def load(
         path = embedded_path(text)
         if path.suffix == ".gguf":
             return _load_gguf(path, text, dtype)
-        return load_dir(path, source=text, dtype=dtype)
+        return load_dir(path, source=text, dtype=dtype, lazy=lazy)
     path = Path(text).expanduser()
     if path.exists():
         if path.is_file():
@@ -98,18 +102,18 @@ def load(
                 f"{text} is a file, not a model: pass a model directory (with config.json), "
                 "a .gguf file, a hub id or an embedded name (see `slimkit models`)"
             )
-        return load_dir(path, source=text, dtype=dtype, trust_remote_code=trust_remote_code)
+        return load_dir(path, source=text, dtype=dtype, trust_remote_code=trust_remote_code, lazy=lazy)
     if looks_like_path(text) or not HUB_ID.match(text):
         raise SlimkitError(f"no such file or directory: {text}; check the path")
     snapshot = hub_snapshot(text)
-    return load_dir(snapshot, source=text, dtype=dtype, trust_remote_code=trust_remote_code)
+    return load_dir(snapshot, source=text, dtype=dtype, trust_remote_code=trust_remote_code, lazy=lazy)
 
 
-def _load_gguf(path: Path, source: str, dtype: torch.dtype | None) -> LoadedModel:
+def _load_gguf(path: Path, source: str, dtype: torch.dtype | None, lazy: bool = False) -> LoadedModel:
     """A GGUF file through its fp32 copy; the manifest keeps what the weights were stored as
     (`source_format`), which every artifact made from it carries on."""
     converted = gguf_to_hf_dir(path)
-    lm = load_dir(converted, source=source, dtype=dtype)
+    lm = load_dir(converted, source=source, dtype=dtype, lazy=lazy)
     lm.manifest["source_format"] = gguf_origin(converted)
     return lm
 
@@ -120,17 +124,17 @@ def takes_tokenizer(source) -> bool:
 
 
 def load_dir(
-    path: Path, *, source: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+    path: Path, *, source: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, lazy: bool = False
 ) -> LoadedModel:
     """Load a local directory: an exported one, a slimkit artifact, or a Hugging Face model;
     an encoder keeps its sentence-transformers files (`sentence.read_layout`)."""
-    lm = _load_dir(path, source=source, dtype=dtype, trust_remote_code=trust_remote_code)
+    lm = _load_dir(path, source=source, dtype=dtype, trust_remote_code=trust_remote_code, lazy=lazy)
     if lm.kind == ENCODER:
         lm.sentence = read_layout(path)
     return lm
 
 
-def _load_dir(path: Path, *, source: str, dtype: torch.dtype | None, trust_remote_code: bool) -> LoadedModel:
+def _load_dir(path: Path, *, source: str, dtype: torch.dtype | None, trust_remote_code: bool, lazy: bool) -> LoadedModel:
     if (path / MANIFEST).exists():
         manifest = read_manifest(path)
         runtime = manifest.get("runtime", "torch")
@@ -144,8 +148,11 @@ def _load_dir(path: Path, *, source: str, dtype: torch.dtype | None, trust_remot
         )
     config = read_config(path, trust_remote_code=trust_remote_code)
     kind = detect_kind(config)
-    model = read_weights(path, kind, config, dtype or torch.float32, trust_remote_code)
     tokenizer = read_tokenizer(path, trust_remote_code=trust_remote_code)
+    if lazy and not trust_remote_code:
+        model, weights = open_lazy(path, kind, config, dtype)
+        return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, source=source, path=path, weights=weights, dtype=dtype)
+    model = read_weights(path, kind, config, dtype or torch.float32, trust_remote_code)
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, source=source, path=path)
 
 

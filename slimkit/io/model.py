@@ -23,6 +23,9 @@ class LoadedModel:
     manifest: dict = field(default_factory=dict)  # slimkit.json of an artifact
     donated: bool = False  # the caller gave it away: the next technique changes it in place (see `copy_model`)
     sentence: dict[str, bytes] = field(default_factory=dict)  # an encoder's sentence-transformers files (`io.sentence`)
+    staged: Path | None = None  # weights a streaming technique already wrote (`io.shards`), which `save` takes as they are
+    weights: object | None = None  # `io.lazy.Weights` while parameters wait in their files (on the meta device)
+    dtype: object | None = None  # what a lazy model's weights are read as (None: the checkpoint's own)
 
     @property
     def config(self):
@@ -53,12 +56,23 @@ class LoadedModel:
         return self
 
 
-def copy_model(lm: LoadedModel, suffix: str) -> LoadedModel:
+def copy_model(lm: LoadedModel, suffix: str, *, lazy: bool = False) -> LoadedModel:
     """A deep copy for a technique to change; the caller's model is never touched.
 
     A `donated` model, one its caller no longer uses, is changed in place
-    instead: one fp32 copy of the model in memory, not two.
+    instead: one fp32 copy of the model in memory, not two. A lazy model (its
+    weights still in their files) is read afresh from the files instead of
+    copied; `lazy=True`, for a technique that goes block by block
+    (`quantization.blockwise`), keeps the copy lazy: no memory at all.
     """
+    if lm.weights is not None:
+        from slimkit.io.lazy import materialize, open_lazy
+
+        model, _ = open_lazy(lm.path, lm.kind, copy.deepcopy(lm.config), lm.dtype, lm.weights)
+        if not lazy:
+            materialize(model, "", lm.weights, lm.dtype)
+        return LoadedModel(model=model, tokenizer=lm.tokenizer, kind=lm.kind, source=f"{lm.source}+{suffix}", path=None,
+                           manifest=copy.deepcopy(lm.manifest), sentence=dict(lm.sentence), weights=lm.weights if lazy else None, dtype=lm.dtype)
     if lm.donated:
         lm.donated, lm.source, lm.path = False, f"{lm.source}+{suffix}", None
         return lm

@@ -101,6 +101,7 @@ class Estimate:
     factor: float
     bytes: int
     extra_parameters: int = 0  # models loaded once beside it (eval's reference)
+    way_out: str = "raise the limit or choose a smaller model"
 
     def describe(self) -> str:
         extra = (f" + {self.extra_parameters / 1e6:.1f}M x {BYTES_PER_PARAMETER} x {REFERENCE_FACTOR:g} for the reference"
@@ -116,26 +117,99 @@ def estimate(command: str, source: str, parameters: int, extra_parameters: int =
     return Estimate(command, source, parameters, factor, total, extra_parameters)
 
 
-def guard(command: str, source: str, max_memory: str | None, *, also: tuple[str | None, ...] = ()) -> Estimate | None:
+def guard(command: str, source: str, max_memory: str | None, *, also: tuple[str | None, ...] = (), blockwise: dict | None = None) -> Estimate | None:
     """Refuse (`max_memory`) or warn (too little memory available) before `command` loads `source`.
 
-    `also`: further models the command loads once each (eval's reference).
+    `also`: further models the command loads once each (eval's reference). `blockwise`: for a
+    quantize method that goes block by block (`quantization.blockwise`), its calibration
+    (`{"samples": n, "seq_len": t}`, or {} for none): the estimate is then one block's, see
+    `blockwise_estimate`.
     """
     limit = parse_size(max_memory) if max_memory is not None else None
+    est = blockwise_estimate(source, blockwise) if blockwise is not None else None
+    if est is not None:
+        return _check(est, limit, max_memory)
     counts = [parameters(s, thorough=limit is not None) for s in (source, *[a for a in also if a])]
     if any(c is None for c in counts):
         if limit is not None:
             console.print(f"[yellow]warning:[/] cannot count the parameters of {source} from its files: "
                           "--max-memory is not checked", highlight=False, soft_wrap=True)
         return None
-    est = estimate(command, source, counts[0], sum(counts[1:]))
+    return _check(estimate(command, source, counts[0], sum(counts[1:])), limit, max_memory)
+
+
+def _check(est, limit: int | None, max_memory: str | None):
     if limit is not None and est.bytes > limit:
-        raise SlimkitError(f"{est.describe()}, over --max-memory {max_memory}: raise the limit or choose a smaller model")
+        raise SlimkitError(f"{est.describe()}, over --max-memory {max_memory}: {est.way_out}")
     free = available()
     if free is not None and est.bytes > free:
         console.print(f"[yellow]warning:[/] {est.describe()}, but only {human(free)} is available: "
                       "it may swap or be killed; free memory or choose a smaller model", highlight=False, soft_wrap=True)
     return est
+
+
+@dataclass(frozen=True)
+class BlockwiseEstimate:
+    """quantize of a Hugging Face checkpoint block by block: the larger of one block's work and the
+    work on what lies outside the blocks, plus the calibration activations and Hessians."""
+
+    command: str
+    source: str
+    parameters: int
+    block: int  # parameters of the largest block
+    outside: int  # parameters outside the blocks (embeddings, head, norms)
+    activations: int  # bytes of the calibration inputs and outputs of one block, and its Hessians
+    bytes: int
+    way_out: str
+
+    def describe(self) -> str:
+        act = f" + {human(self.activations)} of calibration activations and Hessians" if self.activations else ""
+        return (f"{self.command} of {self.source} block by block needs about {human(self.bytes)} (the larger of one block, "
+                f"{self.block / 1e6:.0f}M parameters, and the {self.outside / 1e6:.0f}M outside the blocks, "
+                f"in fp32 with working copies{act} + {human(RUNTIME_BYTES)} for Python and torch)")
+
+
+BLOCK_FACTOR = 3.0  # fp32 bytes x: the block as read, each layer in fp32 as it is rounded, and its quantized form
+OUTSIDE_FACTOR = 3.0  # the embedding in fp32 as it becomes int8 rows, and an untied head beside it
+_BLOCK = re.compile(r"^(.*?\.(?:layers|h|layer|blocks)\.\d+)\.")
+
+
+def blockwise_estimate(source: str, calibration: dict) -> BlockwiseEstimate | None:
+    """Peak bytes of quantizing `source` block by block, from its safetensors headers; None when they cannot be read."""
+    path = Path(source).expanduser() if source not in EMBEDDED else embedded_path(source)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() and not (path / MANIFEST).exists() else []
+    if not files:
+        return None
+    try:
+        shapes = {k: v for f in files for k, v in _safetensors_shapes(f).items()}
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+    blocks: dict[str, int] = {}
+    outside = 0
+    hidden = 0
+    for name, shape in shapes.items():
+        count = 1
+        for d in shape:
+            count *= int(d)
+        m = _BLOCK.match(name)
+        if m:
+            blocks[m.group(1)] = blocks.get(m.group(1), 0) + count
+            if len(shape) == 2:
+                hidden = max(hidden, min(int(d) for d in shape))
+        else:
+            outside += count
+    if not blocks:
+        return None
+    block = max(blocks.values())
+    samples, seq = calibration.get("samples", 0), calibration.get("seq_len", 0)
+    # the inputs and the outputs of one block for every window, in fp32, and the Hessians of a block's
+    # distinct inputs (about 4 of hidden x hidden and one of the MLP width squared)
+    activations = 2 * samples * seq * hidden * 4 + (4 * hidden * hidden + (block // max(hidden, 1) // 3) ** 2) * 4 if samples else 0
+    work = max(BLOCK_FACTOR * block, OUTSIDE_FACTOR * outside) * BYTES_PER_PARAMETER
+    total = RUNTIME_BYTES + int(work) + activations
+    way_out = ("pass fewer calibration windows (-o calibration_samples=N) or shorter ones (-o seq_len=N), or raise the limit"
+               if samples else "raise the limit")
+    return BlockwiseEstimate("quantize", source, sum(blocks.values()) + outside, block, outside, activations, total, way_out)
 
 
 # --------------------------------------------------------------------------- counting
@@ -171,20 +245,24 @@ def parameters(source: str, *, thorough: bool = False) -> int | None:
         return None
 
 
-def _safetensors_parameters(path: Path) -> int:
-    """Elements of every tensor in a safetensors file, from its JSON header (8-byte length, then the header)."""
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Every tensor's shape in a safetensors file, from its JSON header (8-byte length, then the header)."""
     with open(path, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         if n > 100 * 2**20:
             raise ValueError("header too large")
         header = json.loads(fh.read(n))
+    return {name: entry["shape"] for name, entry in header.items() if name != "__metadata__"}
+
+
+def _safetensors_parameters(path: Path) -> int:
+    """Elements of every tensor in a safetensors file."""
     total = 0
-    for name, entry in header.items():
-        if name != "__metadata__":
-            count = 1
-            for d in entry["shape"]:
-                count *= int(d)
-            total += count
+    for shape in _safetensors_shapes(path).values():
+        count = 1
+        for d in shape:
+            count *= int(d)
+        total += count
     return total
 
 

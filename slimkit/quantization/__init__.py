@@ -44,10 +44,11 @@ from slimkit.core.registry import Context
 from slimkit.io.loader import load
 from slimkit.io.model import LoadedModel
 from slimkit.quantization import aliases, awq, cast, checkpoint, dynamic_int8, gptq, mixed, qat, static_int8, weight_only  # noqa: F401  (they register)
+from slimkit.quantization.blockwise import read_whole
 
 
 def quantize(model: LoadedModel | str, method: str, *, data: TextSource | str | None = None, seed: int = 0,
-             device: str | None = None, on_step=None, tokenizer=None, **options) -> LoadedModel:
+             device: str | None = None, on_step=None, tokenizer=None, stream: bool | str = False, **options) -> LoadedModel:
     """Quantize `model` with the registered `method`; options are its Config's fields.
 
         q = slimkit.quantize("smollm2-135m", "int4-wo", group_size=64)
@@ -57,7 +58,11 @@ def quantize(model: LoadedModel | str, method: str, *, data: TextSource | str | 
     methods that calibrate; its calibration split is used, never evaluation.
     `seed`, `device` and `on_step` go to the method's `Context`. `model` may
     be a transformers model object, with `tokenizer=` for the methods that
-    calibrate; it is copied, never changed.
+    calibrate; it is copied, never changed. With a lazy model
+    (`load(path, lazy=True)`) and `stream=True`, the methods that go block by
+    block (int4-wo, int8-wo, nf4, gptq) write each finished block to disk, and
+    the result is only for `slimkit.save` (which takes those files as they are):
+    memory then holds one block, never the model.
     """
-    ctx = Context(calibration_source(data), seed, device, on_step)
-    return apply(load(model, tokenizer=tokenizer), method, options, ctx, "quantize")
+    ctx = Context(calibration_source(data), seed, device, on_step, stream)
+    return apply(read_whole(load(model, tokenizer=tokenizer), method), method, options, ctx, "quantize")

@@ -31,16 +31,24 @@ it returns by 1 / s (`inv_column_scale`). The head is searched on the grid it
 gets: int8 rows (`embedding_bits=8`, the int8 weight kernel) or the layers'
 4-bit grid (`embedding_bits=4`, see embedding.py).
 
-Calibration runs the float model once on `calibration_samples` windows of the
-calibration split (never evaluation); every group's scales are searched
-against its float inputs (a subsample of `SEARCH_TOKENS` tokens; the mean
-magnitudes use all tokens). Cost: `grid` quantizations of each group.
+Calibration goes block by block (`blockwise`) on `calibration_samples` windows of
+the calibration split (never evaluation): each block's groups are searched against
+the block's float inputs (a subsample of `SEARCH_TOKENS` tokens; the mean magnitudes
+use all tokens), its folds are checked on the block's own output for the first
+window, the folded float block (folds are exact) makes the next block's inputs, and
+then its layers are quantized. So the search sees the float model's activations, as
+a whole-model pass would (measured on SmolLM2: the float inputs score better than
+the quantized blocks' outputs; GPTQ, which compensates the error it sees, takes
+the quantized ones). The head comes last, on the final hidden states. Memory holds one block and its activations, and a
+lazy model is read from its files a block at a time. Cost: `grid` quantizations of
+each group. A model the adapter does not know is calibrated whole, in one pass.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,6 +65,7 @@ from slimkit.core.registry import Context, register
 from slimkit.core.selection import linear_weight, select_linears, set_module
 from slimkit.io.model import copy_model
 from slimkit.quantization.awq_math import search_scale
+from slimkit.quantization.blockwise import after_blocks, first_inputs, start
 from slimkit.quantization.common import CalibratedOptions, cast_unquantized
 from slimkit.quantization.embedding import head_grid, quantize_embeddings, tied_head
 from slimkit.quantization.formats import check_group, sqnr_db
@@ -102,13 +111,15 @@ def _forward(model, ids, causal: bool):
     return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float()
 
 
-def calibrate(model: nn.Module, names: list[str], head: str | None, batches: list, causal: bool) -> dict[str, Group]:
-    """owner layer -> Group: who reads the input and its statistics, in the order the forward pass reads them."""
+def calibrate(model: nn.Module, names: list[str], head: str | None, windows: list[Callable[[], object]], label: str | None = None) -> dict[str, Group]:
+    """owner layer -> Group: who reads the input and its statistics, in the order the forward pass reads them.
+
+    windows: one call per calibration window that runs it through the part of `model` holding the layers."""
     groups: dict[str, Group] = {}
     # A weak reference: holding every layer's input for the whole batch would cost hundreds of MB;
     # an entry whose tensor has died does not match a new tensor that reuses its id.
     seen: dict[int, tuple] = {}  # id(input) -> (weakref to it, owner), this batch
-    per_batch = math.ceil(SEARCH_TOKENS / len(batches))
+    per_batch = math.ceil(SEARCH_TOKENS / len(windows))
     gen = torch.Generator().manual_seed(0)
 
     def pre_hook(name):
@@ -137,11 +148,11 @@ def calibrate(model: nn.Module, names: list[str], head: str | None, batches: lis
     handles = [model.get_submodule(n).register_forward_pre_hook(pre_hook(n)) for n in hooked]
     try:
         with torch.inference_mode():
-            for ids in track(batches, "Calibrating (AWQ)"):
+            for window in (track(windows, label) if label else windows):
                 seen.clear()
-                _forward(model, ids, causal)
+                window()
                 seen.clear()  # every layer's input was held for the batch: hand those pages back
-                release_memory()
+        release_memory()
     finally:
         for h in handles:
             h.remove()
@@ -195,31 +206,28 @@ def _fold(model: nn.Module, producer: str, rows: torch.Tensor | None, members: l
         _scale_columns_(model.get_submodule(m), 1 / s if inv else s)
 
 
-def scale_model_(lm, config: AWQConfig, source: D.TextSource | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Search every group's scales and fold what folds exactly, in place on `lm`'s float model.
+def scale_stage_(model: nn.Module, arch: Adapter | None, names: list[str], head: str | None, windows: list[Callable[[], object]],
+                 probe: Callable[[], torch.Tensor], config: AWQConfig, inside: str = "", label: str | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Search the scales of the groups that `names` (and the tied `head`) form and fold what folds exactly,
+    in place on `model`'s float weights. `windows` run the calibration windows through the part that
+    holds them (a block, or the whole model), `probe()` is that part's output on a probe input: a fold
+    is kept only if it leaves the probe output unchanged. Only producers under `inside` (a block's
+    name; "" for anywhere) take a fold: the blocks before it are quantized and gone already.
 
-    Returns (layer -> s for the layers that must keep an explicit input scale,
-    s of the tied head or None). Call on a copy.
-    """
-    model, causal = lm.model, lm.kind == CAUSAL_LM
-    names = list(select_linears(model, tuple(config.targets), tuple(config.ignore)))
-    for name in names:  # a group size that does not fit fails before calibrating
-        check_group(linear_weight(model.get_submodule(name)).shape[1], config.group_size)
-    head = tied_head(model) if config.embeddings else None
-    batches = require_batches(D.calibration_batches(lm.tokenizer, source or D.TextSource.parse(None, "calibration"), config.seq_len, config.calibration_samples, batch_size=1))
-    groups = calibrate(model, names, head, batches, causal)
-    arch = find(model)
-    probe = batches[0][:, :PROBE_TOKENS]
+    Returns (layer -> s for the layers that must keep an explicit input scale, s of the tied head or None)."""
+    groups = calibrate(model, names, head, windows, label)
     explicit: dict[str, torch.Tensor] = {}
     head_scale = None
     with torch.no_grad():
-        reference = _forward(model, probe, causal)
-        folds = _Folds(model, probe, causal, reference)
-        for owner, g in track(list(groups.items()), "Searching scales (AWQ)"):
+        reference = probe()
+        folds = _Folds(model, probe, reference)
+        for owner, g in groups.items():
             is_head = g.members == [HEAD]
             members = [head] if is_head else g.members
             stat = g.abs_sum / g.count  # (K,)
             producer, rows = _producer(arch, model, owner, g)
+            if producer is not None and inside and not producer.startswith(inside + "."):
+                producer, rows = None, None
             if rows is not None:
                 stat = _tie(stat, rows, model.get_submodule(producer).weight.shape[0])
             ws = [linear_weight(model.get_submodule(m)).float() for m in members]
@@ -229,7 +237,7 @@ def scale_model_(lm, config: AWQConfig, source: D.TextSource | None = None) -> t
             s = search_scale(w, g.inputs(), bits, group, sym, config.grid, stat, zp).scale
             if is_head:
                 explicit.update(folds.settle())  # the head's check starts from checked folds
-                if producer is not None and _try_head_fold(model, producer, head, s, probe, causal, reference):
+                if producer is not None and _try_head_fold(model, producer, head, s, probe, reference):
                     head_scale = s
                 continue
             if producer is not None:
@@ -240,11 +248,21 @@ def scale_model_(lm, config: AWQConfig, source: D.TextSource | None = None) -> t
     return explicit, head_scale
 
 
+def scale_whole_(model: nn.Module, arch: Adapter | None, names: list[str], head: str | None, batches: list, causal: bool,
+                 config: AWQConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """`scale_stage_` on the whole float model in one pass: for a model the adapter does not know (arch
+    None: every scale explicit), and to check that folding alone leaves a float model's outputs unchanged."""
+    batches = require_batches(batches)
+    windows = [lambda ids=ids: _forward(model, ids, causal) for ids in batches]
+    probe = lambda: _forward(model, batches[0][:, :PROBE_TOKENS], causal)  # noqa: E731
+    return scale_stage_(model, arch, names, head, windows, probe, config, label="Calibrating (AWQ)")
+
+
 class _Folds:
     """Folds made on the float model and checked against its output on `probe`, FOLD_BATCH at a time."""
 
-    def __init__(self, model: nn.Module, probe: torch.Tensor, causal: bool, reference: torch.Tensor):
-        self.model, self.probe, self.causal, self.reference = model, probe, causal, reference
+    def __init__(self, model: nn.Module, probe: Callable[[], torch.Tensor], reference: torch.Tensor):
+        self.model, self.probe, self.reference = model, probe, reference
         self.pending: list[tuple] = []  # (producer, rows, members, s, [(tensor, its copy before the fold)])
 
     def add(self, producer: str, rows: torch.Tensor | None, members: list[str], s: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -258,27 +276,27 @@ class _Folds:
     def settle(self) -> dict[str, torch.Tensor]:
         """Check the pending folds in one pass; if the output moved, restore them and check each alone."""
         pending, self.pending = self.pending, []
-        if not pending or sqnr_db(self.reference, _forward(self.model, self.probe, self.causal)) >= FOLD_SQNR_DB:
+        if not pending or sqnr_db(self.reference, self.probe()) >= FOLD_SQNR_DB:
             return {}
         for *_, copies in reversed(pending):  # the weights before the batch, bit for bit
             for t, before in copies:
                 t.copy_(before)
         refused = {}
         for producer, rows, members, s, _ in pending:
-            if not _try_fold(self.model, producer, rows, members, s, self.probe, self.causal, self.reference):
+            if not _try_fold(self.model, producer, rows, members, s, self.probe, self.reference):
                 refused.update({m: s for m in members})
         return refused
 
 
-def _try_fold(model, producer, rows, members, s, probe, causal, reference) -> bool:
+def _try_fold(model, producer, rows, members, s, probe, reference) -> bool:
     _fold(model, producer, rows, members, s)
-    if sqnr_db(reference, _forward(model, probe, causal)) >= FOLD_SQNR_DB:
+    if sqnr_db(reference, probe()) >= FOLD_SQNR_DB:
         return True
     _fold(model, producer, rows, members, s, inv=True)  # undo: the producer's output feeds more than the group
     return False
 
 
-def _try_head_fold(model, norm, head, s, probe, causal, reference) -> bool:
+def _try_head_fold(model, norm, head, s, probe, reference) -> bool:
     """The head's weight is the embedding's: check the fold with an untied copy of the head."""
     tied = model.get_submodule(head)
     untied = nn.Linear(tied.in_features, tied.out_features, bias=tied.bias is not None)
@@ -288,7 +306,7 @@ def _try_head_fold(model, norm, head, s, probe, causal, reference) -> bool:
     set_module(model, head, untied)
     try:
         _fold(model, norm, None, [], s)
-        if sqnr_db(reference, _forward(model, probe, causal)) >= FOLD_SQNR_DB:
+        if sqnr_db(reference, probe()) >= FOLD_SQNR_DB:
             return True
         _fold(model, norm, None, [], s, inv=True)
         return False
@@ -296,14 +314,51 @@ def _try_head_fold(model, norm, head, s, probe, causal, reference) -> bool:
         set_module(model, head, tied)
 
 
-@register("awq", "quantize", AWQConfig, "AWQ: int4/int8 weight-only with activation-aware per-channel scales, calibrated (same kernels as int4-wo)")
+@register("awq", "quantize", AWQConfig, "AWQ: int4/int8 weight-only with activation-aware per-channel scales, calibrated block by block (same kernels as int4-wo)")
 def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
-    lm = copy_model(model, "awq")
-    explicit, head_scale = scale_model_(lm, config, ctx.calibration())
+    lm = copy_model(model, "awq", lazy=True)
+    walk = start(lm, ctx.stream)
     names = list(select_linears(lm.model, tuple(config.targets), tuple(config.ignore)))
+    for name in names:  # a group size that does not fit fails before calibrating
+        check_group(linear_weight(lm.model.get_submodule(name)).shape[1], config.group_size)
+    head = tied_head(lm.model) if config.embeddings else None
+    batches = require_batches(D.calibration_batches(lm.tokenizer, ctx.calibration(), config.seq_len, config.calibration_samples, batch_size=1))
+    causal = lm.kind == CAUSAL_LM
+    arch = find(lm.model)
+    if arch is None:  # no blocks known: the whole float model at once, every scale explicit
+        model = walk.rest(torch.float32)
+        explicit, head_scale = scale_whole_(model, None, names, head, batches, causal, config)
+        _quantize_layers(model, "", names, explicit, config)
+        return _finish(walk, head_scale, config)
+    inputs = first_inputs(walk, batches, causal)
+    walk.dtype = torch.float32  # blocks are calibrated in fp32, whatever the checkpoint holds
+    for i, (prefix, block) in enumerate(walk.blocks("Quantizing block by block (AWQ)")):
+        inside = [n for n in names if n.startswith(prefix + ".")]
+        if inside:
+            windows = [lambda w=w: inputs.call(block, i, w) for w in range(len(inputs.hidden))]
+            probe = lambda: inputs.call(block, i, 0).float()  # noqa: E731
+            explicit, _ = scale_stage_(lm.model, arch, inside, None, windows, probe, config, inside=prefix)
+        inputs.run(block, i)  # the float block (folds are exact) makes the next inputs, as in the whole-model search
+        if inside:
+            _quantize_layers(lm.model, prefix, inside, explicit, config)
+        cast_unquantized(block, config.compute_dtype)
+    rest = walk.rest(torch.float32)
+    outside = [n for n in names if not any(n.startswith(p + ".") for p in walk.done)]
+    head_scale = None
+    if outside or head:  # the head (and any layer after the blocks) reads what the last block makes
+        windows = after_blocks(rest, inputs, batches, causal)
+        probe = windows[0]
+        explicit, head_scale = scale_stage_(rest, arch, outside, head, windows, probe, config)
+        _quantize_layers(rest, "", outside, explicit, config)
+    inputs.hidden.clear()  # the calibration activations go before the embeddings are quantized
+    return _finish(walk, head_scale, config)
+
+
+def _quantize_layers(model: nn.Module, prefix: str, names: list[str], explicit: dict[str, torch.Tensor], config: AWQConfig) -> None:
+    """Replace each of `names` (qualified, under `prefix`) by its quantized form, with its explicit input scale if it has one."""
     with torch.no_grad():
-        for name in track(names, "Quantizing (AWQ)"):
-            layer = lm.model.get_submodule(name)
+        for name in names:
+            layer = model.get_submodule(name)
             w = linear_weight(layer).float()  # (N, K)
             s = explicit.get(name)
             module = WeightOnlyLinear(w.shape[1], w.shape[0], getattr(layer, "bias", None) is not None, config.bits, config.group_size,
@@ -314,8 +369,12 @@ def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
             module.set_weight(w)
             if module.bias is not None:
                 module.bias.copy_(layer.bias.float())
-            set_module(lm.model, name, module)
+            set_module(model, name, module)
+
+
+def _finish(walk, head_scale: torch.Tensor | None, config: AWQConfig):
+    rest = walk.rest()
     if config.embeddings:
-        quantize_embeddings(lm.model, head_scale, head_grid(config))
-    cast_unquantized(lm.model, config.compute_dtype)
-    return lm.record("quantize", "awq", config)
+        quantize_embeddings(rest, head_scale, head_grid(config))
+    cast_unquantized(rest, config.compute_dtype)
+    return walk.close().record("quantize", "awq", config)

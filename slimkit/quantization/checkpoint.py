@@ -13,13 +13,16 @@ transformers and vLLM read, wherever its numbers are exactly slimkit's.
     Int8DynamicLinear without smoothing          int8 weights per channel x dynamic per-token
                                                  symmetric int8 activations, W8A8 (int-quantized)
 
-Writing goes through compressed-tensors itself, as llm-compressor does: a float copy of
-the model holds each layer's dequantized weight, `apply_quantization_config` attaches
-the schemes, slimkit's scales (and zero points) are set, and `ModelCompressor` quantizes
-and packs. Scales and zero points are written in fp32 (slimkit keeps fp16 per group;
-widening is exact), because compressed-tensors dequantizes in the scale's dtype: so its
-decompressed weight is slimkit's fp32 dequantized weight to float rounding. Every save
-reads the tensors back and compares them with slimkit's before the artifact is published.
+Writing encodes slimkit's tensors shard by shard (`encode`), so a model larger than memory
+is written as it is produced, and `finish` puts the quantization_config that
+compressed-tensors' own `ModelCompressor` derives from the schemes into config.json. The
+codes are slimkit's integers themselves, signed, as compressed-tensors stores them (packed
+8 to an int32 with its own `pack_to_int32` where symmetric). Scales and zero points are
+written in fp32 (slimkit keeps fp16 per group; widening is exact), because
+compressed-tensors dequantizes in the scale's dtype: so its decompressed weight is
+slimkit's fp32 dequantized weight to float rounding. Each shard is read back into
+slimkit's layout and compared with what it was made from before the artifact is published;
+transformers' own loading of these files is checked against slimkit's logits in the tests.
 
 Why asymmetric grids are int-quantized, not packed: compressed-tensors 0.20 packs zero
 points 8 to an int32 along the output channels when it writes, and transformers 5.25
@@ -57,7 +60,6 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
-from slimkit.core.selection import set_module
 from slimkit.io.artifacts import Layout, register_layout
 from slimkit.quantization import formats as Q
 from slimkit.quantization.embedding import Int8Embedding, TiedInt8Head
@@ -98,13 +100,13 @@ def unfit(model: nn.Module) -> str | None:
     return "; ".join(sorted(reasons)) or None
 
 
-def _scheme_key(module: nn.Module) -> tuple:
-    if isinstance(module, Int8DynamicLinear):
+def _scheme_key(spec: dict) -> tuple:
+    if spec["format"] == Int8DynamicLinear.fmt:
         return ("w8a8",)
-    if module.fmt in ROWS:
+    if spec["format"] in ROWS:
         return ("rows",)
-    zero = "none" if module.symmetric else "integer" if module.zero_point is not None else "float"
-    return ("weight-only", module.bits, module.group_size, zero)
+    zero = "none" if spec["symmetric"] else "integer" if spec.get("zero_point") == "integer" else "float"
+    return ("weight-only", spec["bits"], spec["group_size"], zero)
 
 
 def _scheme(key: tuple, targets: list[str]):
@@ -127,90 +129,77 @@ def _scheme(key: tuple, targets: list[str]):
     return QuantizationScheme(targets=targets, weights=weights, format="int-quantized")
 
 
-def _qparams(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(dequantized weight (N, K) fp32, scale (N, G) fp32, zero point (N, G) or None) of a module."""
-    if module.fmt in ROWS:
-        emb = module if isinstance(module, Int8Embedding) else module.embedding
-        scale = emb.weight_scale.float()[:, None]  # (V, 1)
-        return emb.weight_q.float() * scale, scale, None
-    if isinstance(module, Int8DynamicLinear):
-        scale = module.weight_scale.float()[:, None]  # (N, 1)
-        return module.weight_q.float() * scale, scale, None
-    scale, lo = module.scale.float(), Q.qrange(module.bits)[0]
-    if module.offset is not None:
-        zero = lo - module.offset.float() / scale  # (q - lo) * s + m = (q - zp) * s
-    elif module.zero_point is not None:
-        zero = (lo + module.zero_point.to(torch.int16)).to(torch.int8)  # (q - lo - z) * s
-    else:
-        zero = None
-    return module.dequantize(torch.float32), scale, zero
+def quantization_config(specs: dict[str, dict]) -> dict:
+    """config.json's quantization_config for the quantized modules `specs` (name -> spec), as compressed-tensors writes it."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
-
-def write(model: nn.Module, out: Path) -> None:
-    """config.json with compressed-tensors' quantization_config, the compressed weights, the generation config."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
-
-    quantized = {n: m for n, m in model.named_modules() if hasattr(m, "fmt")}
-    plain = copy.deepcopy(model)
     groups: dict[tuple, list[str]] = {}
-    params = {}
-    with torch.no_grad():
-        for name, module in quantized.items():
-            w, scale, zero = _qparams(module)
-            if isinstance(module, Int8Embedding):
-                layer = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx)
-            else:
-                layer = nn.Linear(w.shape[1], w.shape[0], bias=getattr(module, "bias", None) is not None)  # (N, K)
-                if layer.bias is not None:
-                    layer.bias.copy_(module.bias.float())
-            layer.weight.copy_(w)
-            set_module(plain, name, layer)
-            groups.setdefault(_scheme_key(module), []).append(name)
-            params[name] = scale, zero
+    for name, spec in specs.items():
+        groups.setdefault(_scheme_key(spec), []).append(name)
     schemes = {f"group_{i}": _scheme(key, names) for i, (key, names) in enumerate(groups.items())}
     formats = {s.format for s in schemes.values()}
-    config = QuantizationConfig(config_groups=schemes, format=formats.pop() if len(formats) == 1 else "mixed-precision")
-    apply_quantization_config(plain, config, show_progress=False)
-    with torch.no_grad():
-        for name, (scale, zero) in params.items():
-            layer = plain.get_submodule(name)
-            layer.weight_scale.data = scale.reshape(layer.weight_scale.shape).clone()
-            if zero is not None:
-                layer.weight_zero_point.data = zero.reshape(layer.weight_zero_point.shape).clone()
-    compressor = ModelCompressor(quantization_config=config)
-    compressor.compress_model(plain)
-    plain.save_pretrained(out, safe_serialization=True)
-    compressor.update_config(str(out))
-    _keep_dtype(model, out)
-    _check_written(model, out, quantized)
+    config = QuantizationConfig(config_groups=schemes, format=formats.pop() if len(formats) == 1 else "mixed-precision",
+                                quantization_status=QuantizationStatus.COMPRESSED)
+    return config.model_dump(mode="json") if hasattr(config, "model_dump") else config.dict()
 
 
-def _keep_dtype(model: nn.Module, out: Path) -> None:
-    """config.json's dtype as the model's own: save_pretrained took it from the float layers standing in
-    for the quantized ones, so a bf16 model (compute_dtype=bf16) would otherwise come back with fp32 norms."""
-    dtype = getattr(model.config, "dtype", None)
-    if dtype is None:
-        return
+def finish(out: Path, specs: dict[str, dict]) -> None:
+    """Put the quantization_config into the config.json written beside the weights."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
     path = out / "config.json"
     config = json.loads(path.read_text())
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    ModelCompressor(quantization_config=QuantizationConfig.model_validate(quantization_config(specs))).update_config(str(out))
+    written = json.loads(path.read_text())
+    written["dtype"] = config.get("dtype", written.get("dtype"))  # the model's own, not the stand-in float layers'
+    path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
 
 
-def _check_written(model: nn.Module, out: Path, quantized: dict[str, nn.Module]) -> None:
-    """Read the written tensors back into slimkit's layout: they must be the model's own, exactly."""
-    from safetensors.torch import load_file
+def encode(tensors: dict[str, torch.Tensor], specs: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """One shard's tensors, slimkit's own layout -> compressed-tensors', checked by reading them back.
 
-    state = {}
-    for f in sorted(out.glob("*.safetensors")):
-        state.update(load_file(f))
-    specs = {"modules": {n: m.spec() for n, m in quantized.items()}}
-    own = read(state, specs)
-    for name, tensor in model.state_dict().items():
-        if name.rpartition(".")[0] in quantized and not torch.equal(own[name].to(tensor.dtype), tensor):
+    A module's tensors are always in one shard (they are written together); a head tied
+    to int8 embedding rows gets its own copy of them, in the embedding's shard."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    out = dict(tensors)
+    for name, spec in specs.items():
+        fmt = spec["format"]
+        if fmt == TiedInt8Head.fmt:
+            if f"{spec['tied_to']}.weight_q" in tensors:
+                out[f"{name}.weight"] = tensors[f"{spec['tied_to']}.weight_q"].clone()
+                out[f"{name}.weight_scale"] = tensors[f"{spec['tied_to']}.weight_scale"].float()[:, None].clone()
+            continue
+        if fmt in (Int8DynamicLinear.fmt, Int8Embedding.fmt):
+            if f"{name}.weight_q" in tensors:
+                out[f"{name}.weight"] = out.pop(f"{name}.weight_q")
+                out[f"{name}.weight_scale"] = out.pop(f"{name}.weight_scale").float()[:, None]
+            continue
+        if fmt != WeightOnlyLinear.fmt or f"{name}.qweight" not in tensors:
+            continue
+        bits, lo = spec["bits"], Q.qrange(spec["bits"])[0]
+        packed = out.pop(f"{name}.qweight")
+        q = packed if bits == 8 else (Q.unpack_int4(packed).to(torch.int16) - 8).to(torch.int8)  # (N, K) in [lo, hi]
+        scale = out.pop(f"{name}.scale").float()  # (N, G)
+        out[f"{name}.weight_scale"] = scale
+        if spec["symmetric"]:
+            out[f"{name}.weight_packed"] = pack_to_int32(q, bits)
+            out[f"{name}.weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
+        elif spec.get("zero_point") == "integer":
+            out[f"{name}.weight"] = q
+            out[f"{name}.weight_zero_point"] = (lo + out.pop(f"{name}.zero_point").to(torch.int16)).to(torch.int8)  # (q - lo - z) * s
+        else:
+            out[f"{name}.weight"] = q
+            out[f"{name}.weight_zero_point"] = lo - out.pop(f"{name}.offset").float() / scale  # (q - lo) * s + m = (q - zp) * s
+        if f"{name}.bias" in out:
+            out[f"{name}.bias"] = out[f"{name}.bias"].float()
+    back = read(out, {"modules": specs})
+    for name, t in tensors.items():
+        if not torch.equal(back[name].to(t.dtype), t):
             raise SlimkitError(f"compressed-tensors did not store {name} exactly (compressed-tensors "
                                f"{_ct_version()}): save it with layout slimkit (--layout slimkit) and report this")
+    return out
 
 
 def _ct_version() -> str:
@@ -263,4 +252,4 @@ def _weight_only(state: dict, name: str, spec: dict, unpack_from_int32) -> None:
             state[f"{name}.offset"] = ((lo - zero.float()) * scale).to(dtype)
 
 
-register_layout(Layout(NAME, unfit, write, read))
+register_layout(Layout(NAME, unfit, encode, finish, read))

@@ -88,7 +88,8 @@ def check_int_format(method: str, bits: int, group_size: int | None) -> None:
 
 
 def cast_unquantized(model: nn.Module, compute_dtype: str) -> None:
-    """Cast the float parameters of every module that is not quantized (in place: call on a copy).
+    """Cast the float parameters of every module that is not quantized (in place: call on a copy);
+    `model` may be one block.
 
     Quantized layers keep their own storage and scales; they take activations
     of any float dtype and return the dtype they were given. With bf16, the
@@ -97,8 +98,6 @@ def cast_unquantized(model: nn.Module, compute_dtype: str) -> None:
     Computed buffers (rotary frequencies) stay fp32, as in the `bf16` cast.
     """
     dtype = COMPUTE_DTYPES[compute_dtype]
-    if dtype == torch.float32:
-        return
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "fmt"):
@@ -106,9 +105,10 @@ def cast_unquantized(model: nn.Module, compute_dtype: str) -> None:
                     module.compute_dtype = dtype
                 continue
             for p in module.parameters(recurse=False):
-                if p.is_floating_point():
+                if p.is_floating_point() and p.dtype != dtype:
                     p.data = p.data.to(dtype)
-    model.config.dtype = dtype
+    if hasattr(model, "config"):  # a whole model, not one block
+        model.config.dtype = dtype
 
 
 def replace_linears(lm: LoadedModel, config, make: Callable[[nn.Module], nn.Module]) -> list[str]:

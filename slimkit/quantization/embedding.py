@@ -57,7 +57,7 @@ class Int8Embedding(nn.Module):
         module = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, column_scale is not None)
         if column_scale is not None:
             module.inv_column_scale.copy_(1 / column_scale)
-        q, scale = int8_rows(emb.weight.detach().float(), column_scale)  # (V, D), (V,)
+        q, scale = int8_rows(emb.weight.detach(), column_scale)  # (V, D), (V,)
         module.weight_q.copy_(q)
         module.weight_scale.copy_(scale)
         return module

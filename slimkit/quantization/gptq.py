@@ -1,12 +1,16 @@
 """GPTQ: weight-only int4/int8 with Hessian-based error compensation (see gptq_math.py).
 
 Calibration: `calibration_samples` windows of `seq_len` tokens from the calibration
-split (never evaluation) run through the float model once; a forward hook on
-every selected layer accumulates H = 2 X X^T / n of its inputs. Layers that
-read the same input (q/k/v, gate/up) share one accumulation. Every layer is
-then quantized against the Hessian of the *float* model's inputs; the
-original algorithm re-collects each block's inputs after quantizing the
-blocks before it, which is slightly more accurate and much slower here.
+split (never evaluation), block by block (`blockwise`): a forward hook on every
+selected layer of a block accumulates H = 2 X X^T / n of its inputs while the float
+block runs on its inputs, which makes the next block's inputs in the same pass;
+layers that read the same input (q/k/v, gate/up) share one accumulation. Then the
+block's layers are quantized against those Hessians. Every layer is so quantized
+against the Hessian of the float model's inputs, as a whole-model pass would give,
+while memory holds one block and its activations (a lazy model never loads whole).
+The GPTQ paper instead feeds each block what the quantized blocks before it
+produce; on SmolLM2-135M (16 windows of 512 tokens) that scored perplexity 15.117
+against 14.925 with float inputs.
 
 The result is the same packed `WeightOnlyLinear` as int4-wo / int8-wo (same
 kernels, same artifact format): GPTQ changes which integers are stored, not
@@ -19,14 +23,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from slimkit.core import data as D
+from slimkit.core.adapter import find
 from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError
-from slimkit.core.progress import track
 from slimkit.core.registry import Context, register
 from slimkit.core.selection import linear_weight, select_linears, set_module
 from slimkit.io.model import copy_model
+from slimkit.quantization.blockwise import after_blocks, first_inputs, start
 from slimkit.quantization.common import CalibratedOptions, cast_unquantized
 from slimkit.quantization.embedding import head_grid, quantize_embeddings
 from slimkit.quantization.formats import check_group
@@ -49,58 +55,53 @@ class GPTQConfig(CalibratedOptions):
             raise SlimkitError(f"damp={self.damp} is out of range: use a fraction such as 0.01")
 
 
-def collect_hessians(model: torch.nn.Module, names: list[str], batches, causal: bool) -> dict[str, torch.Tensor]:
-    """H = 2 X X^T / n per layer input (K, K), accumulated over calibration batches."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    alias: dict[str, str] = {}  # layer -> the layer whose accumulation it shares
-    seen: dict[int, tuple] = {}  # id of an input tensor -> (it, the first layer that read it), this batch
+class Hessians:
+    """H = 2 X X^T / n of each hooked layer's input (K, K), accumulated while a block runs.
+    Layers that read the same input tensor (q/k/v, gate/up) share one accumulation."""
 
-    def hook(name):
+    def __init__(self, root: nn.Module, names: list[str]):
+        self.names = names
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.alias: dict[str, str] = {}  # layer -> the layer whose accumulation it shares
+        self.seen: dict[int, tuple] = {}  # id of an input tensor -> (it, the first layer that read it), this window
+        self.handles = [root.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
         def fn(module, args):
             x = args[0]
-            owner = seen.setdefault(id(x), (x, name))[1]  # the tensor is kept so its id is not reused
-            if owner != name:  # the same input as another layer (q/k/v, gate/up)
-                alias[name] = owner
+            owner = self.seen.setdefault(id(x), (x, name))[1]  # the tensor is kept so its id is not reused
+            if owner != name:
+                self.alias[name] = owner
                 return
             x2 = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, K)
-            if name not in sums:
-                sums[name], counts[name] = torch.zeros(x2.shape[1], x2.shape[1]), 0
-            sums[name].addmm_(x2.T, x2)
-            counts[name] += x2.shape[0]
+            if name not in self.sums:
+                self.sums[name], self.counts[name] = torch.zeros(x2.shape[1], x2.shape[1]), 0
+            self.sums[name].addmm_(x2.T, x2)
+            self.counts[name] += x2.shape[0]
 
         return fn
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.inference_mode():
-            for ids in track(require_batches(batches), "Calibrating (GPTQ)"):
-                seen.clear()
-                model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
-    finally:
-        for h in handles:
+    def next_window(self) -> None:
+        self.seen.clear()
+
+    def close(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
             h.remove()
-    out = {}
-    for n in names:
-        owner = alias.get(n, n)
-        if owner not in sums:
-            raise SlimkitError(f"layer {n} saw no calibration input: it is not used in the forward pass; add it to ignore")
-        out[n] = sums[owner] * (2 / counts[owner])
-    return out
+        out = {}
+        for n in self.names:
+            owner = self.alias.get(n, n)
+            if owner not in self.sums:
+                raise SlimkitError(f"layer {n} saw no calibration input: it is not used in the forward pass; add it to ignore")
+            out[n] = self.sums[owner] * (2 / self.counts[owner])
+        return out
 
 
-@register("gptq", "quantize", GPTQConfig, "GPTQ: int4/int8 weight-only with Hessian error compensation, calibrated (same kernels as int4-wo)")
-def apply(model, config: GPTQConfig = GPTQConfig(), ctx: Context = Context()):
-    lm = copy_model(model, "gptq")
-    names = list(select_linears(lm.model, tuple(config.targets), tuple(config.ignore)))
-    for name in names:  # a group size that does not fit fails before calibrating, not after
-        check_group(linear_weight(lm.model.get_submodule(name)).shape[1], config.group_size)
-    source = ctx.calibration()
-    batches = D.calibration_batches(lm.tokenizer, source, config.seq_len, config.calibration_samples, batch_size=1)
-    hessians = collect_hessians(lm.model, names, batches, lm.kind == CAUSAL_LM)
+def _quantize_layers(root: nn.Module, prefix: str, names: list[str], hessians: dict[str, torch.Tensor], config: GPTQConfig) -> None:
     with torch.no_grad():
-        for name in track(names, "Quantizing (GPTQ)"):
-            layer = lm.model.get_submodule(name)
+        for name in names:
+            local = name[len(prefix) + 1:] if prefix else name
+            layer = root.get_submodule(local)
             w = linear_weight(layer).float()
             module = WeightOnlyLinear(w.shape[1], w.shape[0], getattr(layer, "bias", None) is not None, config.bits, config.group_size,
                                       config.symmetric, zero_point=config.zero_point)
@@ -108,8 +109,58 @@ def apply(model, config: GPTQConfig = GPTQConfig(), ctx: Context = Context()):
                                                zero_point=config.zero_point))
             if module.bias is not None:
                 module.bias.copy_(layer.bias.float())
-            set_module(lm.model, name, module)
+            set_module(root, local, module)
+
+
+@register("gptq", "quantize", GPTQConfig, "GPTQ: int4/int8 weight-only with Hessian error compensation, calibrated block by block (same kernels as int4-wo)")
+def apply(model, config: GPTQConfig = GPTQConfig(), ctx: Context = Context()):
+    lm = copy_model(model, "gptq", lazy=True)
+    walk = start(lm, ctx.stream)
+    names = list(select_linears(lm.model, tuple(config.targets), tuple(config.ignore)))
+    for name in names:  # a group size that does not fit fails before calibrating, not after
+        check_group(linear_weight(lm.model.get_submodule(name)).shape[1], config.group_size)
+    batches = require_batches(D.calibration_batches(lm.tokenizer, ctx.calibration(), config.seq_len, config.calibration_samples, batch_size=1))
+    causal = lm.kind == CAUSAL_LM
+    if find(lm.model) is None:  # no blocks known: the whole model is calibrated at once
+        return _whole(walk, names, batches, causal, config)
+    inputs = first_inputs(walk, batches, causal)
+    walk.dtype = torch.float32  # blocks are calibrated in fp32, whatever the checkpoint holds
+    for i, (prefix, block) in enumerate(walk.blocks("Quantizing block by block (GPTQ)")):
+        inside = [n for n in names if n.startswith(prefix + ".")]
+        hessians = Hessians(block, [n[len(prefix) + 1:] for n in inside])
+        inputs.run(block, i, hessians.next_window)  # one pass of the float block: its Hessians, and the next block's inputs
+        found = hessians.close()
+        if inside:
+            _quantize_layers(block, prefix, inside, {f"{prefix}.{k}": v for k, v in found.items()}, config)
+        cast_unquantized(block, config.compute_dtype)
+    outside = [n for n in names if not any(n.startswith(p + ".") for p in walk.done)]
+    if outside:  # layers after the blocks (a head that is not ignored, a pooler) read what the last block makes
+        rest = walk.rest()
+        hessians = Hessians(rest, outside)
+        with torch.inference_mode():
+            for window in after_blocks(rest, inputs, batches, causal):
+                hessians.next_window()
+                window()
+        _quantize_layers(rest, "", outside, hessians.close(), config)
+    inputs.hidden.clear()
+    return _finish(walk, config)
+
+
+def _whole(walk, names: list[str], batches: list, causal: bool, config: GPTQConfig):
+    """A model the adapter does not know: one pass of the whole float model collects every Hessian."""
+    model = walk.rest(torch.float32)
+    hessians = Hessians(model, names)
+    with torch.inference_mode():
+        for ids in batches:
+            hessians.next_window()
+            model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
+    _quantize_layers(model, "", names, hessians.close(), config)
+    return _finish(walk, config)
+
+
+def _finish(walk, config: GPTQConfig):
+    rest = walk.rest()
     if config.embeddings:
-        quantize_embeddings(lm.model, grid=head_grid(config))
-    cast_unquantized(lm.model, config.compute_dtype)
-    return lm.record("quantize", "gptq", config)
+        quantize_embeddings(rest, grid=head_grid(config))
+    cast_unquantized(rest, config.compute_dtype)
+    return walk.close().record("quantize", "gptq", config)

@@ -54,13 +54,22 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b)
 
 
+ROWS_AT_ONCE = 4096
+
+
 def int8_rows(w: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (N, K), its columns first multiplied by `column_scale` (K,) where given, as symmetric
-    int8 rows: (q (N, K) int8, one scale per row (N,))."""
-    if column_scale is not None:
-        w = w * column_scale[None, :]
-    qt = Q.quantize_int(w, 8, None, symmetric=True)
-    return qt.q, qt.scale[:, 0]
+    """w (N, K) of any float dtype, its columns first multiplied by `column_scale` (K,) where given, as
+    symmetric int8 rows: (q (N, K) int8, one scale per row (N,)). Rows are independent, so they are done
+    a slice at a time in fp32: a 7B model's embedding is 0.8 GB in fp32, and its temporaries as much again."""
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0])
+    for start in range(0, w.shape[0], ROWS_AT_ONCE):
+        part = w[start:start + ROWS_AT_ONCE].float()
+        if column_scale is not None:
+            part = part * column_scale[None, :]
+        qt = Q.quantize_int(part, 8, None, symmetric=True)
+        q[start:start + ROWS_AT_ONCE], scale[start:start + ROWS_AT_ONCE] = qt.q, qt.scale[:, 0]
+    return q, scale
 
 
 class QuantLinear(nn.Module):

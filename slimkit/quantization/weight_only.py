@@ -25,10 +25,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Context, register
+from slimkit.core.selection import select_linears, set_module
 from slimkit.io.model import copy_model
-from slimkit.quantization.common import QuantizeOptions, cast_unquantized, replace_linears
+from slimkit.quantization.blockwise import start
+from slimkit.quantization.common import QuantizeOptions, cast_unquantized
 from slimkit.quantization.embedding import check_embedding_bits, head_grid, quantize_embeddings
 from slimkit.quantization.formats import GROUP_SIZES, check_zero_point
 from slimkit.quantization.modules import NF4Linear, WeightOnlyLinear
@@ -80,29 +85,47 @@ class NF4Config(QuantizeOptions):
         super().__post_init__()
 
 
-def _apply(model, config, name: str, make):
-    lm = copy_model(model, name)
-    replace_linears(lm, config, make)
+def _apply(model, config, name: str, make, ctx: Context):
+    """Round to nearest, block by block (`blockwise`): a lazy model is read and, streaming, written one block at a time."""
+    lm = copy_model(model, name, lazy=True)
+    walk = start(lm, ctx.stream)
+    walk.dtype = None  # rounding reads each layer in fp32 itself: blocks stay in the checkpoint's dtype meanwhile
+    names = set(select_linears(lm.model, tuple(config.targets), tuple(config.ignore)))
+    with torch.no_grad():
+        for prefix, block in walk.blocks(f"Quantizing ({name})"):
+            _replace(block, prefix, names, make)
+            cast_unquantized(block, config.compute_dtype)
+        rest = walk.rest()
+        _replace(rest, "", names - {n for n in names if any(n.startswith(p + ".") for p in walk.done)}, make)
     if config.embeddings:
-        quantize_embeddings(lm.model, grid=head_grid(config))
-    cast_unquantized(lm.model, config.compute_dtype)
-    return lm.record("quantize", name, config)
+        quantize_embeddings(rest, grid=head_grid(config))
+    cast_unquantized(rest, config.compute_dtype)
+    return walk.close().record("quantize", name, config)
+
+
+def _replace(root: nn.Module, prefix: str, names: set[str], make) -> None:
+    """Replace the chosen linears inside `root` (whose qualified name is `prefix`)."""
+    for name in sorted(names):
+        if prefix and not name.startswith(prefix + "."):
+            continue
+        local = name[len(prefix) + 1:] if prefix else name
+        set_module(root, local, make(root.get_submodule(local)))
 
 
 @register("int8-wo", "quantize", Int8WeightOnlyConfig, "int8 weights per channel (or group), float activations (_weight_int8pack_mm)")
 def apply_int8(model, config: Int8WeightOnlyConfig = Int8WeightOnlyConfig(), ctx: Context = Context()):
     make = lambda layer: WeightOnlyLinear.from_float(layer, bits=8, group_size=config.group_size, symmetric=config.symmetric)
-    return _apply(model, config, "int8-wo", make)
+    return _apply(model, config, "int8-wo", make, ctx)
 
 
 @register("int4-wo", "quantize", Int4WeightOnlyConfig, "int4 weights in groups of 32-256, sym/asym, packed 2 per byte (_weight_int4pack_mm)")
 def apply_int4(model, config: Int4WeightOnlyConfig = Int4WeightOnlyConfig(), ctx: Context = Context()):
     make = lambda layer: WeightOnlyLinear.from_float(layer, bits=4, group_size=config.group_size, symmetric=config.symmetric,
                                                      zero_point=config.zero_point)
-    return _apply(model, config, "int4-wo", make)
+    return _apply(model, config, "int4-wo", make, ctx)
 
 
 @register("nf4", "quantize", NF4Config, "4-bit NormalFloat code book per block, optional double-quantized scales (dequantized per call)")
 def apply_nf4(model, config: NF4Config = NF4Config(), ctx: Context = Context()):
     make = lambda layer: NF4Linear.from_float(layer, block_size=config.block_size, double_quant=config.double_quant)
-    return _apply(model, config, "nf4", make)
+    return _apply(model, config, "nf4", make, ctx)
