@@ -227,3 +227,34 @@ def test_an_embedding_that_is_not_a_scaled_lookup_is_refused_in_one_line():
     assert lookup_scale(torch.nn.Embedding(16, 8)) == 1.0
     with pytest.raises(SlimkitError, match=r"^the input embedding Shifted does not return its rows times one constant.*embeddings=False$"):
         lookup_scale(Shifted(16, 8))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "phi3"])
+def test_awq_folds_every_scale_into_the_producers_the_adapter_names(name, family):
+    """RMSNorms into q/k/v and gate/up, v into o, up into down: through Phi-3's fused qkv_proj
+    and gate_up_proj as through separate layers, so no layer keeps an explicit input scale."""
+    from slimkit.io.model import copy_model
+    from slimkit.quantization.awq import AWQConfig, scale_model_
+
+    lm, ref = family(name)
+    scaled = copy_model(lm, "awq")
+    explicit, _ = scale_model_(scaled, AWQConfig(group_size=32, embeddings=False, **CALIBRATION))  # a tied head's fold waits for its quantization
+    assert explicit == {}
+    torch.testing.assert_close(run(scaled.model), ref, rtol=1e-4, atol=1e-5)  # the folds change no output
+
+
+def test_phi3_heads_go_alike_in_every_layer_and_its_mlp_need_not(family, tmp_path):
+    """Phi-3's attention splits qkv_proj by the config's query head count, shared by every layer:
+    heads pruned unevenly, or in some layers only, are refused in one line. MLP channels are
+    the layers' own (gate_up_proj is split in halves), so they may differ per layer."""
+    lm, ref = family("phi3")
+    options = dict(**CALIBRATION, batch_size=1)
+    for uneven in ({"uniform": False}, {"targets": ("model.layers.0",)}):
+        with pytest.raises(SlimkitError, match=r"^Phi-3's attention reads its head count from the config, .*or units=\('mlp',\)$"):
+            slimkit.prune(lm, "structured", head_groups=1, **uneven, **options)
+    pruned = slimkit.prune(lm, "structured", sparsity=0.2, uniform=False, **options)
+    arch = find(pruned.model)
+    widths = [linear_weight(pruned.model.get_submodule(b.mlp_out)).shape[1] for b in arch.blocks]
+    assert sum(widths) < 2 * 128 and all(pruned.model.get_submodule(b.mlp_in[0]).out_features == 2 * w for b, w in zip(arch.blocks, widths))
+    assert torch.isfinite(run(pruned.model)).all()
+    assert_round_trip(pruned, tmp_path / "uneven")
