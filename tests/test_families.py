@@ -217,7 +217,9 @@ def test_a_scaled_embedding_keeps_its_scale_when_quantized(bits, bound, family):
         assert relative_change(q.model.get_input_embeddings()(IDS), lm.model.get_input_embeddings()(IDS)) < bound
 
 
-def test_an_embedding_that_is_not_a_scaled_lookup_is_refused_in_one_line():
+def test_the_lookup_scale_is_the_one_the_embedding_multiplies_by_and_anything_else_is_refused():
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2TextScaledWordEmbedding
+
     from slimkit.quantization.embedding import lookup_scale
 
     class Shifted(torch.nn.Embedding):
@@ -225,6 +227,10 @@ def test_an_embedding_that_is_not_a_scaled_lookup_is_refused_in_one_line():
             return super().forward(ids) + 1.0
 
     assert lookup_scale(torch.nn.Embedding(16, 8)) == 1.0
+    for dtype in (torch.float32, torch.bfloat16):  # Gemma multiplies in the weights' dtype: bf16(sqrt(2048)) = 45.25
+        emb = Gemma2TextScaledWordEmbedding(16, 2048, 0, embed_scale=2048**0.5).to(dtype)
+        torch.nn.init.normal_(emb.weight)
+        assert lookup_scale(emb) == float(torch.tensor(2048**0.5, dtype=dtype))
     with pytest.raises(SlimkitError, match=r"^the input embedding Shifted does not return its rows times one constant.*embeddings=False$"):
         lookup_scale(Shifted(16, 8))
 

@@ -203,13 +203,20 @@ def lookup_scale(emb: nn.Embedding) -> float:
     """The constant an embedding multiplies its looked-up rows by (1.0 for a plain lookup), measured on
     a few rows, so any subclass that scales its output (Gemma's) is read without naming it; an embedding
     whose output is not its rows times one constant is refused: its lookup cannot be replaced."""
-    ids = torch.arange(min(emb.num_embeddings, 64))
+    ids = torch.arange(min(emb.num_embeddings, 64), device=emb.weight.device)
     rows = F.embedding(ids, emb.weight).float()  # (n, D)
-    out = emb(ids).float()
+    out = emb(ids)
+    dtype = out.dtype if out.is_floating_point() else torch.float32
+    out = out.float()
     if torch.equal(out, rows):
         return 1.0
-    scale = float(torch.tensor(float((out * rows).sum() / (rows * rows).sum()), dtype=torch.float32))  # least squares, to fp32
-    if not torch.allclose(out, rows * scale, rtol=1e-5, atol=1e-6 * float(out.abs().max())):
+    # The most frequent ratio out / row, rounded to the output's dtype: the constant is multiplied in it
+    # (Gemma: bf16(sqrt(2048)) = 45.25), and each output is it times the row, rounded once.
+    nonzero = rows != 0
+    ratio = (out.double()[nonzero] / rows.double()[nonzero]).to(dtype).float()
+    scale = float(ratio.mode().values) if ratio.numel() else 1.0
+    eps = torch.finfo(dtype).eps  # the output's own rounding
+    if not torch.allclose(out, rows * scale, rtol=max(2 * eps, 1e-5), atol=1e-6 * float(out.abs().max())):
         raise SlimkitError(f"the input embedding {type(emb).__name__} does not return its rows times one constant, so it "
                            "cannot be quantized: pass embeddings=False")
     return scale
