@@ -26,6 +26,8 @@ MODELS = {
     "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, GQA, "llama"),
     "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {**GQA, "head_dim": 16}, "llama"),
     "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, {**GQA, "head_dim": 16}, "gemma2"),
+    "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, {**GQA, "head_dim": 16}, "gemma2"),
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, GQA, "phi3"),
     "bert": (T.BertConfig, T.BertModel, {}, "bert"),
     "roberta": (T.RobertaConfig, T.RobertaForMaskedLM, {}, "bert"),
     "xlm-roberta": (T.XLMRobertaConfig, T.XLMRobertaForSequenceClassification, {"num_labels": 3}, "bert"),
@@ -88,19 +90,25 @@ def test_every_name_is_a_module_with_the_shapes_it_implies(name):
     if model.get_output_embeddings() is not None:
         assert model.get_submodule(arch.head) is model.get_output_embeddings()
     for b in arch.blocks:
-        width = _out_rows(model, b.mlp_in[0])
-        assert all(_out_rows(model, n) == width for n in b.mlp_in) and _in_cols(model, b.mlp_out) == width
+        width = _in_cols(model, b.mlp_out)
         assert getattr(cfg, arch.mlp_width) == width == 128
+        for n in b.mlp_in:  # one row per channel, in each stacked part (Phi-3's gate_up_proj: two)
+            rows = arch.mlp_rows(b, n, torch.arange(width))
+            assert _out_rows(model, n) == len(rows) == b.mlp_parts * width and sorted(rows.tolist()) == list(range(len(rows)))
         assert all(_in_cols(model, n) == hidden for n in b.attn_in() + b.mlp_in)
         assert _out_rows(model, b.o) == hidden and _out_rows(model, b.mlp_out) == hidden
         for norm in (b.attn_norm, b.mlp_norm):
             assert norm is None or model.get_submodule(norm).weight.shape == (hidden,)
-        if b.qkv:
+        parts = arch.qkv_rows(b)
+        if parts is None:  # a fused qkv whose heads are not read here
             assert b.q is None and _out_rows(model, b.qkv) == 3 * _in_cols(model, b.o)
             continue
         n_kv, per = arch.kv_groups(b)
-        assert n_kv * per * b.head_dim == _out_rows(model, b.q) == _in_cols(model, b.o)
-        assert n_kv * b.head_dim == _out_rows(model, b.k) == _out_rows(model, b.v)
+        (q, q_rows), (k, k_rows), (v, v_rows) = parts["q"], parts["k"], parts["v"]
+        assert n_kv * per * b.head_dim == len(q_rows) == _in_cols(model, b.o)
+        assert n_kv * b.head_dim == len(k_rows) == len(v_rows)
+        every = torch.cat([q_rows, k_rows, v_rows]) if b.qkv else None  # fused: the parts tile its rows
+        assert every is None or (sorted(every.tolist()) == list(range(_out_rows(model, b.qkv))) and q == k == v == b.qkv)
         assert (n_kv, per) == ((2, 2) if "num_key_value_heads" in MODELS[name][2] else (4, 1))
     assert arch.final_norm is not None and model.get_submodule(arch.final_norm).weight.shape == (hidden,)
     for layer, norm in arch.reads.items():
@@ -138,9 +146,9 @@ def test_the_named_norms_feed_the_named_layers(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_row_sources_fold_exactly(name):
-    """Scaling the producer's output rows by 1 / s and the consumer's input columns by
-    s[index] leaves the model's output unchanged: the index (grouped-query heads
-    included) is how the rows really reach the columns."""
+    """Scaling the producer's indexed output rows by 1 / s and the consumer's input
+    columns by s[index] leaves the model's output unchanged: the index (grouped-query
+    heads, a fused layer's v or up part included) is how the rows really reach the columns."""
     model = build(name)
     arch = find(model)
     reference = run(model)
@@ -148,7 +156,7 @@ def test_row_sources_fold_exactly(name):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for b in arch.blocks:
-            assert (arch.row_source(b.o) is None) == (b.v is None)
+            assert (arch.row_source(b.o) is None) == (arch.qkv_rows(b) is None)
             assert (arch.row_source(b.mlp_out) is None) == (b.mlp_up is None)
             for consumer in (b.o, b.mlp_out):
                 if (source := arch.row_source(consumer)) is None:
@@ -156,14 +164,15 @@ def test_row_sources_fold_exactly(name):
                 producer, index = source
                 rows = _out_rows(model, producer)
                 assert index.shape == (_in_cols(model, consumer),) and int(index.max()) == rows - 1
-                s = torch.rand(rows, generator=g) + 0.5  # (rows,)
+                s = torch.ones(rows)  # (rows,): a fused producer's other parts (q, k; gate) stay
+                s[index] = torch.rand(len(index), generator=g)[index - index.min()] + 0.5
                 p = model.get_submodule(producer)
                 p.weight.div_(s[:, None])
                 if p.bias is not None:
                     p.bias.div_(s)
                 model.get_submodule(consumer).weight.mul_(s[index][None, :])
                 folded += 1
-    assert folded == sum((b.v is not None) + (b.mlp_up is not None) for b in arch.blocks)  # none in a fused or ungated block
+    assert folded == sum((arch.qkv_rows(b) is not None) + (b.mlp_up is not None) for b in arch.blocks)  # none in GPT-2, GPT-NeoX's attention
     torch.testing.assert_close(run(model), reference, rtol=1e-4, atol=1e-5)
 
 
@@ -178,18 +187,18 @@ def test_post_norm_blocks_read_the_previous_blocks_norm():
 
 
 def test_an_unknown_architecture_is_one_line_naming_the_families_and_the_way_out():
-    model = T.Phi3ForCausalLM(T.Phi3Config(**{**SIZES, **GQA}))  # fused qkv_proj and gate_up_proj: no family
+    model = T.BloomForCausalLM(T.BloomConfig(vocab_size=512, hidden_size=64, n_layer=3, n_head=4))  # transformer.h.*.self_attention: no family
     assert find(model) is None
     with pytest.raises(SlimkitError) as info:
         num_layers(model)
     message = str(info.value)
-    assert message.startswith("a layer-dropped student does not support Phi3ForCausalLM")
+    assert message.startswith("a layer-dropped student does not support BloomForCausalLM")
     assert message.endswith("pass your own student model instead") and "\n" not in message
     assert all(f.title in message for f in FAMILIES)
-    lm = LoadedModel(model=model, tokenizer=None, kind=CAUSAL_LM, source="phi3")
+    lm = LoadedModel(model=model, tokenizer=None, kind=CAUSAL_LM, source="bloom")
     with pytest.raises(SlimkitError, match=r"^structured pruning does not support .* use method magnitude, wanda or 2:4 instead$"):
         slimkit.prune(lm, "structured")
-    with pytest.raises(SlimkitError, match="^sharding does not support Phi3ForCausalLM"):
+    with pytest.raises(SlimkitError, match="^sharding does not support BloomForCausalLM"):
         adapter(model, "sharding", "do it by hand")
 
 
@@ -235,3 +244,28 @@ def test_structured_pruning_runs_and_round_trips(name, saved, tmp_path):
     assert pruned.num_parameters() < lm.num_parameters()
     back = slimkit.load(str(slimkit.save(pruned, tmp_path / "p")))
     assert torch.equal(run(back.model), run(pruned.model))
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if MODELS[n][3] != "opt"])
+def test_slicing_out_units_equals_zeroing_what_reads_them(name):
+    """Removing a kv head group (where the family allows) and MLP channels without refit
+    gives the model whose o and down columns for those units are zero: the rows cut from
+    q, k, v (a stacked fused qkv's parts) and from the MLP inputs (both halves of a fused
+    gate_up) are the units' own, so nothing else moved."""
+    from slimkit.pruning.removal import remove_head_groups, remove_mlp_channels
+    from slimkit.pruning.structured import sync_config
+
+    model = build(name)
+    arch = find(model)
+    zeroed = build(name)
+    with torch.no_grad():
+        for b in arch.blocks:
+            linear_weight(zeroed.get_submodule(b.mlp_out))[:, 1::4] = 0  # (out, in), a view of a Conv1D's weight
+            remove_mlp_channels(arch, b, torch.tensor([c for c in range(128) if c % 4 != 1]))
+            if arch.family.prune_heads:
+                n_kv, per = arch.kv_groups(b)
+                linear_weight(zeroed.get_submodule(b.o))[:, b.group_rows(0, per)[0]] = 0
+                remove_head_groups(arch, b, list(range(1, n_kv)))
+    sync_config(find(model))
+    assert {_in_cols(model, b.mlp_out) for b in arch.blocks} == {96}
+    torch.testing.assert_close(run(model), run(zeroed), rtol=1e-4, atol=1e-5)

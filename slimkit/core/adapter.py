@@ -12,10 +12,13 @@ head (`model.layers`, `bert.encoder.layer`, `roberta.encoder.layer`) and a class
 of the same layout that is not listed (Gemma's first generation is Llama-shaped)
 are found alike. The cost: a family whose blocks carry the same names but are
 wired differently needs its own, more specific record listed earlier (Gemma 2,
-whose MLP reads `pre_feedforward_layernorm`, comes before Llama).
+whose MLP reads `pre_feedforward_layernorm`, comes before Llama; Gemma 3's text
+model has the same names and wiring, its q/k norms act within a head, and is
+found as Gemma 2).
 
 What `Adapter` answers, per block (`Block`): the attention projections q, k, v,
-o (or a fused qkv), the MLP inputs (gate/up, or fc) and output (down), the norm
+o (or a fused qkv), the MLP inputs (gate/up, a fused gate_up, or fc) and output
+(down), the norm
 whose output the attention inputs read and the norm whose output the MLP inputs
 read, head_dim and the kv groups (grouped-query attention), and which layer's
 output rows reach o's and down's input columns through a channel-wise operation
@@ -29,6 +32,14 @@ too: the attention inputs of block i read block i-1's MLP norm (block 0 reads
 the embeddings' norm), the MLP inputs read the block's attention norm. The
 adapter says which norm is read; whether a scale folds into it exactly is for
 the technique to check (it does not here: the residual also carries it).
+
+Fused projections (Phi-3). A stacked qkv holds q's rows, then k's, then v's; a
+stacked gate_up holds gate's rows, then up's (the forward splits them in equal
+halves). Where the family says its fused layers are stacked, the adapter names
+the rows of each part (`qkv_rows`, `mlp_rows`), so the techniques cut or scale
+a head or a channel in the fused layer as in separate ones. GPT-2's c_attn and
+GPT-NeoX's query_key_value (interleaved per head) are not read this way: their
+heads stay whole.
 """
 
 from __future__ import annotations
@@ -63,7 +74,9 @@ class Family:
     k: str | None = None
     v: str | None = None
     qkv: str | None = None  # one fused projection instead of q, k, v
-    mlp_up: str | None = None  # the MLP input whose rows reach mlp_out linearly (a gated MLP's up)
+    mlp_up: str | None = None  # the MLP input whose rows reach mlp_out linearly (a gated MLP's up, or the fused gate_up)
+    qkv_stacked: bool = False  # the fused qkv's rows are q's, k's, then v's, sized by the head counts
+    mlp_parts: int = 1  # the MLP inputs' rows stack this many parts of one row per channel (gate_up: 2, up last)
     pre_norm: bool | str = True  # or the boolean config attribute that says it (OPT: do_layer_norm_before)
     embed_norm: str | None = None  # relative to the base model: what block 0 reads, post-norm
     final_norm: str | None = None  # relative to the base model: after the last block, pre-norm
@@ -74,6 +87,8 @@ class Family:
     prune_heads: bool = False  # whole heads can be sliced out (separate q, k, v, o and what follows)
     head_config: tuple[str, str, str] | None = None  # config attributes: query heads, kv heads, head_dim
     head_attrs: tuple[str, str] | None = None  # block attributes: head count, all heads' width
+    kv_attr: str | None = None  # block attribute: the kv head count, where the forward splits the fused qkv by it
+    shared_heads: bool = False  # the forward reads the query head count from the shared config: heads go alike in every block
 
     def block_names(self) -> tuple[str, ...]:
         names = (self.q, self.k, self.v, self.qkv, self.o, *self.mlp_in, self.mlp_out, self.attn_norm, self.mlp_norm)
@@ -89,8 +104,13 @@ _LLAMA = dict(
 )
 
 FAMILIES: tuple[Family, ...] = (
-    Family("gemma2", "Gemma 2", **{**_LLAMA, "mlp_norm": "pre_feedforward_layernorm"}),
+    Family("gemma2", "Gemma 2 and 3", **{**_LLAMA, "mlp_norm": "pre_feedforward_layernorm"}),
     Family("llama", "Llama-family (Llama, Mistral, Qwen2, Qwen3)", **_LLAMA),
+    Family(
+        "phi3", "Phi-3", **{**_LLAMA, "q": None, "k": None, "v": None, "qkv": "self_attn.qkv_proj", "qkv_stacked": True,
+                            "mlp_in": ("mlp.gate_up_proj",), "mlp_up": "mlp.gate_up_proj", "mlp_parts": 2,
+                            "kv_attr": "self_attn.num_key_value_heads", "shared_heads": True},
+    ),
     Family(
         "bert", "BERT-family (BERT, RoBERTa, XLM-R)", layers="encoder.layer",
         q="attention.self.query", k="attention.self.key", v="attention.self.value", o="attention.output.dense",
@@ -139,6 +159,8 @@ class Block:
     attn_norm: str | None  # the norm whose output q, k, v (or qkv) read
     mlp_norm: str | None  # the norm whose output the MLP inputs read
     head_dim: int
+    qkv_stacked: bool = False
+    mlp_parts: int = 1
 
     def attn_in(self) -> tuple[str, ...]:
         return (self.qkv,) if self.qkv else (self.q, self.k, self.v)
@@ -196,31 +218,56 @@ class Adapter:
                 return b.mlp_norm
         return None
 
+    def qkv_rows(self, b: Block) -> dict[str, tuple[str, torch.Tensor]] | None:
+        """{"q", "k", "v": (layer, its output rows)}: each in its own layer, or its share of a
+        stacked fused qkv (from the current shapes: o reads all query heads, k and v are alike);
+        None where the heads of a fused qkv are not known here."""
+        if b.q:
+            return {p: (n, torch.arange(_rows(self.model, n))) for p, n in (("q", b.q), ("k", b.k), ("v", b.v))}
+        if not b.qkv_stacked:
+            return None
+        q = linear_weight(self.model.get_submodule(b.o)).shape[1]  # (out, in): o's inputs are the query heads
+        kv = (_rows(self.model, b.qkv) - q) // 2
+        return {"q": (b.qkv, torch.arange(q)), "k": (b.qkv, torch.arange(q, q + kv)), "v": (b.qkv, torch.arange(q + kv, q + 2 * kv))}
+
     def kv_groups(self, b: Block) -> tuple[int, int]:
-        """(kv groups, query heads per group) of a block with separate q, k, v, from its current shapes."""
-        n_kv = _rows(self.model, b.k) // b.head_dim
-        return n_kv, _rows(self.model, b.q) // b.head_dim // n_kv
+        """(kv groups, query heads per group) of a block whose heads are known (`qkv_rows`), from its current shapes."""
+        rows = self.qkv_rows(b)
+        n_kv = len(rows["k"][1]) // b.head_dim
+        return n_kv, len(rows["q"][1]) // b.head_dim // n_kv
+
+    def mlp_rows(self, b: Block, name: str, channels: torch.Tensor) -> torch.Tensor:
+        """The output rows of MLP input `name` that carry MLP channels `channels`, (parts * len(channels),):
+        the channels themselves, or their row in each stacked part (a fused gate_up: gate's, then up's)."""
+        width = _rows(self.model, name) // b.mlp_parts
+        return torch.cat([p * width + channels for p in range(b.mlp_parts)])
 
     def row_source(self, name: str) -> tuple[str, torch.Tensor] | None:
         """(producer, index): layer `name`'s input channel c is output row index[c] of
         `producer`, through a channel-wise operation (v -> attention -> o, up -> gate * up -> down);
-        None for any other layer. index is (in_features of name,)."""
+        None for any other layer. index is (in_features of name,); the producer's other rows
+        (a fused layer's q, k or gate) do not reach `name` this way."""
         for b in self.blocks:
-            if name == b.o and b.v:
+            if name == b.o and (parts := self.qkv_rows(b)):
                 n_kv, per = self.kv_groups(b)
-                kv_rows = torch.arange(n_kv * b.head_dim)
-                return b.v, torch.cat([kv_rows[b.group_rows(g, per)[1]].repeat(per) for g in range(n_kv)])  # (H * D,)
+                producer, v_rows = parts["v"]
+                return producer, torch.cat([v_rows[b.group_rows(g, per)[1]].repeat(per) for g in range(n_kv)])  # (H * D,)
             if name == b.mlp_out and b.mlp_up:
-                return b.mlp_up, torch.arange(_rows(self.model, b.mlp_up))
+                rows = _rows(self.model, b.mlp_up)
+                return b.mlp_up, torch.arange(rows - rows // b.mlp_parts, rows)  # up is the last part
         return None
 
-    def resize_heads_(self, b: Block, query_heads: int) -> None:
-        """After heads were sliced out of block b: rewrite the attention's own head count and
-        width where its forward reads them (BERT's), in place."""
+    def resize_heads_(self, b: Block, query_heads: int, kv_heads: int) -> None:
+        """After heads were sliced out of block b: rewrite the attention's own head counts and
+        width where its forward reads them (BERT's; Phi-3's kv count), in place. Counts the
+        forward reads from the config are the config's to change (`Family.head_config`)."""
         if self.family.head_attrs:
             count, width = (f"{b.name}.{a}".rpartition(".") for a in self.family.head_attrs)
             setattr(self.model.get_submodule(count[0]), count[2], query_heads)
             setattr(self.model.get_submodule(width[0]), width[2], query_heads * b.head_dim)
+        if self.family.kv_attr:
+            owner, _, attr = f"{b.name}.{self.family.kv_attr}".rpartition(".")
+            setattr(self.model.get_submodule(owner), attr, kv_heads)
 
     def keep_blocks_(self, keep: Sequence[int]) -> None:
         """Keep only blocks `keep` (in place), renumber their KV-cache slots and update the
@@ -265,7 +312,7 @@ def _build(family: Family, model: nn.Module, path: str, modules: dict) -> Adapte
             attn_norm, mlp_norm = before, inside(family.attn_norm)
         blocks.append(Block(b, inside(family.q), inside(family.k), inside(family.v), inside(family.qkv), inside(family.o),
                             tuple(inside(n) for n in family.mlp_in), inside(family.mlp_out), inside(family.mlp_up),
-                            attn_norm, mlp_norm, int(_attribute(model, inside(family.head_dim)))))
+                            attn_norm, mlp_norm, int(_attribute(model, inside(family.head_dim))), family.qkv_stacked, family.mlp_parts))
     final_norm = present(family.final_norm and base + family.final_norm) if pre else blocks[-1].name + "." + family.mlp_norm
     head = next((h for h in family.heads if h in modules), None)
     reads = {layer: final_norm if norm == FINAL else present(norm) for layer, norm in family.reads if layer in modules}

@@ -20,7 +20,7 @@ Which layers, for a count N:
 embeddings and the LM head (a large share of a small model) stay.
 
 Supported: every family the architecture adapter knows (`core.adapter`:
-Llama-family, BERT-family, GPT-2, OPT, GPT-NeoX, ...); the adapter also
+Llama-family, Gemma 2 and 3, Phi-3, BERT-family, GPT-2, OPT, GPT-NeoX); the adapter also
 renumbers the kept blocks' KV-cache slots and writes the config's layer count.
 The teacher is never modified: the student is a deep copy.
 """

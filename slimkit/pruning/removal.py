@@ -136,20 +136,28 @@ def cut_inputs(module: nn.Module, idx: torch.Tensor, gram: torch.Tensor | None) 
         refit_inputs(module, idx, gram)
 
 
-def remove_mlp_channels(model: nn.Module, b: Block, keep: torch.Tensor, gram: torch.Tensor | None = None) -> None:
-    """Keep MLP channels `keep`; with the output projection's input `gram`, refit it."""
+def remove_mlp_channels(arch: Adapter, b: Block, keep: torch.Tensor, gram: torch.Tensor | None = None) -> None:
+    """Keep MLP channels `keep` (their rows in each input, in every stacked part of a fused
+    gate_up); with the output projection's input `gram`, refit it."""
+    model = arch.model
     for n in b.mlp_in:
-        keep_outputs(model.get_submodule(n), keep)
+        keep_outputs(model.get_submodule(n), arch.mlp_rows(b, n, keep))
     cut_inputs(model.get_submodule(b.mlp_out), keep, gram)
 
 
 def remove_head_groups(arch: Adapter, b: Block, keep_groups: list[int], gram: torch.Tensor | None = None) -> None:
-    """Keep kv groups `keep_groups` with their query heads; o keeps the matching columns."""
+    """Keep kv groups `keep_groups` with their query heads; o keeps the matching columns.
+    A stacked fused qkv keeps the same rows of its q, k and v parts, in that order."""
     model = arch.model
     n_kv, per = arch.kv_groups(b)
-    q_rows = torch.cat([torch.arange(n_kv * per * b.head_dim)[b.group_rows(g, per)[0]] for g in keep_groups])
-    kv_rows = torch.cat([torch.arange(n_kv * b.head_dim)[b.group_rows(g, per)[1]] for g in keep_groups])
-    for name, rows in ((b.q, q_rows), (b.k, kv_rows), (b.v, kv_rows)):
-        keep_outputs(model.get_submodule(name), rows)
-    cut_inputs(model.get_submodule(b.o), q_rows, gram)
-    arch.resize_heads_(b, len(keep_groups) * per)
+    parts = arch.qkv_rows(b)
+    q_keep = torch.cat([torch.arange(n_kv * per * b.head_dim)[b.group_rows(g, per)[0]] for g in keep_groups])
+    kv_keep = torch.cat([torch.arange(n_kv * b.head_dim)[b.group_rows(g, per)[1]] for g in keep_groups])
+    rows: dict[str, list[torch.Tensor]] = {}
+    for part, keep in (("q", q_keep), ("k", kv_keep), ("v", kv_keep)):
+        layer, part_rows = parts[part]
+        rows.setdefault(layer, []).append(part_rows[keep])
+    for layer, kept in rows.items():
+        keep_outputs(model.get_submodule(layer), torch.cat(kept))
+    cut_inputs(model.get_submodule(b.o), q_keep, gram)
+    arch.resize_heads_(b, len(keep_groups) * per, len(keep_groups))

@@ -8,16 +8,20 @@ Units
           attention (Llama, SmolLM2: 9 query heads share 3 kv heads) a group
           is one kv head plus the query heads that read it; removing the group
           removes its rows of q/k/v and its columns of o, so every layer keeps
-          the same query-per-kv ratio. BERT's heads are groups of one. Fused
+          the same query-per-kv ratio. BERT's heads are groups of one. Phi-3's
+          stacked qkv_proj loses the same rows of its q, k and v parts; its
+          attention reads the query head count from the config, so its heads
+          go alike in every layer (uniform, all layers targeted). Other fused
           q/k/v (GPT-2's c_attn, GPT-NeoX) and OPT are not supported for heads.
   mlp     intermediate channels: a row of each input projection (gate/up, or
-          BERT's intermediate.dense, GPT-2's c_fc) and a column of the output
-          projection (down_proj, output.dense, c_proj).
+          BERT's intermediate.dense, GPT-2's c_fc; both halves of Phi-3's
+          gate_up_proj) and a column of the output projection (down_proj,
+          output.dense, c_proj).
   layers  whole decoder/encoder blocks (the residual stream passes through).
 
 Which modules make up each unit, and the config fields that size them, come
-from the architecture adapter (`core.adapter`: Llama-family, BERT-family,
-GPT-2, OPT, GPT-NeoX, ...); the slicing and the refit are in `removal.py`.
+from the architecture adapter (`core.adapter`: Llama-family, Gemma 2 and 3,
+Phi-3, BERT-family, GPT-2, OPT, GPT-NeoX); the slicing and the refit are in `removal.py`.
 
 What to remove is decided by an importance criterion (`importance.py`)
 summed over each unit's weights, on calibration batches. For layers, the
@@ -129,8 +133,8 @@ def _w(model, name) -> torch.Tensor:
 
 
 def _attn(b: Block) -> list[str]:
-    """The attention projections that heads are cut from: none where q, k, v are fused."""
-    return [b.q, b.k, b.v, b.o] if b.q else []
+    """The attention projections: q, k, v (or the fused qkv) and o."""
+    return [*b.attn_in(), b.o]
 
 
 def _mlp(b: Block) -> list[str]:
@@ -141,6 +145,13 @@ def _check_heads(arch: Adapter) -> None:
     if not arch.family.prune_heads:
         fused = f"fused {arch.blocks[0].qkv.rpartition('.')[2]} " if arch.blocks[0].qkv else "attention "
         raise SlimkitError(f"{arch.family.title}'s {fused}heads cannot be pruned here: use units=('mlp',) or ('layers',)")
+
+
+def _check_shared_heads(arch: Adapter, blocks: list[Block], config: StructuredConfig) -> None:
+    """Heads of a family whose attention reads the head count from the one config go alike in every layer."""
+    if arch.family.shared_heads and (not config.uniform or len(blocks) != len(arch.blocks)):
+        raise SlimkitError(f"{arch.family.title}'s attention reads its head count from the config, so heads are pruned "
+                           "alike in every layer: use uniform=True (--uniform) and targets that match every layer, or units=('mlp',)")
 
 
 def plan_amounts(model, arch: Adapter, blocks: list[Block], config: StructuredConfig, total_params: int) -> dict:
@@ -233,15 +244,18 @@ def unit_scores(arch: Adapter, b: Block, scores: dict) -> dict[str, torch.Tensor
     out = {}
     if b.mlp_out in scores:
         s = scores[b.mlp_out].sum(0)  # (channels,): columns of the output projection
-        for n in b.mlp_in:
-            s = s + scores[n].sum(1)  # rows of each input projection
+        channels = torch.arange(len(s))
+        for n in b.mlp_in:  # rows of each input projection, in each of its stacked parts
+            s = s + scores[n].sum(1)[arch.mlp_rows(b, n, channels)].reshape(-1, len(s)).sum(0)
         out["mlp"] = s
-    if b.q and b.q in scores:
+    parts = arch.qkv_rows(b)
+    if parts and parts["q"][0] in scores:
         n_kv, per = arch.kv_groups(b)
+        (q, q_rows), (k, k_rows), (v, v_rows) = parts["q"], parts["k"], parts["v"]
         g_scores = []
         for g in range(n_kv):
             qs, ks = b.group_rows(g, per)
-            g_scores.append(scores[b.q][qs].sum() + scores[b.k][ks].sum() + scores[b.v][ks].sum() + scores[b.o][:, qs].sum())
+            g_scores.append(scores[q][q_rows[qs]].sum() + scores[k][k_rows[ks]].sum() + scores[v][v_rows[ks]].sum() + scores[b.o][:, qs].sum())
         out["heads"] = torch.stack(g_scores)  # (n_kv,)
     return out
 
@@ -307,6 +321,8 @@ def apply(model: LoadedModel, config: StructuredConfig, ctx: Context = Context()
     before = lm.num_parameters()
     blocks_before = sparsity_base(arch, "blocks", before)
     amounts = plan_amounts(net, arch, blocks, config, before)
+    if amounts["heads"]:
+        _check_shared_heads(arch, blocks, config)
     crit = importance.get(config.importance)
     get_batches = common.calibration(lm, config, ctx)
 
@@ -338,12 +354,12 @@ def apply(model: LoadedModel, config: StructuredConfig, ctx: Context = Context()
         if amounts["mlp"] and surgeon:
             for b in blocks:
                 gram = grams[b.mlp_out]
-                remove_mlp_channels(net, b, obs_keep(net.get_submodule(b.mlp_out), gram, amounts["mlp"]), gram)
+                remove_mlp_channels(arch, b, obs_keep(net.get_submodule(b.mlp_out), gram, amounts["mlp"]), gram)
         elif amounts["mlp"]:
             drops = _choose_removals([u["mlp"] for u in units], amounts["mlp"], config.uniform)
             for b, drop in zip(blocks, drops):
                 n = _w(net, b.mlp_out).shape[1]
-                remove_mlp_channels(net, b, torch.tensor([i for i in range(n) if i not in set(drop)]), grams.get(b.mlp_out))
+                remove_mlp_channels(arch, b, torch.tensor([i for i in range(n) if i not in set(drop)]), grams.get(b.mlp_out))
         if amounts["heads"]:
             drops = _choose_removals([u["heads"] for u in units], amounts["heads"], config.uniform)
             for b, drop in zip(blocks, drops):
@@ -366,7 +382,7 @@ def layer_shapes(arch: Adapter) -> list[dict]:
     out = []
     for b in arch.blocks:
         row = {"layer": b.name, "mlp_channels": _w(arch.model, b.mlp_out).shape[1]}
-        if b.q:
+        if arch.qkv_rows(b) is not None:
             n_kv, per = arch.kv_groups(b)
             row.update(query_heads=n_kv * per, kv_heads=n_kv)
         out.append(row)
