@@ -25,7 +25,7 @@ from torch import nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.selection import set_module
-from slimkit.quantization.modules import KERNEL_DTYPE, WeightOnlyLinear, int8_rows, weight_buffer
+from slimkit.quantization.modules import KERNEL_DTYPE, WeightOnlyLinear, int8_rows, int8_weight_matmul, weight_buffer
 
 EMBEDDING_BITS = (8, 4)
 
@@ -86,8 +86,16 @@ class Int8Embedding(nn.Module):
         rows = rows if self.inv_column_scale is None else rows * self.inv_column_scale
         return rows.to(self.compute_dtype)
 
+    def _apply(self, fn, recurse=True):
+        self._kernel.clear()  # what it holds was built for the old device
+        return super()._apply(fn, recurse)
+
     def head_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, D) @ dequantized(weight).T -> (M, V) through the int8 weight kernel."""
+        if x.device.type == "cuda":
+            if "cuda_s" not in self._kernel:
+                self._kernel["cuda_s"] = self.weight_scale.float()
+            return int8_weight_matmul(x, self.weight_q, self._kernel["cuda_s"])
         if x.device.type != "cpu":
             return F.linear(x.float(), self.weight_q.float() * self.weight_scale[:, None])
         if "s" not in self._kernel:
