@@ -39,10 +39,11 @@ packed weights and call the CPU kernels are in modules.py.
 from __future__ import annotations
 
 from slimkit.core.data import TextSource, calibration_source
-from slimkit.core.options import apply
+from slimkit.core.hardware import resolve_device
+from slimkit.core.options import apply, make_config
 from slimkit.core.registry import Context
 from slimkit.io.loader import load
-from slimkit.io.model import LoadedModel
+from slimkit.io.model import LoadedModel, on_device
 from slimkit.quantization import aliases, awq, cast, checkpoint, dynamic_int8, gptq, mixed, qat, static_int8, weight_only  # noqa: F401  (they register)
 
 
@@ -58,6 +59,15 @@ def quantize(model: LoadedModel | str, method: str, *, data: TextSource | str | 
     `seed`, `device` and `on_step` go to the method's `Context`. `model` may
     be a transformers model object, with `tokenizer=` for the methods that
     calibrate; it is copied, never changed.
+
+    `device` ("cpu", "cuda", "auto"; None: where the model is) is where calibration
+    and training run and where the result lies; on CUDA its quantized layers run
+    torch's CUDA kernels (modules.py). The caller's model stays where it was.
     """
+    device = resolve_device(device)
     ctx = Context(calibration_source(data), seed, device, on_step)
-    return apply(load(model, tokenizer=tokenizer), method, options, ctx, "quantize")
+    make_config(method, options, "quantize")  # a bad option fails before the model is copied to the device
+    q = apply(on_device(load(model, tokenizer=tokenizer), device), method, options, ctx, "quantize")
+    if device is not None:
+        q.model.to(device)  # layers a method built on the CPU join the rest; quantized ones repack for the device's kernels
+    return q

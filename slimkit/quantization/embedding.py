@@ -224,7 +224,7 @@ def quantize_embeddings(model: nn.Module, column_scale: torch.Tensor | None = No
             raise SlimkitError("embedding_bits=4 shares 4-bit codes between the embedding and a tied LM head, and this "
                                "model's head is not tied to its embedding: use embedding_bits=8")
         return _tied_to_head(model, emb, name, module_name(model, head), head, column_scale, grid)
-    q = Int8Embedding.from_float(emb, column_scale)
+    q = Int8Embedding.from_float(emb, column_scale).to(emb.weight.device)  # where the model is
     set_module(model, name, q)
     names = [name]
     if tied:
@@ -244,7 +244,8 @@ def _tied_to_head(model, emb: nn.Embedding, name: str, head_name: str, head: nn.
     q_head.set_weight(w)
     if bias is not None:
         q_head.bias.copy_(bias.detach().float())
-    lookup = TiedEmbedding(q_head, head_name, emb.padding_idx, column_scale is not None)
+    q_head.to(emb.weight.device)  # where the model is
+    lookup = TiedEmbedding(q_head, head_name, emb.padding_idx, column_scale is not None).to(emb.weight.device)
     if column_scale is not None:
         lookup.inv_column_scale.copy_(1 / column_scale)
     set_module(model, head_name, q_head)

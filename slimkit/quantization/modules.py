@@ -79,8 +79,8 @@ def int8_weight_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) ->
     weight directly, in fp32. More rows: the weight cast to bf16 feeds a tensor-core
     matmul and the scale multiplies the (M, N) output, not the (N, K) weight.
     """
-    if x.shape[0] <= CUDA_INT8_KERNEL_MAX_ROWS:
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale)
+    if x.shape[0] <= CUDA_INT8_KERNEL_MAX_ROWS:  # the CUDA kernel computes in fp32 from any float dtype; the CPU one wants x's
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale if x.device.type == "cuda" else scale.to(x.dtype))
     return F.linear(x.to(KERNEL_DTYPE), q.to(KERNEL_DTYPE)).float() * scale
 
 
