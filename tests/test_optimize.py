@@ -164,7 +164,7 @@ def fake_bench(monkeypatch):
     state = {"jitter": 0.0, "calls": []}
     noise = random.Random()
 
-    def bench(path, threads, compile=False):
+    def bench(path, threads, compile=False, device="cpu"):
         size = dir_size_mb(path)
         state["calls"].append(compile)
         return bench_result(size, 100 / size * (1 + noise.uniform(-state["jitter"], state["jitter"])), compile)

@@ -40,6 +40,7 @@ Options = Annotated[list[str] | None, typer.Option("--option", "-o", help="metho
 Data = Annotated[str | None, typer.Option(help="calibration text: pydoc (default), a .txt/.jsonl file, or hf:NAME (its calibration split)")]
 Seed = Annotated[int, typer.Option(help="seeds every random choice of the method: the same seed gives the same model")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out directory")]
+Device = Annotated[str, typer.Option(help="where the model runs: cpu, cuda (or cuda:N) or auto (cuda where torch sees a GPU, else cpu)")]
 
 
 @app.callback()

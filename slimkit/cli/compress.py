@@ -9,6 +9,7 @@ import typer
 
 from slimkit.cli.base import (
     Data,
+    Device,
     Json,
     MaxMemory,
     ModelArg,
@@ -30,6 +31,7 @@ from slimkit.cli.display import bench_rows, eval_rows, fmt, table
 from slimkit.core import registry
 from slimkit.core.data import calibration_source
 from slimkit.core.errors import SlimkitError
+from slimkit.core.hardware import resolve_device, training_device
 from slimkit.core.options import make_config, parse_options
 from slimkit.core.progress import search_progress
 from slimkit.core.recipe import Recipe
@@ -38,6 +40,7 @@ from slimkit.distillation.method import DistillConfig, apply
 from slimkit.exporters import ExportConfig, export
 from slimkit.exporters import summary as export_summary
 from slimkit.io.artifacts import check_destination, check_layout, read_manifest, save
+from slimkit.io.model import placed
 from slimkit.io.serving import how_to_serve
 from slimkit.io.sources import DEFAULT_MODEL
 from slimkit.measure.quality import EvalConfig, evaluate
@@ -67,6 +70,7 @@ def quantize_cmd(
                                                "(transformers and vLLM read it) or slimkit; default: compressed-tensors where exact")] = None,
     overwrite: Overwrite = False,
     threads: Threads = None,
+    device: Device = "cpu",
     trust_remote_code: TrustRemote = False,
     max_memory: MaxMemory = None,
     as_json: Json = False,
@@ -80,14 +84,17 @@ def quantize_cmd(
         raise SlimkitError(f"quantize needs {', '.join(missing)}: e.g. slimkit quantize smollm2-135m --method int8 --out ./smollm2-int8")
     options = parse_options(method, option or [], "quantize")
     check_layout(layout)
+    device = resolve_device(device)  # a missing GPU is refused before the model loads
     data = calibration_source(data)  # a bad file is refused before the model loads
-    check_memory("training" if method == "qat" else "quantize", model, max_memory, blockwise=_calibration(method, options))
-    # lazy and streamed: a method that goes block by block reads one block from the files at a time and
+    check_memory("training" if method == "qat" else "quantize", model, max_memory, blockwise=_calibration(method, options) if device == "cpu" else None)
+    # on the CPU, lazy and streamed: a method that goes block by block reads one block from the files at a time and
     # writes it out when done; the others read the whole model from the files (no copy of it is made)
-    q = quantize(load_model(model, "fp32", threads, trust_remote_code, lazy=True), method, data=data, seed=seed,
-                 stream=str(Path(out_dir).expanduser().absolute().parent), **options)
+    lazy = device == "cpu"
+    q = quantize(load_model(model, "fp32", threads, trust_remote_code, lazy=lazy), method, data=data, seed=seed, device=device,
+                 stream=str(Path(out_dir).expanduser().absolute().parent) if lazy else False, **options)
     training = {"training": q.manifest["training"]} if "training" in q.manifest else {}  # methods that train (qat)
-    path = save(q, out_dir, overwrite=overwrite, metrics=training, layout=layout)
+    with placed(q, device="cpu"):  # saved from CPU tensors: the same files whatever the device
+        path = save(q, out_dir, overwrite=overwrite, metrics=training, layout=layout)
     manifest = read_manifest(path)
     loads = {"layout": manifest["layout"], **({"slimkit_only": manifest["slimkit_only"]} if "slimkit_only" in manifest else {})}
     info = {"model": model, "method": method, "options": options, "out": str(path), "quantized_modules": len(quantized_modules(q.model)),
@@ -115,14 +122,17 @@ def sensitivity_cmd(
     seq_len: Annotated[int, typer.Option(help="tokens per window")] = 256,
     data: Data = None,
     threads: Threads = None,
+    device: Device = "cpu",
     max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
     """Rank layers (or blocks) by how much quantizing each alone hurts quality, most sensitive first."""
     options = parse_options(method, option or [], "quantize")
+    device = resolve_device(device)
     data = calibration_source(data)
     check_memory("quantize", model, max_memory)
-    r = sensitivity(load_model(model, "fp32", threads), method, options, data=data, granularity=granularity, metric=metric, calibration_samples=calibration_samples, seq_len=seq_len)
+    r = sensitivity(load_model(model, "fp32", threads), method, options, data=data, device=device, granularity=granularity, metric=metric,
+                    calibration_samples=calibration_samples, seq_len=seq_len)
     rows = [(f"{i + 1}. {u.name}" + (f" ({len(u.layers)} layers)" if len(u.layers) > 1 else ""), fmt(u.score, 6)) for i, u in enumerate(r.units)]
     title = f"Sensitivity of {model} to {method} ({r.metric} on {r.tokens} calibration tokens, {r.seconds:.0f} s)"
     emit(as_json, r.to_dict(), [table(title, rows, (r.granularity, r.metric))])
@@ -142,6 +152,7 @@ def prune_cmd(
     seed: Seed = 0,
     overwrite: Overwrite = False,
     threads: Threads = None,
+    device: Device = "cpu",
     trust_remote_code: TrustRemote = False,
     max_memory: MaxMemory = None,
     as_json: Json = False,
@@ -149,11 +160,13 @@ def prune_cmd(
     """Prune a model (unstructured, N:M or structured) and save it as an artifact."""
     name, options = cli_options(method, sparsity, recover_minutes, of)
     options = {**parse_options(name, option or [], "prune"), **options}
+    device = resolve_device(device)
     data = calibration_source(data)
     check_memory("training" if options.get("recover_minutes") else "prune", model, max_memory)
     lm = load_model(model, "auto", threads, trust_remote_code)
-    pruned = prune(lm, name, data=data, seed=seed, **options)
-    path = save(pruned, out_dir, overwrite=overwrite)
+    pruned = prune(lm, name, data=data, seed=seed, device=device, **options)
+    with placed(pruned, device="cpu"):  # saved from CPU tensors: the same files whatever the device
+        path = save(pruned, out_dir, overwrite=overwrite)
     info = {**prune_summary(pruned, lm.num_parameters()), "out": str(path)}
     rows = [(k.replace("_", " "), fmt(v)) for k, v in info.items() if k != "layers" and v is not None]
     emit(as_json, info, [table(f"Pruned {model} with {method}", rows)], served=path)
@@ -186,6 +199,7 @@ def distill_cmd(
     resume: bool = False,
     log_dir: Annotated[str | None, typer.Option(help="write metrics.jsonl (and TensorBoard logs when installed) here")] = None,
     threads: Threads = None,
+    device: Device = "auto",
     overwrite: Overwrite = False,
     max_memory: MaxMemory = None,
     as_json: Json = False,
@@ -199,15 +213,17 @@ def distill_cmd(
                            layer_map=_layer_pairs(layer_map), freeze=tuple(items(freeze)),
                            text_views=text_views, cache_teacher=cache_teacher, checkpoint_dir=checkpoint_dir,
                            checkpoint_every=checkpoint_every, resume=resume, log_dir=log_dir)
+    trains_on = training_device(device)  # a missing GPU is refused before the model loads
     source = calibration_source(data)
     check_memory("distill", teacher, max_memory)
-    student = apply(load_model(teacher, "auto", threads), config, Context(source, seed))
+    student = apply(load_model(teacher, "auto", threads), config, Context(source, seed, trains_on))
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under torchrun: one process writes
         return
     training = student.manifest["training"]
-    path = save(student, out_dir, recipe=student.manifest["recipe"], metrics={"training": training}, overwrite=overwrite)
+    with placed(student, device="cpu"):  # saved from CPU tensors: the same files whatever the device
+        path = save(student, out_dir, recipe=student.manifest["recipe"], metrics={"training": training}, overwrite=overwrite)
     rows = [(k, str(v)) for k, v in training.items() if k != "history"] + [("artifact", str(path))]
     emit(as_json, {"artifact": str(path), "config": dataclasses.asdict(config), "training": training}, [table(f"Distilled {teacher}", rows)], served=path)
 
@@ -254,18 +270,20 @@ def run_cmd(
     max_tokens: Annotated[int | None, typer.Option(help="score at most this many tokens")] = None,
     overwrite: Overwrite = False,
     threads: Threads = None,
+    device: Annotated[str, typer.Option(help="where the result is evaluated and benchmarked: cpu, cuda (or cuda:N) or auto")] = "cpu",
     max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
     """Apply a recipe, measure the result against the original, and save the artifact."""
+    device = resolve_device(device)
     plan = Recipe.load(recipe)
     confined = plan.confined(out)  # logs and checkpoints go inside OUT, never elsewhere
     check_destination(out, overwrite)
     check_memory("run", model or plan.model or DEFAULT_MODEL, max_memory)
     original = load_model(model or plan.model or DEFAULT_MODEL, "auto", threads)
     compressed = confined.apply(original)
-    quality = evaluate(compressed, original, config=EvalConfig(max_tokens=max_tokens))
-    speed = benchmark(compressed, bench_config(128, "1,4,8", 64, threads))
+    quality = evaluate(compressed, original, config=EvalConfig(max_tokens=max_tokens), device=device)
+    speed = benchmark(compressed, bench_config(128, "1,4,8", 64, threads), device=device)
     metrics = {"eval": quality.to_dict(), "bench": speed.to_dict()}
     kept = confined.written(out)  # OUT may now hold them: checked empty (or --overwrite) above
     path = save(compressed, out, recipe=plan.to_dict(), metrics=metrics, overwrite=overwrite or bool(kept), keep=kept)
@@ -287,6 +305,8 @@ def optimize_cmd(
     compiled: Annotated[bool | None, typer.Option("--compile/--no-compile", help="benchmark candidates through torch.compile (default: for the latency target)")] = None,
     seed: Annotated[int, typer.Option(help="seed of every candidate's recipe: the same seed gives the same candidates")] = 0,
     threads: Threads = None,
+    device: Annotated[str, typer.Option(help="where candidates are evaluated and benchmarked: cpu, cuda (or cuda:N) or auto; "
+                                             "they are built on the CPU")] = "cpu",
     max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
@@ -295,7 +315,7 @@ def optimize_cmd(
 
     started = time.perf_counter()
     config = OptimizeConfig(target=target, max_quality_drop=parse_fraction(max_quality_drop), preset=preset, runtime=runtime,
-                            time_budget_s=parse_duration(time_budget), threads=threads, seed=seed, compile=compiled)
+                            time_budget_s=parse_duration(time_budget), threads=threads, seed=seed, compile=compiled, device=device)
     check_installed(runtime)  # before the model loads: a missing runtime (or GPU) is known without it
     check_memory("optimize", model, max_memory)
     with search_progress() as progress:  # the model is not kept here, so the search can drop it from memory

@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from slimkit.cli.base import Dtype, Json, MaxMemory, ModelArg, Threads, TrustRemote, bench_config, check_memory, command, emit, err, load_model, stdout
+from slimkit.cli.base import Device, Dtype, Json, MaxMemory, ModelArg, Threads, TrustRemote, bench_config, check_memory, command, emit, err, load_model, stdout
 from slimkit.cli.display import bench_rows, eval_rows, table
 from slimkit.core.data import TextSource
+from slimkit.core.hardware import resolve_device
 from slimkit.io.sources import EMBEDDED
 from slimkit.measure.generation import generate
 from slimkit.measure.quality import EvalConfig, evaluate
@@ -36,17 +37,19 @@ def eval_cmd(
     text_key: Annotated[str, typer.Option(help="text field of .jsonl records")] = "text",
     threads: Threads = None,
     dtype: Dtype = "auto",
+    device: Device = "cpu",
     trust_remote_code: TrustRemote = False,
     max_memory: MaxMemory = None,
     as_json: Json = False,
 ):
     """Measure quality: perplexity, KL and top-1 vs a reference, embedding cosine, accuracy."""
     config = EvalConfig(window=window, stride=stride, max_tokens=max_tokens, batch_size=batch_size)
+    device = resolve_device(device)
     source = TextSource.parse(data, split, text_key)
     check_memory("eval", model, max_memory, reference)
     lm = load_model(model, dtype, threads, trust_remote_code)
     ref = load_model(reference, "auto", None, trust_remote_code) if reference else None
-    result = evaluate(lm, ref, source, config)
+    result = evaluate(lm, ref, source, config, device=device)
     emit(as_json, result.to_dict(), [table(f"Quality of {model}", eval_rows(result))])
 
 
@@ -58,6 +61,7 @@ def bench_cmd(
     new_tokens: Annotated[int, typer.Option(help="decode exactly this many tokens")] = 64,
     threads: Threads = None,
     dtype: Dtype = "auto",
+    device: Device = "cpu",
     compiled: Annotated[bool, typer.Option("--compile", help="decode through torch.compile with a static KV cache (about a minute to compile)")] = False,
     trust_remote_code: TrustRemote = False,
     max_memory: MaxMemory = None,
@@ -65,9 +69,10 @@ def bench_cmd(
 ):
     """Measure speed, memory and size: latency percentiles, throughput, prefill/decode tokens/s."""
     config = bench_config(seq_len, batch_sizes, new_tokens, threads, compiled)
+    device = resolve_device(device)
     check_memory("bench", model, max_memory)
     lm = load_model(model, dtype, threads, trust_remote_code)
-    result = benchmark(lm, config)
+    result = benchmark(lm, config, device=device)
     emit(as_json, result.to_dict(), [table(f"Speed of {model}", bench_rows(result))])
 
 
@@ -77,12 +82,14 @@ def profile_cmd(
     max_tokens: Annotated[int | None, typer.Option(help="score at most this many tokens")] = None,
     threads: Threads = None,
     dtype: Dtype = "auto",
+    device: Device = "cpu",
     as_json: Json = False,
 ):
     """Evaluate and benchmark a model, and print one table."""
+    device = resolve_device(device)
     lm = load_model(model, dtype, threads)
-    quality = evaluate(lm, config=EvalConfig(max_tokens=max_tokens))
-    speed = benchmark(lm, bench_config(128, "1,4,8", 64, threads))
+    quality = evaluate(lm, config=EvalConfig(max_tokens=max_tokens), device=device)
+    speed = benchmark(lm, bench_config(128, "1,4,8", 64, threads), device=device)
     emit(
         as_json,
         {"eval": quality.to_dict(), "bench": speed.to_dict()},

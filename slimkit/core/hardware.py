@@ -1,5 +1,6 @@
 """What this machine can do, read once from the CPU's flags: native bf16, int8 products
-that saturate, and the environment recorded next to every measurement."""
+that saturate, the device a `--device` names, and the environment recorded next to
+every measurement."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import platform
 
 import torch
+
+from slimkit.core.errors import SlimkitError
 
 
 @functools.cache
@@ -35,6 +38,39 @@ def bf16_native(device: torch.device | str = "cpu") -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and bool(cpuinfo()[1] & {"avx512_bf16", "amx_bf16"})
+
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def resolve_device(device: str | None) -> str | None:
+    """The device a `--device` / `device=` names, checked: "cpu", "cuda" or "cuda:N" (there must
+    be such a GPU), "auto" (CUDA where torch sees a GPU, else the CPU); None stays None (where
+    the model already is)."""
+    if device is None:
+        return None
+    name = str(device).strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise SlimkitError(f"device '{device}' is not supported: use --device cpu, cuda (or cuda:N) or auto")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, but it sees no GPU"
+            raise SlimkitError(f"--device {name} needs a CUDA GPU and this torch {torch.__version__} is {build}: use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise SlimkitError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0: use --device cuda:0")
+    return name
+
+
+def training_device(device: str | None) -> str | None:
+    """What the training loop takes for a `--device`, checked: "cpu" where the CPU was asked for,
+    else None, Accelerate's choice: a GPU where there is one, each process its own under
+    `accelerate launch` or torchrun ("auto" and None keep that choice: Accelerate's cpu=True
+    would also force a single process)."""
+    resolve_device(device)
+    return "cpu" if device is not None and str(device).strip().lower() == "cpu" else None
 
 
 def int8_pairs_saturate() -> bool:

@@ -13,6 +13,7 @@ training, so they live in `slimkit.core` (`losses`, `training`).
 from __future__ import annotations
 
 from slimkit.core.data import TextSource, calibration_source
+from slimkit.core.hardware import training_device
 from slimkit.core.options import apply
 from slimkit.core.registry import Context
 from slimkit.distillation.method import DistillConfig, progressive
@@ -27,5 +28,8 @@ def distill(teacher: LoadedModel | str, *, data: TextSource | str | None = None,
             on_step=None, tokenizer=None, **options) -> LoadedModel:
     """Distil `teacher` into a smaller student; `options` are DistillConfig fields, `data` the text
     to train on (its calibration split; evaluation is the same source's evaluation split).
-    `teacher` may be a transformers model object with its `tokenizer=`; it is never changed."""
-    return apply(load(teacher, tokenizer=tokenizer), "distill", options, Context(calibration_source(data), seed, device, on_step), "distill")
+    `teacher` may be a transformers model object with its `tokenizer=`; it is never changed.
+    `device`: "cpu", "cuda" or "auto" (None, as "auto": Accelerate's choice, a GPU where there is
+    one; under `accelerate launch` each process its own)."""
+    ctx = Context(calibration_source(data), seed, training_device(device), on_step)
+    return apply(load(teacher, tokenizer=tokenizer), "distill", options, ctx, "distill")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 MANIFEST = "slimkit.json"  # the file that makes a directory a slimkit artifact (see `artifacts`)
@@ -85,3 +87,56 @@ def copy_model(lm: LoadedModel, suffix: str, *, lazy: bool = False) -> LoadedMod
         manifest=copy.deepcopy(lm.manifest),
         sentence=dict(lm.sentence),
     )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's weights lie: its first parameter's (or buffer's) device; the CPU for none."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """Whether two devices are one; "cuda" (no index) is the current GPU."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _exported(model: nn.Module) -> bool:
+    return getattr(model, "slimkit_device", None) is not None  # a runtime's session: it runs where that runtime puts it
+
+
+def on_device(lm: LoadedModel, device: str | None) -> LoadedModel:
+    """`lm` ready for a technique to run on `device`: `lm` itself where it already lies there (or
+    `device` is None), else a copy there, `donated` so the technique changes it in place rather
+    than copying it again. The caller's model stays where it was."""
+    if device is None or _exported(lm.model) or lm.weights is not None or same_device(model_device(lm.model), device):
+        return lm  # (a lazy model is read onto the CPU block by block)
+    if lm.donated:
+        lm.model.to(device)
+        return lm
+    moved = copy_model(lm, "")
+    moved.source, moved.path, moved.donated = lm.source, lm.path, True  # the same model, elsewhere
+    moved.model.to(device)
+    return moved
+
+
+@contextlib.contextmanager
+def placed(*models: LoadedModel | None, device: str | None):
+    """Run the block with each model on `device`, and put each back where it was afterwards
+    (measuring a model does not move the caller's model for good). None: as they are."""
+    moves = []
+    try:
+        for lm in models:
+            if device is None or lm is None or _exported(lm.model) or lm.staged is not None or lm.weights is not None:
+                continue  # (a streamed or lazy model holds no tensors to move)
+            before = model_device(lm.model)
+            if not same_device(before, device):
+                moves.append((lm, before))
+                lm.model.to(device)
+        yield
+    finally:
+        for lm, before in moves:
+            lm.model.to(before)

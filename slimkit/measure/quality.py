@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from slimkit.core import data as D
 from slimkit.core.arch import CAUSAL_LM, ENCODER
 from slimkit.core.errors import SlimkitError
+from slimkit.core.hardware import resolve_device
 from slimkit.core.metrics import f1_macro, next_token_stats, topk_overlap
 from slimkit.core.progress import track
 from slimkit.io.loader import load, takes_tokenizer
-from slimkit.io.model import LoadedModel
+from slimkit.io.model import LoadedModel, placed
 from slimkit.io.sentence import pooling_modes
 
 
@@ -89,10 +90,14 @@ def evaluate(
     config: EvalConfig = EvalConfig(),
     *,
     tokenizer=None,
+    device: str | None = None,
 ) -> EvalResult:
     """Measure `model`'s quality on `data` (default: the embedded evaluation split).
 
-    `model` and `reference` may be transformers model objects; `tokenizer` is theirs."""
+    `model` and `reference` may be transformers model objects; `tokenizer` is theirs.
+    `device` ("cpu", "cuda", "auto"; None: where each model is) is where both run;
+    each goes back where it was afterwards."""
+    device = resolve_device(device)
     if tokenizer is not None and not takes_tokenizer(model) and not takes_tokenizer(reference):
         raise SlimkitError("tokenizer= goes with a model object; both models bring their own tokenizer: drop tokenizer=")
     model = load(model, tokenizer=tokenizer if takes_tokenizer(model) else None)
@@ -104,7 +109,7 @@ def evaluate(
     result = EvalResult(model=model.name, kind=model.kind, data=source.name, reference=reference.name if reference else None)
     result.settings = asdict(config)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with placed(model, reference, device=device), torch.inference_mode():
         if model.kind == CAUSAL_LM:
             _eval_causal_lm(model, reference, source, config, result)
         elif model.kind == ENCODER:

@@ -43,12 +43,12 @@ import torch
 from slimkit.core import data as D
 from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError
-from slimkit.core.hardware import environment
+from slimkit.core.hardware import environment, resolve_device
 from slimkit.core.memory import peak_rss_mb
 from slimkit.core.progress import status
 from slimkit.io.artifacts import save
 from slimkit.io.loader import load
-from slimkit.io.model import LoadedModel
+from slimkit.io.model import LoadedModel, placed
 from slimkit.measure.decoding import CompiledDecoder, is_pytorch
 
 
@@ -132,14 +132,24 @@ class BenchResult:
         return max(t["tokens_per_s"] for t in self.throughput)
 
 
-def benchmark(model: LoadedModel | str, config: BenchConfig = BenchConfig(), *, tokenizer=None) -> BenchResult:
+def benchmark(model: LoadedModel | str, config: BenchConfig = BenchConfig(), *, tokenizer=None, device: str | None = None) -> BenchResult:
     """Measure `model`'s latency, throughput, decode speed, memory and size.
 
     Runs in this process. A transformers model object (with its `tokenizer=`, which
     makes the real-text input and the saved size) is measured where it lies, so peak
     memory includes whatever else the caller's process holds; size on disk comes from
-    saving it to a temporary artifact."""
+    saving it to a temporary artifact. `device` ("cpu", "cuda", "auto"; None: where the
+    model is) is where it runs; the model goes back where it was afterwards."""
+    device = resolve_device(device)
     lm = load(model, tokenizer=tokenizer)
+    with placed(lm, device=device):
+        result = _benchmark(lm, config)
+    if config.measure_size:  # saved from where the model lives at rest: the same files whatever the device
+        result.size_on_disk_mb, result.weights_on_disk_mb = size_on_disk(lm)
+    return result
+
+
+def _benchmark(lm: LoadedModel, config: BenchConfig) -> BenchResult:
     threads = config.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     device = getattr(lm.model, "slimkit_device", None) or next((p.device for p in lm.model.parameters()), torch.device("cpu"))
@@ -191,8 +201,6 @@ def benchmark(model: LoadedModel | str, config: BenchConfig = BenchConfig(), *, 
             if config.compile:
                 result.compile_seconds = round(decoder.compile_seconds, 1)
     result.peak_memory_mb, result.cuda_peak_memory_mb = memory.peak_mb, memory.cuda_peak_mb
-    if config.measure_size:
-        result.size_on_disk_mb, result.weights_on_disk_mb = size_on_disk(lm)
     return result
 
 

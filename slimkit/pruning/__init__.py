@@ -24,10 +24,11 @@ import re
 
 from slimkit.core.data import TextSource, calibration_source
 from slimkit.core.errors import SlimkitError
-from slimkit.core.options import apply
+from slimkit.core.hardware import resolve_device
+from slimkit.core.options import apply, make_config
 from slimkit.core.registry import Context
 from slimkit.io.loader import load
-from slimkit.io.model import LoadedModel
+from slimkit.io.model import LoadedModel, on_device
 from slimkit.pruning import schedule, semi_structured, shapes, structured, unstructured  # noqa: F401  (they register)
 from slimkit.pruning.semi_structured import parse_nm
 
@@ -36,8 +37,14 @@ def prune(model: LoadedModel | str, method: str, *, data: TextSource | str | Non
           device: str | None = None, on_step=None, tokenizer=None, **options) -> LoadedModel:
     """Prune `model` with a registered method; options are the method's Config fields.
     Returns a new model; the caller's is untouched. `data`: calibration text (its
-    calibration split), as `slimkit.quantize` takes it; `model` and `tokenizer` as there."""
-    return apply(load(model, tokenizer=tokenizer), method, options, Context(calibration_source(data), seed, device, on_step), "prune")
+    calibration split), as `slimkit.quantize` takes it; `model`, `tokenizer` and `device` as there."""
+    device = resolve_device(device)
+    ctx = Context(calibration_source(data), seed, device, on_step)
+    make_config(method, options, "prune")  # a bad option fails before the model is copied to the device
+    pruned = apply(on_device(load(model, tokenizer=tokenizer), device), method, options, ctx, "prune")
+    if device is not None:
+        pruned.model.to(device)
+    return pruned
 
 
 def cli_options(method: str, sparsity: float | None, recover_minutes: float, of: str | None = None) -> tuple[str, dict]:

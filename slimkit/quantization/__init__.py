@@ -39,10 +39,11 @@ packed weights and call the CPU kernels are in modules.py.
 from __future__ import annotations
 
 from slimkit.core.data import TextSource, calibration_source
-from slimkit.core.options import apply
+from slimkit.core.hardware import resolve_device
+from slimkit.core.options import apply, make_config
 from slimkit.core.registry import Context
 from slimkit.io.loader import load
-from slimkit.io.model import LoadedModel
+from slimkit.io.model import LoadedModel, on_device
 from slimkit.quantization import aliases, awq, cast, checkpoint, dynamic_int8, gptq, mixed, qat, static_int8, weight_only  # noqa: F401  (they register)
 from slimkit.quantization.blockwise import read_whole
 
@@ -60,9 +61,19 @@ def quantize(model: LoadedModel | str, method: str, *, data: TextSource | str | 
     be a transformers model object, with `tokenizer=` for the methods that
     calibrate; it is copied, never changed. With a lazy model
     (`load(path, lazy=True)`) and `stream=True`, the methods that go block by
-    block (int4-wo, int8-wo, nf4, gptq) write each finished block to disk, and
+    block (int4-wo, int8-wo, nf4, gptq, awq) write each finished block to disk, and
     the result is only for `slimkit.save` (which takes those files as they are):
     memory then holds one block, never the model.
+
+    `device` ("cpu", "cuda", "auto"; None: where the model is) is where calibration
+    and training run and where the result lies; on CUDA its quantized layers run
+    torch's CUDA kernels (modules.py). The caller's model stays where it was. A lazy
+    model is read block by block on the CPU; on a GPU it is read whole first.
     """
+    device = resolve_device(device)
     ctx = Context(calibration_source(data), seed, device, on_step, stream)
-    return apply(read_whole(load(model, tokenizer=tokenizer), method), method, options, ctx, "quantize")
+    make_config(method, options, "quantize")  # a bad option fails before the model is copied to the device
+    q = apply(on_device(read_whole(load(model, tokenizer=tokenizer), method, device), device), method, options, ctx, "quantize")
+    if device is not None and q.staged is None:
+        q.model.to(device)  # layers a method built on the CPU join the rest; quantized ones repack for the device's kernels
+    return q

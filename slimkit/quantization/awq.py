@@ -107,6 +107,7 @@ class Group:
 
 
 def _forward(model, ids, causal: bool):
+    ids = ids.to(model.device)
     out = model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
     return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float()
 
@@ -136,7 +137,7 @@ def calibrate(model: nn.Module, names: list[str], head: str | None, windows: lis
             x2 = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, K)
             pick = x2[torch.randperm(x2.shape[0], generator=gen)[:per_batch]]
             if name not in groups:
-                groups[name] = Group([HEAD if name == head else name], torch.zeros(x2.shape[1]), 0, [])
+                groups[name] = Group([HEAD if name == head else name], torch.zeros(x2.shape[1], device=x2.device), 0, [])
             g = groups[name]
             g.abs_sum += x2.abs().sum(0)
             g.count += x2.shape[0]
@@ -178,8 +179,9 @@ def _producer(arch: Adapter | None, model: nn.Module, owner: str, group: Group) 
 
 def _tie(stat: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
     """Average a (K,) statistic over the channels that share a producer row; back to (K,)."""
-    sums = torch.zeros(rows).index_add_(0, index, stat)
-    counts = torch.zeros(rows).index_add_(0, index, torch.ones_like(stat))
+    index = index.to(stat.device)
+    sums = torch.zeros(rows, device=stat.device).index_add_(0, index, stat)
+    counts = torch.zeros(rows, device=stat.device).index_add_(0, index, torch.ones_like(stat))
     return (sums / counts)[index]
 
 
@@ -197,7 +199,7 @@ def _fold(model: nn.Module, producer: str, rows: torch.Tensor | None, members: l
     if rows is None:  # a norm: output channel j = weight_j * (...) + bias_j
         d = 1 / s
     else:  # a linear: output row r feeds the consumer channels index r
-        d = torch.ones(p.weight.shape[0]).index_copy_(0, rows, 1 / s)
+        d = torch.ones(p.weight.shape[0], device=s.device).index_copy_(0, rows.to(s.device), 1 / s)
     d = 1 / d if inv else d
     p.weight.mul_(d[:, None] if p.weight.dim() == 2 else d)
     if getattr(p, "bias", None) is not None:
@@ -369,7 +371,7 @@ def _quantize_layers(model: nn.Module, prefix: str, names: list[str], explicit: 
             module.set_weight(w)
             if module.bias is not None:
                 module.bias.copy_(layer.bias.float())
-            set_module(model, name, module)
+            set_module(model, name, module.to(w.device))
 
 
 def _finish(walk, head_scale: torch.Tensor | None, config: AWQConfig):

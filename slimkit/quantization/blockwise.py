@@ -111,10 +111,10 @@ class Walk:
         return lm
 
 
-def read_whole(lm: LoadedModel, method: str) -> LoadedModel:
+def read_whole(lm: LoadedModel, method: str, device: str | None = None) -> LoadedModel:
     """`lm` ready for `method`: a lazy model is read from its files whole (once, no copy made, `donated`)
-    for a method that does not go block by block; anything else as it is."""
-    if lm.weights is None or method in METHODS:
+    for a method that does not go block by block, or to run on a GPU; anything else as it is."""
+    if lm.weights is None or (method in METHODS and (device is None or device == "cpu")):
         return lm
     read = copy_model(lm, "")
     read.source, read.path, read.donated = lm.source, lm.path, True  # the same model, read: the method changes it in place
@@ -196,7 +196,8 @@ def after_blocks(model: nn.Module, inputs: Inputs, batches: list[torch.Tensor], 
         try:
             for k, n in enumerate(names):
                 set_module(model, n, _Replay(inputs.hidden[w] if k == 0 else None))
-            out = model(input_ids=batches[w], use_cache=False) if causal else model(input_ids=batches[w])
+            ids = batches[w].to(inputs.hidden[w].device)
+            out = model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
         finally:
             for n, block in zip(names, real):
                 set_module(model, n, block)
@@ -224,6 +225,7 @@ def first_inputs(walk: Walk, batches: list[torch.Tensor], causal: bool) -> Input
             first = model.get_submodule(names[0])
             grab = first.register_forward_pre_hook(lambda m, args, kw: hidden.append(args[0] if args else kw["hidden_states"]), with_kwargs=True)
             last = model.get_submodule(names[-1]).register_forward_hook(stop)
+            ids = ids.to(model.get_input_embeddings().weight.device)
             try:
                 with torch.inference_mode():
                     model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
-from slimkit.core.selection import check_patterns, select_linears, set_module
+from slimkit.core.selection import check_patterns, linear_weight, select_linears, set_module
 from slimkit.io.artifacts import ModuleRecord, register_modules
 from slimkit.io.model import LoadedModel
 from slimkit.quantization.embedding import TIED_FORMATS, Int8Embedding, TiedEmbedding, TiedInt8Head, check_embedding_bits
@@ -112,11 +112,15 @@ def cast_unquantized(model: nn.Module, compute_dtype: str) -> None:
 
 
 def replace_linears(lm: LoadedModel, config, make: Callable[[nn.Module], nn.Module]) -> list[str]:
-    """Replace every selected linear layer of `lm` (in place: call on a copy)."""
+    """Replace every selected linear layer of `lm` (in place: call on a copy); each new module
+    goes where the layer it replaces was (a model on a GPU stays there, whole)."""
     names = list(select_linears(lm.model, tuple(config.targets), tuple(config.ignore)))
     with torch.no_grad():
         for name in names:
-            set_module(lm.model, name, make(lm.model.get_submodule(name)))
+            layer = lm.model.get_submodule(name)
+            module = make(layer)
+            device = linear_weight(layer).device
+            set_module(lm.model, name, module if device.type == "cpu" else module.to(device))
     return names
 
 

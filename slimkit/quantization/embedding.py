@@ -32,7 +32,7 @@ from torch import nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.selection import set_module
-from slimkit.quantization.modules import KERNEL_DTYPE, WeightOnlyLinear, int8_rows, weight_buffer
+from slimkit.quantization.modules import KERNEL_DTYPE, WeightOnlyLinear, int8_rows, int8_weight_matmul, weight_buffer
 
 EMBEDDING_BITS = (8, 4)
 
@@ -99,8 +99,16 @@ class Int8Embedding(nn.Module):
         rows = rows if self.output_scale == 1.0 else rows * self.output_scale
         return rows.to(self.compute_dtype)
 
+    def _apply(self, fn, recurse=True):
+        self._kernel.clear()  # what it holds was built for the old device
+        return super()._apply(fn, recurse)
+
     def head_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, D) @ dequantized(weight).T -> (M, V) through the int8 weight kernel."""
+        if x.device.type == "cuda":
+            if "cuda_s" not in self._kernel:
+                self._kernel["cuda_s"] = self.weight_scale.float()
+            return int8_weight_matmul(x, self.weight_q, self._kernel["cuda_s"])
         if x.device.type != "cpu":
             return F.linear(x.float(), self.weight_q.float() * self.weight_scale[:, None])
         if "s" not in self._kernel:
@@ -258,7 +266,7 @@ def quantize_embeddings(model: nn.Module, column_scale: torch.Tensor | None = No
             raise SlimkitError("embedding_bits=4 shares 4-bit codes between the embedding and a tied LM head, and this "
                                "model's head is not tied to its embedding: use embedding_bits=8")
         return _tied_to_head(model, emb, name, module_name(model, head), head, column_scale, grid)
-    q = Int8Embedding.from_float(emb, column_scale)
+    q = Int8Embedding.from_float(emb, column_scale).to(emb.weight.device)  # where the model is
     set_module(model, name, q)
     names = [name]
     if tied:
@@ -278,7 +286,8 @@ def _tied_to_head(model, emb: nn.Embedding, name: str, head_name: str, head: nn.
     q_head.set_weight(w)
     if bias is not None:
         q_head.bias.copy_(bias.detach().float())
-    lookup = TiedEmbedding(q_head, head_name, emb.padding_idx, column_scale is not None, lookup_scale(emb))
+    q_head.to(emb.weight.device)  # where the model is
+    lookup = TiedEmbedding(q_head, head_name, emb.padding_idx, column_scale is not None, lookup_scale(emb)).to(emb.weight.device)
     if column_scale is not None:
         lookup.inv_column_scale.copy_(1 / column_scale)
     set_module(model, head_name, q_head)

@@ -76,7 +76,7 @@ class Hessians:
                 return
             x2 = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, K)
             if name not in self.sums:
-                self.sums[name], self.counts[name] = torch.zeros(x2.shape[1], x2.shape[1]), 0
+                self.sums[name], self.counts[name] = torch.zeros(x2.shape[1], x2.shape[1], device=x2.device), 0
             self.sums[name].addmm_(x2.T, x2)
             self.counts[name] += x2.shape[0]
 
@@ -109,7 +109,7 @@ def _quantize_layers(root: nn.Module, prefix: str, names: list[str], hessians: d
                                                zero_point=config.zero_point))
             if module.bias is not None:
                 module.bias.copy_(layer.bias.float())
-            set_module(root, local, module)
+            set_module(root, local, module.to(w.device))
 
 
 @register("gptq", "quantize", GPTQConfig, "GPTQ: int4/int8 weight-only with Hessian error compensation, calibrated block by block (same kernels as int4-wo)")
@@ -153,6 +153,7 @@ def _whole(walk, names: list[str], batches: list, causal: bool, config: GPTQConf
     with torch.inference_mode():
         for ids in batches:
             hessians.next_window()
+            ids = ids.to(model.device)
             model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
     _quantize_layers(model, "", names, hessians.close(), config)
     return _finish(walk, config)

@@ -15,19 +15,37 @@ and static int8 (`int8_matmul`: any shape on CPU; on CUDA it needs more than
 16 rows and K, N multiples of 8, so short inputs are padded with zero rows
 and other shapes take an exact float64 matmul). Formats without a CPU kernel (NF4, grouped int8, per-channel int4)
 dequantize the weight on every call: they save memory and disk, not time.
+
+On a CUDA device (see cuda_layout.py): int4 in groups of 32..256 runs
+`_weight_int4pack_mm` (tinygemm, bf16 tensor cores) on a copy of the codes
+repacked when the module moves there; int8 per channel runs
+`_weight_int8pack_mm` for a few rows (decode: the int8 weight is read once, at
+half the bytes of bf16) and, for more rows, casts the int8 weight to bf16 for a
+cuBLAS matmul and scales the output columns (that kernel computes one output per
+thread, without tensor cores, so it loses to cuBLAS once rows grow;
+benchmarks/gpu_check.py measures where). The saved layout is the CPU one on
+every device: the CUDA copies live in `_kernel`, not in the state dict.
+Moving a module (`.to`, `.cuda`, `.cpu`) drops what `_kernel` held for the old
+device and builds the new device's layout at once.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slimkit.core.selection import linear_weight
+from slimkit.quantization import cuda_layout as C
 from slimkit.quantization import formats as Q
 from slimkit.quantization import observers as O
 
 KERNEL_DTYPE = torch.bfloat16
+# On CUDA, `_weight_int8pack_mm` serves inputs of at most this many rows (decode at small batch
+# sizes); more rows take a bf16 cuBLAS matmul of the cast weight (see the module docstring).
+CUDA_INT8_KERNEL_MAX_ROWS = 4
 
 
 def weight_buffer(module: nn.Module, name: str, tensor: torch.Tensor, per_element: int = 1) -> None:
@@ -54,6 +72,28 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b)
 
 
+def int8_weight_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float @ (q (N, K) int8 * scale (N,)).T -> (M, N) on a CUDA device.
+
+    `scale` is fp32 on x's device. Few rows: `_weight_int8pack_mm` reads the int8
+    weight directly, in fp32. More rows: the weight cast to bf16 feeds a tensor-core
+    matmul and the scale multiplies the (M, N) output, not the (N, K) weight.
+    """
+    if x.shape[0] <= CUDA_INT8_KERNEL_MAX_ROWS:  # the CUDA kernel computes in fp32 from any float dtype; the CPU one wants x's
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale if x.device.type == "cuda" else scale.to(x.dtype))
+    return F.linear(x.to(KERNEL_DTYPE), q.to(KERNEL_DTYPE)).float() * scale
+
+
+@functools.cache
+def _tinygemm_gpu(index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def tinygemm_device(device: torch.device) -> bool:
+    """Whether `_weight_int4pack_mm` runs on `device`: an NVIDIA GPU of compute capability 8.0+ (Ampere, Hopper, ...)."""
+    return device.type == "cuda" and _tinygemm_gpu(device.index if device.index is not None else torch.cuda.current_device())
+
+
 ROWS_AT_ONCE = 4096
 
 
@@ -61,8 +101,8 @@ def int8_rows(w: torch.Tensor, column_scale: torch.Tensor | None = None) -> tupl
     """w (N, K) of any float dtype, its columns first multiplied by `column_scale` (K,) where given, as
     symmetric int8 rows: (q (N, K) int8, one scale per row (N,)). Rows are independent, so they are done
     a slice at a time in fp32: a 7B model's embedding is 0.8 GB in fp32, and its temporaries as much again."""
-    q = torch.empty(w.shape, dtype=torch.int8)
-    scale = torch.empty(w.shape[0])
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], device=w.device)
     for start in range(0, w.shape[0], ROWS_AT_ONCE):
         part = w[start:start + ROWS_AT_ONCE].float()
         if column_scale is not None:
@@ -81,6 +121,19 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    def _apply(self, fn, recurse=True):
+        """Every move or cast (`.to`, `.cuda`, `.half`) drops the kernel layouts built for the old
+        device and builds the new device's, so a forward never mixes devices."""
+        kernel = getattr(self, "_kernel", None)
+        if kernel is not None:
+            kernel.clear()
+        module = super()._apply(fn, recurse)
+        self.prepare()
+        return module
+
+    def prepare(self) -> None:
+        """Build what this device's kernel reads (subclasses); nothing by default."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -300,17 +353,43 @@ class WeightOnlyLinear(QuantLinear):
         group = Q.check_group(self.in_features, self.group_size)
         return Q.dequantize_int(q, self.scale[ids].float(), offset, group, self.bits, torch.float32, zero)
 
-    def kernel(self) -> str:
-        if self.bits == 8 and self.symmetric and self.group_size is None:
-            return "int8pack"
-        if self.bits == 4 and self.group_size is not None and self.out_features % 16 == 0:
-            return "int4pack"
+    def kernel(self, device: torch.device | str = "cpu") -> str:
+        """The kernel a forward on `device` runs: int8pack / int4pack (CPU), int8pack-cuda /
+        int4-tinygemm (CUDA), or dequantize (the weight rebuilt in float on each call)."""
+        device = torch.device(device)
+        per_channel_int8 = self.bits == 8 and self.symmetric and self.group_size is None
+        if device.type == "cpu":
+            if per_channel_int8:
+                return "int8pack"
+            if self.bits == 4 and self.group_size is not None and self.out_features % 16 == 0:
+                return "int4pack"
+        elif device.type == "cuda":
+            if per_channel_int8:
+                return "int8pack-cuda"
+            if self.bits == 4 and C.tinygemm_supported(self.out_features, self.in_features, self.group_size) and tinygemm_device(device):
+                return "int4-tinygemm"
         return "dequantize"
+
+    def prepare(self) -> None:
+        """On a CUDA device, build the kernel's layout now (once per move), not in the first forward."""
+        if self.qweight.device.type == "cuda":
+            self._cuda_layout(self.qweight.device)
+
+    def _cuda_layout(self, device: torch.device) -> None:
+        kind = self.kernel(device)
+        if kind == "int8pack-cuda" and "cuda_s" not in self._kernel:
+            self._kernel["cuda_s"] = self.scale[:, 0].float()
+        elif kind == "int4-tinygemm" and "cuda_w" not in self._kernel:
+            tiles = C.inner_k_tiles(self.in_features)
+            self._kernel["cuda_w"] = torch.ops.aten._convert_weight_to_int4pack(C.high_nibble_first(self.qweight).contiguous(), tiles)
+            self._kernel["cuda_sz"] = C.scales_and_zeros(self.scale, self.offset, self.zero_point).to(KERNEL_DTYPE)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.inv_input_scale is not None:
             x = x.float() * self.inv_input_scale  # (M, K)
-        kind = self.kernel() if x.device.type == "cpu" else "dequantize"
+        kind = self._kernel.get(("kind", x.device))
+        if kind is None:  # once per device: a forward that decodes one token is short, so keep it lean
+            kind = self._kernel[("kind", x.device)] = self.kernel(x.device)
         if kind == "int8pack":
             if "s" not in self._kernel:
                 self._kernel["s"] = self.scale[:, 0].to(KERNEL_DTYPE)
@@ -319,25 +398,21 @@ class WeightOnlyLinear(QuantLinear):
             if "w" not in self._kernel:
                 self._kernel["w"], self._kernel["sz"] = self._int4pack()
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), self._kernel["w"], self.group_size, self._kernel["sz"])
+        if kind == "int8pack-cuda":
+            self._cuda_layout(x.device)
+            return int8_weight_matmul(x, self.qweight, self._kernel["cuda_s"])
+        if kind == "int4-tinygemm":
+            self._cuda_layout(x.device)
+            return torch.ops.aten._weight_int4pack_mm(x.to(KERNEL_DTYPE).contiguous(), self._kernel["cuda_w"], self.group_size, self._kernel["cuda_sz"])
         w = self.dequantize(KERNEL_DTYPE if x.dtype == torch.float32 else x.dtype)
         return F.linear(x.to(w.dtype), w)
 
     def _int4pack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kernel's layout, built once: it computes (u - 8) * s + b for u in [0, 15].
-
-        Stored u = q + 8. Symmetric: w = q * s, so b = 0. Asymmetric:
-        w = (q + 8) * s + m = (u - 8) * s + (m + 8 s), so b = m + 8 s;
-        with an integer zero point z, w = (u - z) * s, so b = (8 - z) s.
-        """
+        """The CPU kernel's layout, built once: it computes (u - 8) * s + b for u in [0, 15]
+        (b from `cuda_layout.scales_and_zeros`, which the CUDA kernel shares)."""
         u = Q.unpack_int4(self.qweight).to(torch.int32)  # (N, K) in [0, 15]
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
-        scale = self.scale.float()
-        if self.zero_point is not None:
-            b = (8 - self.zero_point.float()) * scale
-        else:
-            b = self.offset.float() + 8 * scale if self.offset is not None else torch.zeros_like(scale)
-        sz = torch.stack([scale, b], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
-        return packed, sz.to(KERNEL_DTYPE)
+        return packed, C.scales_and_zeros(self.scale, self.offset, self.zero_point).to(KERNEL_DTYPE)
 
 
 class NF4Linear(QuantLinear):

@@ -47,13 +47,14 @@ from slimkit.core import registry
 from slimkit.core.adapter import find
 from slimkit.core.arch import CAUSAL_LM, ENCODER
 from slimkit.core.errors import SlimkitError
+from slimkit.core.hardware import resolve_device
 from slimkit.core.metrics import next_token_stats
 from slimkit.core.options import make_config
 from slimkit.core.progress import track
 from slimkit.core.registry import Context
 from slimkit.core.selection import select_linears, set_module
 from slimkit.io.loader import load
-from slimkit.io.model import LoadedModel, copy_model
+from slimkit.io.model import LoadedModel, copy_model, model_device, on_device
 
 METRICS = ("auto", "kl", "ppl", "cosine")
 GRANULARITIES = ("block", "layer")
@@ -259,7 +260,7 @@ def rank(lm: LoadedModel, config: SensitivityConfig, ctx: Context = Context(), p
     scores = []
     for unit in track(chosen, f"Sensitivity of {len(chosen)} {config.granularity}s to {config.method}", total=len(chosen)):
         quantized = technique.apply(lm, method_config(config.method, config.options, unit.layers, embeddings=False), ctx)
-        swapped = quantized.model.get_submodule(unit.root)
+        swapped = quantized.model.get_submodule(unit.root).to(model_device(work.model))  # layers built on the CPU go where the model is
         del quantized
         float_root = work.model.get_submodule(unit.root)
         set_module(work.model, unit.root, swapped)
@@ -272,7 +273,8 @@ def rank(lm: LoadedModel, config: SensitivityConfig, ctx: Context = Context(), p
                              round(time.perf_counter() - start, 3), scores)
 
 
-def sensitivity(model: LoadedModel | str, method: str = "int4-wo", options: dict | None = None, *, data=None, **settings) -> SensitivityReport:
+def sensitivity(model: LoadedModel | str, method: str = "int4-wo", options: dict | None = None, *, data=None, device: str | None = None,
+                **settings) -> SensitivityReport:
     """Rank `model`'s layers (or blocks) by how much `method` hurts each alone.
 
         r = slimkit.sensitivity("smollm2-135m", "int4-wo", {"group_size": 64}, granularity="block")
@@ -280,11 +282,15 @@ def sensitivity(model: LoadedModel | str, method: str = "int4-wo", options: dict
 
     `settings` are SensitivityConfig's fields (granularity, metric, calibration_samples,
     seq_len, batch_size); `data` as `slimkit.quantize` takes it (its
-    calibration split is used).
+    calibration split is used); `device` where the probes run ("cpu", "cuda",
+    "auto"; None: where the model is).
     """
     known = {f.name for f in fields(SensitivityConfig)} - {"method", "options"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise SlimkitError(f"unknown setting(s) {', '.join(unknown)} for sensitivity: use {', '.join(sorted(known))}; method options go in options")
     config = SensitivityConfig(method, dict(options or {}), **settings)
-    return rank(load(model), config, Context(D.calibration_source(data)))
+    device = resolve_device(device)
+    lm = on_device(load(model), device)
+    lm.donated = False  # rank copies it once, and quantizes each unit from it
+    return rank(lm, config, Context(D.calibration_source(data), device=device))

@@ -16,6 +16,7 @@ import torch
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.progress import track
+from slimkit.io.model import model_device
 
 
 def require_batches(batches) -> list:
@@ -41,6 +42,7 @@ def input_absmax(model: torch.nn.Module, names: list[str], batches, causal: bool
     try:
         with torch.inference_mode():
             for ids in track(require_batches(batches), "Calibrating activation ranges"):
+                ids = ids.to(model_device(model))  # calibration runs where the model is
                 model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
     finally:
         for h in handles:

@@ -51,7 +51,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.progress import track
 from slimkit.core.registry import Context, register
 from slimkit.core.selection import check_patterns, linear_weight, select_linears, set_module
-from slimkit.io.model import copy_model
+from slimkit.io.model import copy_model, model_device
 from slimkit.quantization.common import DEFAULT_IGNORE
 from slimkit.quantization.modules import StaticInt8Linear
 from slimkit.quantization.observers import OBSERVERS, Observer, check_observer
@@ -101,6 +101,7 @@ def observe_inputs(model: torch.nn.Module, names: list[str], batches, causal: bo
     try:
         with torch.inference_mode():
             for ids in track(require_batches(batches), f"Calibrating {what}"):
+                ids = ids.to(model_device(model))  # calibration runs where the model is
                 model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
     finally:
         for h in handles:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError
+from slimkit.core.hardware import resolve_device
 from slimkit.search.presets import PRESETS, RUNTIMES, TARGETS
 
 
@@ -53,6 +54,7 @@ class OptimizeConfig:
     compile: bool | None = None  # None: compile the candidates where the target is served compiled (latency; throughput of encoders)
     rollback: bool = True  # roll near misses back to a higher precision on their most sensitive blocks
     tie_tolerance: float = 0.03  # measured speeds / memory this close to the best count as a tie
+    device: str = "cpu"  # where candidates are evaluated and benchmarked (cpu, cuda, auto); they are built on the CPU
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -70,6 +72,7 @@ class OptimizeConfig:
             raise SlimkitError(f"time budget must be positive, got {self.time_budget_s:g} s")
         if self.proxy_tokens < 64:
             raise SlimkitError(f"proxy tokens must be at least 64, got {self.proxy_tokens}")
+        object.__setattr__(self, "device", resolve_device(self.device) or "cpu")  # "auto" becomes the device it chose
         if not 0 <= self.tie_tolerance < 0.5:
             raise SlimkitError(f"tie tolerance must be a fraction in [0, 0.5), got {self.tie_tolerance:g}: e.g. 0.03 for 3%")
 

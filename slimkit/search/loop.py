@@ -106,7 +106,7 @@ def optimize(model: str | LoadedModel, config: OptimizeConfig, out: str | Path, 
         model = original = None  # a causal LM's search holds the original only when it needs it (the caller may still hold it)
         release_memory()  # before the benchmark process loads its own copy
         t2 = time.perf_counter()
-        baseline = Baseline(benchmarked(base_artifact, config.threads), proxy_base, "proxy")
+        baseline = Baseline(benchmarked(base_artifact, config.threads, device=config.device), proxy_base, "proxy")
         timings["baseline_s"] = (t1 - t0) + (time.perf_counter() - t2)
         budget = TimeBudget(started + config.time_budget_s, first=timings["baseline_s"] + timings["proxy_s"],
                             reserve=timings["reserve_s"], original_proxy_s=timings["proxy_s"])
@@ -177,7 +177,7 @@ def _compiled_reference(candidates: list[Candidate], base_artifact: Path, config
         return None
     notify(event="reference", name="the original through torch.compile")
     try:
-        return benchmarked(base_artifact, config.threads, True)
+        return benchmarked(base_artifact, config.threads, True, config.device)
     except SlimkitError:
         return None
 
@@ -186,7 +186,7 @@ def _full_baseline(trials: Trials, config: OptimizeConfig) -> float:
     """A causal LM's perplexity on the full evaluation split, measured alone and then dropped,
     so the confirmation holds one model at a time (the gate compares perplexities; the KL to
     the original, which needs both models side by side, is left to `slimkit eval --reference`)."""
-    value = perplexity(trials.original, config.full_tokens)
+    value = perplexity(trials.original, config.full_tokens, config.device)
     trials.release()
     release_memory()
     return value
@@ -199,7 +199,7 @@ def _confirm(order: list[Candidate], original: LoadedModel | None, config: Optim
     for cand in order:
         notify(event="confirm", name=cand.name)
         lm = load(str(cand.artifact))
-        full = assess(lm, original, config.full_tokens, 4 * config.proxy_passages, baseline)
+        full = assess(lm, original, config.full_tokens, 4 * config.proxy_passages, baseline, config.device)
         del lm
         cand.metrics.quality, cand.metrics.full_quality_drop = full, full.drop
         cand.stage = "full"

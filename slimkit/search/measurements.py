@@ -34,36 +34,38 @@ from slimkit.search.candidate import (
 from slimkit.search.config import OptimizeConfig
 
 
-def assess(lm: LoadedModel, original: LoadedModel | None, tokens: int | None, passages: int, baseline: float | None = None) -> Quality:
+def assess(lm: LoadedModel, original: LoadedModel | None, tokens: int | None, passages: int, baseline: float | None = None,
+           device: str | None = None) -> Quality:
     """Quality value and drop vs the original (perplexity ratio, or 1 - cosine); for a causal LM
-    against the original's perplexity `baseline` where given, without running the original."""
+    against the original's perplexity `baseline` where given, without running the original.
+    `device`: where both run (None: where they are)."""
     if lm.kind == CAUSAL_LM:
-        r = evaluate(lm, None if baseline is not None else original, config=EvalConfig(max_tokens=tokens))
+        r = evaluate(lm, None if baseline is not None else original, config=EvalConfig(max_tokens=tokens), device=device)
         base = baseline if baseline is not None else r.reference_perplexity
         return CausalQuality(r.perplexity, r.perplexity / base - 1, kl_divergence=r.kl_divergence, top1_agreement=r.top1_agreement,
                              reference_quality=base, tokens=r.tokens)
-    r = evaluate(lm, original, config=EvalConfig(max_passages=passages))
+    r = evaluate(lm, original, config=EvalConfig(max_passages=passages), device=device)
     if lm.kind == ENCODER:
         return EncoderQuality(r.cosine_to_reference, 1 - r.cosine_to_reference, retrieval_top10_overlap=r.retrieval_top10_overlap,
                               samples=r.samples)
     return ClassifierQuality(r.agreement_with_reference, 1 - r.agreement_with_reference, samples=r.samples)
 
 
-def perplexity(lm: LoadedModel, tokens: int | None) -> float:
+def perplexity(lm: LoadedModel, tokens: int | None, device: str | None = None) -> float:
     """A causal LM's perplexity on the first `tokens` of the evaluation split (None: all of it), alone."""
-    return evaluate(lm, config=EvalConfig(max_tokens=tokens)).perplexity
+    return evaluate(lm, config=EvalConfig(max_tokens=tokens), device=device).perplexity
 
 
 def proxy_baseline(original: LoadedModel, config: OptimizeConfig) -> float:
     """The original's quality value on the proxy slice; for a causal LM one pass (its perplexity), no reference needed."""
     if original.kind != CAUSAL_LM:
-        return assess(original, original, config.proxy_tokens, config.proxy_passages).value
-    return perplexity(original, config.proxy_tokens)
+        return assess(original, original, config.proxy_tokens, config.proxy_passages, device=config.device).value
+    return perplexity(original, config.proxy_tokens, config.device)
 
 
-def bench_in_subprocess(artifact: Path, threads: int | None, compile: bool = False) -> BenchResult:
-    """`slimkit bench ARTIFACT --json [--compile]` in a fresh process: honest peak memory."""
-    args = [sys.executable, "-m", "slimkit.cli", "bench", str(artifact), "--json", "--batch-sizes", "1,4", "--new-tokens", "32"]
+def bench_in_subprocess(artifact: Path, threads: int | None, compile: bool = False, device: str = "cpu") -> BenchResult:
+    """`slimkit bench ARTIFACT --json [--compile] --device DEVICE` in a fresh process: honest peak memory."""
+    args = [sys.executable, "-m", "slimkit.cli", "bench", str(artifact), "--json", "--batch-sizes", "1,4", "--new-tokens", "32", "--device", device]
     if threads:
         args += ["--threads", str(threads)]
     if compile:
@@ -74,21 +76,21 @@ def bench_in_subprocess(artifact: Path, threads: int | None, compile: bool = Fal
     return BenchResult.from_dict(json.loads(proc.stdout))
 
 
-def benchmarked(artifact: Path, threads: int | None, compiled: bool = False) -> Speed:
-    """The artifact's speed, through torch.compile where `compiled` (falling back to eager where compiling fails)."""
+def benchmarked(artifact: Path, threads: int | None, compiled: bool = False, device: str = "cpu") -> Speed:
+    """The artifact's speed on `device`, through torch.compile where `compiled` (falling back to eager where compiling fails)."""
     if not compiled:
-        return _timed_bench(artifact, threads, False)
+        return _timed_bench(artifact, threads, False, device)
     try:
-        return _timed_bench(artifact, threads, True)
+        return _timed_bench(artifact, threads, True, device)
     except SlimkitError as exc:
-        speed = _timed_bench(artifact, threads, False)
+        speed = _timed_bench(artifact, threads, False, device)
         speed.compile_error = str(exc)
         return speed
 
 
-def _timed_bench(artifact: Path, threads: int | None, compile: bool) -> Speed:
+def _timed_bench(artifact: Path, threads: int | None, compile: bool, device: str = "cpu") -> Speed:
     start = time.perf_counter()
-    result = bench_in_subprocess(artifact, threads, compile)
+    result = bench_in_subprocess(artifact, threads, compile, device)
     runtime = exported_runtime(artifact) or ("torch.compile" if compile else "eager")
     return Speed.of(result, runtime, round(time.perf_counter() - start, 1))
 

@@ -107,9 +107,9 @@ class Trials:
             lm, path = self._build(plan, cand, index)
             t0 = time.perf_counter()
             if self.kind == CAUSAL_LM:  # compared with the original's perplexity, a number: the original need not be loaded
-                quality = assess(lm, None, config.proxy_tokens, config.proxy_passages, baseline=self.proxy_base)
+                quality = assess(lm, None, config.proxy_tokens, config.proxy_passages, baseline=self.proxy_base, device=config.device)
             else:
-                quality = assess(lm, self.original, config.proxy_tokens, config.proxy_passages)
+                quality = assess(lm, self.original, config.proxy_tokens, config.proxy_passages, device=config.device)
             m = cand.metrics
             m.quality, m.proxy_quality_drop, m.proxy_seconds = quality, quality.drop, round(time.perf_counter() - t0, 2)
             drop = quality.drop
@@ -122,7 +122,7 @@ class Trials:
                 path = save(lm, self.work / f"cand-{index}", recipe=cand.recipe.to_dict())
             lm = None  # free it, and hand the heap back, before the benchmark process loads its own copy
             release_memory()
-            m.speed = benchmarked(path, config.threads, self.compiled and plan.export is None)
+            m.speed = benchmarked(path, config.threads, self.compiled and plan.export is None, config.device)
             cand.artifact = Path(path)
             cand.passed = drop <= budget
             cand.reason = "proxy within budget" if cand.passed else f"proxy quality drop {100 * drop:+.2f}% > {100 * budget:.1f}%"
