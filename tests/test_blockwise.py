@@ -114,3 +114,26 @@ def test_quantize_cli_streams_a_checkpoint_and_the_artifact_loads_in_transformer
     assert (a - b).norm() / a.norm() < 1e-2  # slimkit's int4 kernel takes bf16 activations; the exact check is test_plain_load's
     assert torch.equal(a.argmax(-1), b.argmax(-1))
     assert not list(tmp_path.glob(".slimkit-stream-*/*"))
+
+
+def test_shards_keep_every_tensor_when_memory_is_reused_and_tied_ones_once(tmp_path):
+    from safetensors import safe_open
+
+    from slimkit.io.shards import ShardWriter
+
+    writer = ShardWriter(tmp_path, max_bytes=1)  # a shard per call: each tensor is freed, its memory free for the next
+    for i in range(12):
+        t = torch.full((256,), float(i))
+        writer.add({f"layer{i}.weight": t})
+        del t
+    tied = torch.ones(4, 8)
+    writer.add({"embed.weight": tied, "head.weight": tied, "norm.weight": torch.zeros(8)})
+    files = writer.close()
+    stored = {}
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            stored.update({k: fh.get_tensor(k) for k in fh.keys()})
+    assert sorted(stored) == sorted([f"layer{i}.weight" for i in range(12)] + ["embed.weight", "norm.weight"])
+    assert all(float(stored[f"layer{i}.weight"][0]) == i for i in range(12))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(index) == sorted(stored)

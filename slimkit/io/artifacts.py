@@ -278,11 +278,7 @@ def write_state(model: nn.Module, out: Path) -> None:
     """Config, generation config and the state dict (tied tensors stored once), in shards, of a model with recorded modules."""
     write_config(model, out)
     writer = ShardWriter(out)
-    by_module: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in own_tensors(model).items():  # a module's tensors stay together in one shard
-        by_module.setdefault(name.rpartition(".")[0], {})[name] = t
-    for tensors in by_module.values():
-        writer.add(tensors)
+    writer.add(own_tensors(model))
     writer.close()
 
 

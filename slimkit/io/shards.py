@@ -4,8 +4,8 @@
 `ShardWriter` takes tensors as a technique finishes them (a block at a time) and
 writes a shard whenever what it holds passes `max_bytes`, so a model far larger
 than memory is saved in pieces; `close` names the shards and writes the index.
-A tensor that shares its storage with one written before (a head tied to its
-embedding) is written once, under the first name, as save_pretrained does.
+Tensors of one `add` that share storage (a head tied to its embedding) are written
+once, under the first name, as save_pretrained does.
 
 `convert_shards` rewrites each shard through a function of its tensors (a standard
 layout's encoding), one shard in memory at a time.
@@ -32,24 +32,31 @@ class ShardWriter:
         self.pending_bytes = 0
         self.files: list[Path] = []
         self.weight_map: dict[str, int] = {}  # name -> shard number
-        self.seen: set[tuple] = set()  # storages written, to write tied tensors once
         self.total = 0
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Queue tensors (any device, contiguous or not); a shard is written once enough is queued."""
+        """Queue tensors (any device, contiguous or not); a shard is written once enough is queued, between
+        modules (a module's tensors share a shard). Tensors of one call that share storage (a head tied to
+        its embedding) are written once: pass tied tensors in one call. (Only within a call: the memory of
+        a tensor written earlier may since have been freed and reused by another.)"""
+        seen: set[tuple] = set()
+        by_module: dict[str, dict[str, torch.Tensor]] = {}
         for name, t in tensors.items():
-            if name in self.weight_map or name in self.pending:
-                raise ValueError(f"tensor {name} written twice")
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
-            if key is not None and key in self.seen:
-                continue
-            if key is not None:
-                self.seen.add(key)
-            t = t.detach().to("cpu").contiguous()
-            self.pending[name] = t
-            self.pending_bytes += t.numel() * t.element_size()
-        if self.pending_bytes >= self.max_bytes:
-            self.flush()
+            by_module.setdefault(name.rpartition(".")[0], {})[name] = t
+        for group in by_module.values():
+            for name, t in group.items():
+                if name in self.weight_map or name in self.pending:
+                    raise ValueError(f"tensor {name} written twice")
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+                if key is not None and key in seen:
+                    continue
+                if key is not None:
+                    seen.add(key)
+                t = t.detach().to("cpu").contiguous()
+                self.pending[name] = t
+                self.pending_bytes += t.numel() * t.element_size()
+            if self.pending_bytes >= self.max_bytes:
+                self.flush()
 
     def flush(self) -> None:
         """Write what is queued as one shard."""

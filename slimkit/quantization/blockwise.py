@@ -98,12 +98,7 @@ class Walk:
         lm = self.lm
         if self.stream is not None:
             write_config(lm.model, self.stream.out)
-            by_module: dict[str, dict] = {}
-            for k, v in own_tensors(lm.model).items():  # the rest (the blocks went already), a module's tensors together
-                if not v.is_meta:
-                    by_module.setdefault(k.rpartition(".")[0], {})[k] = v
-            for tensors in by_module.values():
-                self.stream.add(tensors)
+            self.stream.add({k: v for k, v in own_tensors(lm.model).items() if not v.is_meta})  # the rest: the blocks went already
             self.stream.close()
             lm.staged = self.stream.out
             offload(lm.model)
