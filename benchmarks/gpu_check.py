@@ -11,7 +11,7 @@ Needs only a checkout, `pip install torch==2.13.0 && pip install -e .` and the e
             their dequantized weights (SQNR in dB; bf16 arithmetic gives about 40-50).
   int8      the int8 weight kernel `_weight_int8pack_mm` against the bf16 cast + cuBLAS
             matmul and a plain bf16 matmul, at 1..512 rows of SmolLM2's MLP shape: where
-            modules.CUDA_INT8_KERNEL_MAX_ROWS (now 4) should sit.
+            cuda_layout.CUDA_INT8_KERNEL_MAX_ROWS (now 4) should sit.
   quantize  bf16, int4-wo (groups of 32), int8-wo, gptq and awq (groups of 64, 4 calibration
             windows of 256 tokens), each `slimkit.quantize(..., device="cuda")` with
             compute_dtype=bf16: seconds, the kernels its layers run, perplexity on the GPU and
@@ -62,7 +62,8 @@ from slimkit.measure.quality import EvalConfig  # noqa: E402
 from slimkit.measure.speed import BenchConfig  # noqa: E402
 from slimkit.quantization import cuda_layout as C  # noqa: E402
 from slimkit.quantization import formats as F  # noqa: E402
-from slimkit.quantization.modules import QuantLinear, WeightOnlyLinear, int8_weight_matmul  # noqa: E402
+from slimkit.quantization.cuda_layout import int8_weight_matmul  # noqa: E402
+from slimkit.quantization.modules import QuantLinear, WeightOnlyLinear  # noqa: E402
 
 ROWS: list[dict] = []
 

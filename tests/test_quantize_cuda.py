@@ -11,8 +11,9 @@ from torch import nn
 
 from slimkit.quantization import cuda_layout as C
 from slimkit.quantization import formats as F
+from slimkit.quantization.cuda_layout import int8_weight_matmul
 from slimkit.quantization.embedding import Int8Embedding
-from slimkit.quantization.modules import StaticInt8Linear, WeightOnlyLinear, int8_weight_matmul
+from slimkit.quantization.modules import StaticInt8Linear, WeightOnlyLinear
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: the int4 tinygemm and int8 weight kernels run only there")

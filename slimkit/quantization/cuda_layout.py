@@ -26,7 +26,10 @@ numbers.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 TILE_K = 16  # k values per tensor-core tile (m16n8k16)
@@ -105,3 +108,30 @@ def tinygemm_codes(layout: torch.Tensor) -> torch.Tensor:
     b = b.reshape(n_tiles, k_outer, TILE_N, 4, pairs, 4).permute(0, 2, 1, 4, 5, 3)  # (n_tile, t // 4, k_outer, pair, byte, t % 4)
     b = b.reshape(n_tiles * TILE_N, k_outer * pairs * 16)  # (N, K // 2), high nibble first
     return torch.stack([b >> 4, b & 0xF], dim=-1).reshape(b.shape[0], -1).to(torch.uint8)  # (N, K)
+
+
+# On CUDA, `_weight_int8pack_mm` serves inputs of at most this many rows (decode at small batch
+# sizes); more rows take a bf16 cuBLAS matmul of the cast weight (see the module docstring).
+CUDA_INT8_KERNEL_MAX_ROWS = 4
+
+
+def int8_weight_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float @ (q (N, K) int8 * scale (N,)).T -> (M, N) on a CUDA device.
+
+    `scale` is fp32 on x's device. Few rows: `_weight_int8pack_mm` reads the int8
+    weight directly, in fp32. More rows: the weight cast to bf16 feeds a tensor-core
+    matmul and the scale multiplies the (M, N) output, not the (N, K) weight.
+    """
+    if x.shape[0] <= CUDA_INT8_KERNEL_MAX_ROWS:  # the CUDA kernel computes in fp32 from any float dtype; the CPU one wants x's
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale if x.device.type == "cuda" else scale.to(x.dtype))
+    return F.linear(x.to(torch.bfloat16), q.to(torch.bfloat16)).float() * scale
+
+
+@functools.cache
+def _tinygemm_gpu(index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def tinygemm_device(device: torch.device) -> bool:
+    """Whether `_weight_int4pack_mm` runs on `device`: an NVIDIA GPU of compute capability 8.0+ (Ampere, Hopper, ...)."""
+    return device.type == "cuda" and _tinygemm_gpu(device.index if device.index is not None else torch.cuda.current_device())

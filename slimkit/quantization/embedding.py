@@ -32,7 +32,8 @@ from torch import nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.selection import set_module
-from slimkit.quantization.modules import KERNEL_DTYPE, WeightOnlyLinear, int8_rows, int8_weight_matmul, weight_buffer
+from slimkit.quantization.cuda_layout import int8_weight_matmul
+from slimkit.quantization.modules import KERNEL_DTYPE, WeightOnlyLinear, int8_rows, weight_buffer
 
 EMBEDDING_BITS = (8, 4)
 

@@ -31,8 +31,6 @@ device and builds the new device's layout at once.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,9 +41,6 @@ from slimkit.quantization import formats as Q
 from slimkit.quantization import observers as O
 
 KERNEL_DTYPE = torch.bfloat16
-# On CUDA, `_weight_int8pack_mm` serves inputs of at most this many rows (decode at small batch
-# sizes); more rows take a bf16 cuBLAS matmul of the cast weight (see the module docstring).
-CUDA_INT8_KERNEL_MAX_ROWS = 4
 
 
 def weight_buffer(module: nn.Module, name: str, tensor: torch.Tensor, per_element: int = 1) -> None:
@@ -70,28 +65,6 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         padded = torch.cat([a, a.new_zeros(17 - m, k)])  # (17, K): zero rows add nothing
         return torch._int_mm(padded, b)[:m]
     return torch._int_mm(a, b)
-
-
-def int8_weight_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float @ (q (N, K) int8 * scale (N,)).T -> (M, N) on a CUDA device.
-
-    `scale` is fp32 on x's device. Few rows: `_weight_int8pack_mm` reads the int8
-    weight directly, in fp32. More rows: the weight cast to bf16 feeds a tensor-core
-    matmul and the scale multiplies the (M, N) output, not the (N, K) weight.
-    """
-    if x.shape[0] <= CUDA_INT8_KERNEL_MAX_ROWS:  # the CUDA kernel computes in fp32 from any float dtype; the CPU one wants x's
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale if x.device.type == "cuda" else scale.to(x.dtype))
-    return F.linear(x.to(KERNEL_DTYPE), q.to(KERNEL_DTYPE)).float() * scale
-
-
-@functools.cache
-def _tinygemm_gpu(index: int) -> bool:
-    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 0)
-
-
-def tinygemm_device(device: torch.device) -> bool:
-    """Whether `_weight_int4pack_mm` runs on `device`: an NVIDIA GPU of compute capability 8.0+ (Ampere, Hopper, ...)."""
-    return device.type == "cuda" and _tinygemm_gpu(device.index if device.index is not None else torch.cuda.current_device())
 
 
 ROWS_AT_ONCE = 4096
@@ -366,7 +339,7 @@ class WeightOnlyLinear(QuantLinear):
         elif device.type == "cuda":
             if per_channel_int8:
                 return "int8pack-cuda"
-            if self.bits == 4 and C.tinygemm_supported(self.out_features, self.in_features, self.group_size) and tinygemm_device(device):
+            if self.bits == 4 and C.tinygemm_supported(self.out_features, self.in_features, self.group_size) and C.tinygemm_device(device):
                 return "int4-tinygemm"
         return "dequantize"
 
@@ -400,7 +373,7 @@ class WeightOnlyLinear(QuantLinear):
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), self._kernel["w"], self.group_size, self._kernel["sz"])
         if kind == "int8pack-cuda":
             self._cuda_layout(x.device)
-            return int8_weight_matmul(x, self.qweight, self._kernel["cuda_s"])
+            return C.int8_weight_matmul(x, self.qweight, self._kernel["cuda_s"])
         if kind == "int4-tinygemm":
             self._cuda_layout(x.device)
             return torch.ops.aten._weight_int4pack_mm(x.to(KERNEL_DTYPE).contiguous(), self._kernel["cuda_w"], self.group_size, self._kernel["cuda_sz"])
