@@ -250,14 +250,22 @@ def test_the_lookup_scale_is_the_one_the_embedding_multiplies_by_and_anything_el
 def test_awq_folds_every_scale_into_the_producers_the_adapter_names(name, family):
     """RMSNorms into q/k/v and gate/up, v into o, up into down: through Phi-3's fused qkv_proj
     and gate_up_proj as through separate layers, so no layer keeps an explicit input scale."""
+    from slimkit.core import data as D
+    from slimkit.core.adapter import find
+    from slimkit.core.selection import select_linears
     from slimkit.io.model import copy_model
-    from slimkit.quantization.awq import AWQConfig, scale_model_
+    from slimkit.quantization.awq import AWQConfig, scale_whole_
 
     lm, ref = family(name)
     scaled = copy_model(lm, "awq")
-    explicit, _ = scale_model_(scaled, AWQConfig(group_size=32, embeddings=False, **CALIBRATION))  # a tied head's fold waits for its quantization
+    config = AWQConfig(group_size=32, embeddings=False, **CALIBRATION)  # a tied head's fold waits for its quantization
+    names = list(select_linears(scaled.model, config.targets, config.ignore))
+    batches = D.calibration_batches(scaled.tokenizer, None, config.seq_len, config.calibration_samples, batch_size=1)
+    explicit, _ = scale_whole_(scaled.model, find(scaled.model), names, None, batches, True, config)
     assert explicit == {}
     torch.testing.assert_close(run(scaled.model), ref, rtol=1e-4, atol=1e-5)  # the folds change no output
+    q = slimkit.quantize(lm, "awq", group_size=32, embeddings=False, **CALIBRATION)  # block by block, the same folds
+    assert not any(getattr(m, "inv_input_scale", None) is not None for m in q.model.modules())
 
 
 def test_phi3_heads_go_alike_in_every_layer_and_its_mlp_need_not(family, tmp_path):
