@@ -223,3 +223,16 @@ def test_embedding_bits_bad_input_names_the_fix(tiny, arch, options, fragment):
     with pytest.raises(SlimkitError) as info:
         slimkit.quantize(tiny(arch), "awq", **options, **CALIB)
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+
+def test_scale_search_reaches_every_layer(tiny):
+    lm = _with_outliers(slimkit.load(tiny("llama")), "llama")
+    q = slimkit.quantize(lm, "awq", group_size=32, symmetric=True, embeddings=False, scale_search=True, **CALIB)
+    for name, module in q.model.named_modules():
+        if isinstance(module, WeightOnlyLinear):  # the full grid, signed scales: searched, not absmax / 7
+            assert int(module.q_values().min()) == -8 and (module.scale < 0).any(), name
+    assert F.sqnr_db(_out(lm), _out(q)) > 12
+    with pytest.raises(SlimkitError, match="set symmetric=true"):
+        slimkit.quantize(lm, "awq", group_size=32, symmetric=False, scale_search=True, **CALIB)
+

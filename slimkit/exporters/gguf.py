@@ -21,7 +21,8 @@ Where the weights come from. A slimkit-quantized layer whose grid is the
 target type's (`gguf_blocks.py`) is written with its own codes and fp16
 scales, bit for bit; `--method awq|gptq` first quantizes the float model with
 that slimkit method on the target's grid (groups of 32; symmetric for Q4_0 and
-Q8_0, float minimum for Q4_1) so that every linear layer is carried this way.
+Q8_0, float minimum for Q4_1; Q4_0's block scales searched for the least
+importance-weighted error, `scale_search`) so that every linear layer is carried this way.
 Every other weight is the float model's (a quantized layer's dequantized
 weight), rounded to the type by the `gguf` package's reference quantizer, the
 same round-to-nearest as llama.cpp's quantizer without an importance matrix.
@@ -63,11 +64,14 @@ def gguf_type(name: str):
 
 
 def method_options(method: str, quantize: str) -> dict:
-    """The slimkit grid that is `quantize`'s, code for code: groups of 32; symmetric, or a float minimum for Q4_1."""
+    """The slimkit grid that is `quantize`'s, code for code: groups of 32; symmetric, or a float minimum for Q4_1.
+
+    Q4_0's scales are searched (`scale_search`): Q4_0 has 16 levels, -8..7, and d may take
+    either sign, so a block whose largest weight sits on the -8 level steps finer than absmax / 7."""
     if quantize not in ("q8_0", "q4_0", "q4_1"):
         raise SlimkitError(f"--method {method} makes integer codes: use it with --quantize q8_0, q4_0 or q4_1, not {quantize}")
     return {"bits": 8 if quantize == "q8_0" else 4, "group_size": BLOCK, "symmetric": quantize != "q4_1",
-            "zero_point": "float", "embeddings": False}
+            "zero_point": "float", "embeddings": False, "scale_search": quantize == "q4_0"}
 
 
 def check_model(lm: LoadedModel) -> str:

@@ -35,6 +35,12 @@ Calibration runs the float model once on `calibration_samples` windows of the
 calibration split (never evaluation); every group's scales are searched
 against its float inputs (a subsample of `SEARCH_TOKENS` tokens; the mean
 magnitudes use all tokens). Cost: `grid` quantizations of each group.
+
+`scale_search` (symmetric grids): the layers' group scales are then searched
+(`formats.search_scales`) on W diag(s), weighted by the mean square of each
+channel of x / s over all calibration tokens; alpha itself is searched on the
+absmax grid, which costs one fortieth as much per candidate and, on SmolLM2's
+Q4_0, already gives the perplexity measured in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ class Group:
     abs_sum: torch.Tensor  # (K,) sum |x| over all tokens
     count: int
     rows: list[torch.Tensor]  # subsampled inputs, each (t, K)
+    square_sum: torch.Tensor | None = None  # (K,) sum x^2 over all tokens: the importance a scale search weighs by
 
     def inputs(self) -> torch.Tensor:
         return torch.cat(self.rows)[:SEARCH_TOKENS]  # (T, K)
@@ -125,9 +132,10 @@ def calibrate(model: nn.Module, names: list[str], head: str | None, batches: lis
             x2 = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, K)
             pick = x2[torch.randperm(x2.shape[0], generator=gen)[:per_batch]]
             if name not in groups:
-                groups[name] = Group([HEAD if name == head else name], torch.zeros(x2.shape[1]), 0, [])
+                groups[name] = Group([HEAD if name == head else name], torch.zeros(x2.shape[1]), 0, [], torch.zeros(x2.shape[1]))
             g = groups[name]
             g.abs_sum += x2.abs().sum(0)
+            g.square_sum += x2.square().sum(0)
             g.count += x2.shape[0]
             g.rows.append(pick)
 
@@ -195,11 +203,14 @@ def _fold(model: nn.Module, producer: str, rows: torch.Tensor | None, members: l
         _scale_columns_(model.get_submodule(m), 1 / s if inv else s)
 
 
-def scale_model_(lm, config: AWQConfig, source: D.TextSource | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+def scale_model_(lm, config: AWQConfig, source: D.TextSource | None = None,
+                 importance: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Search every group's scales and fold what folds exactly, in place on `lm`'s float model.
 
     Returns (layer -> s for the layers that must keep an explicit input scale,
-    s of the tied head or None). Call on a copy.
+    s of the tied head or None). Call on a copy. `importance`, when given, is filled
+    with layer -> (K,) the mean square of each input channel of the scaled layer
+    (x / s), for `scale_search`.
     """
     model, causal = lm.model, lm.kind == CAUSAL_LM
     names = list(select_linears(model, tuple(config.targets), tuple(config.ignore)))
@@ -226,7 +237,10 @@ def scale_model_(lm, config: AWQConfig, source: D.TextSource | None = None) -> t
             w = ws[0] if len(ws) == 1 else torch.cat(ws)  # (sum N, K); a lone layer (the 49k-row head) is not copied
             int8_rows = is_head and config.embedding_bits == 8
             bits, group, sym, zp = (8, None, True, "float") if int8_rows else (config.bits, config.group_size, config.symmetric, config.zero_point)
+            square = g.square_sum / g.count  # (K,) per channel, untied: s is shared, the importance is not
             s = search_scale(w, g.inputs(), bits, group, sym, config.grid, stat, zp).scale
+            if importance is not None and not is_head:
+                importance.update({m: square / s.square() for m in members})
             if is_head:
                 explicit.update(folds.settle())  # the head's check starts from checked folds
                 if producer is not None and _try_head_fold(model, producer, head, s, probe, causal, reference):
@@ -299,7 +313,8 @@ def _try_head_fold(model, norm, head, s, probe, causal, reference) -> bool:
 @register("awq", "quantize", AWQConfig, "AWQ: int4/int8 weight-only with activation-aware per-channel scales, calibrated (same kernels as int4-wo)")
 def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
     lm = copy_model(model, "awq")
-    explicit, head_scale = scale_model_(lm, config, ctx.calibration())
+    importance: dict[str, torch.Tensor] = {}
+    explicit, head_scale = scale_model_(lm, config, ctx.calibration(), importance)
     names = list(select_linears(lm.model, tuple(config.targets), tuple(config.ignore)))
     with torch.no_grad():
         for name in track(names, "Quantizing (AWQ)"):
@@ -311,7 +326,7 @@ def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
             if s is not None:
                 w = w * s[None, :]
                 module.inv_input_scale.copy_(1 / s)
-            module.set_weight(w)
+            module.set_weight(w, config.scale_search, importance.get(name))
             if module.bias is not None:
                 module.bias.copy_(layer.bias.float())
             set_module(lm.model, name, module)

@@ -105,7 +105,7 @@ def apply(model, config: GPTQConfig = GPTQConfig(), ctx: Context = Context()):
             module = WeightOnlyLinear(w.shape[1], w.shape[0], getattr(layer, "bias", None) is not None, config.bits, config.group_size,
                                       config.symmetric, zero_point=config.zero_point)
             module.set_quantized(gptq_quantize(w, hessians.pop(name), config.bits, config.group_size, config.symmetric, config.damp,
-                                               zero_point=config.zero_point))
+                                               zero_point=config.zero_point, scale_search=config.scale_search))
             if module.bias is not None:
                 module.bias.copy_(layer.bias.float())
             set_module(lm.model, name, module)
