@@ -210,7 +210,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens scored (0: the whole split)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="decode rounds; every row takes one turn per round")
-    ap.add_argument("--methods", default="awq,gptq", help="slimkit methods whose Q4_0 codes are carried")
+    ap.add_argument("--methods", default="awq,gptq,awq-gptq", help="slimkit methods (export --method) whose codes are carried")
     ap.add_argument("--work", default="gguf-bench", help="directory for the GGUF files")
     ap.add_argument("--reuse", action="store_true", help="measure existing files again instead of exporting")
     ap.add_argument("--types", default=",".join(TYPES), help=f"file types whose rows to measure, of {','.join(TYPES)} "

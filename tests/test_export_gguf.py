@@ -124,9 +124,10 @@ def test_pack_blocks_is_ggml_layout():
     assert np.array_equal(pack_blocks(codes8, d8, None, T.Q8_0), ref8)
 
 
-def test_gptq_method_carries_every_linear_through_the_cli(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["gptq", "awq-gptq"])
+def test_gptq_method_carries_every_linear_through_the_cli(tiny, tmp_path, method):
     out = tmp_path / "g.gguf"
-    proc = invoke_cli("export", str(tiny("llama")), "--format", "gguf", "--quantize", "q4_0", "--method", "gptq", "--out", str(out), "--json")
+    proc = invoke_cli("export", str(tiny("llama")), "--format", "gguf", "--quantize", "q4_0", "--method", method, "--out", str(out), "--json")
     assert proc.returncode == 0, proc.stderr
     reader = gguf.GGUFReader(out)
     assert sum(t.tensor_type == T.Q4_0 for t in reader.tensors) == 14

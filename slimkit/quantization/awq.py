@@ -41,6 +41,13 @@ magnitudes use all tokens). Cost: `grid` quantizations of each group.
 channel of x / s over all calibration tokens; alpha itself is searched on the
 absmax grid, which costs one fortieth as much per candidate and, on SmolLM2's
 Q4_0, already gives the perplexity measured in BENCHMARKS.md.
+
+`rounding="gptq"` rounds the scaled weights W diag(s) with GPTQ (gptq_math.py)
+instead of to nearest: its Hessians are collected from the scaled float model
+after the folds (a second calibration pass), so each layer's is that of the
+inputs x / s its stored weight reads (an explicit scale's layer reads x: its
+Hessian is divided by s s^T). AWQ evens out the channels' ranges, GPTQ then
+compensates each rounding error on the columns not yet rounded.
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ from slimkit.quantization.awq_math import search_scale
 from slimkit.quantization.common import CalibratedOptions, cast_unquantized
 from slimkit.quantization.embedding import head_grid, quantize_embeddings, tied_head
 from slimkit.quantization.formats import check_group, sqnr_db
+from slimkit.quantization.gptq import collect_hessians
+from slimkit.quantization.gptq_math import gptq_quantize
 from slimkit.quantization.modules import WeightOnlyLinear
 from slimkit.quantization.smoothing import require_batches
 
@@ -74,6 +83,8 @@ PROBE_TOKENS = 32  # tokens of the batch that checks each fold
 FOLD_SQNR_DB = 90.0  # float rounding only; a wrong fold changes outputs far more
 FOLD_BATCH = 8  # folds checked by one probe pass (about two Llama blocks' weights copied meanwhile)
 HEAD = "<head>"  # the group of the tied LM head
+ROUNDINGS = ("nearest", "gptq")
+GPTQ_DAMP = 0.01  # rounding="gptq": GPTQ's default damping
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,7 @@ class AWQConfig(CalibratedOptions):
     METHOD: ClassVar[str] = "awq"
 
     grid: int = 20
+    rounding: str = "nearest"  # or "gptq": GPTQ's error-compensating rounding of the scaled weights
 
     def __post_init__(self):
         super().__post_init__()
@@ -90,6 +102,9 @@ class AWQConfig(CalibratedOptions):
             raise SlimkitError("awq int4 needs groups: use group_size 32, 64, 128 or 256")
         if not 2 <= self.grid <= 100:
             raise SlimkitError(f"grid={self.grid} is out of range: use 2..100 alpha points, e.g. 20")
+        if self.rounding not in ROUNDINGS:
+            raise SlimkitError(f"rounding={self.rounding!r} is not supported: use 'nearest' (each weight of W diag(s) rounded alone) "
+                               "or 'gptq' (GPTQ's error compensation on W diag(s))")
 
 
 @dataclass
@@ -316,6 +331,10 @@ def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
     importance: dict[str, torch.Tensor] = {}
     explicit, head_scale = scale_model_(lm, config, ctx.calibration(), importance)
     names = list(select_linears(lm.model, tuple(config.targets), tuple(config.ignore)))
+    hessians = None
+    if config.rounding == "gptq":
+        batches = D.calibration_batches(lm.tokenizer, ctx.calibration(), config.seq_len, config.calibration_samples, batch_size=1)
+        hessians = collect_hessians(lm.model, names, batches, lm.kind == CAUSAL_LM)
     with torch.no_grad():
         for name in track(names, "Quantizing (AWQ)"):
             layer = lm.model.get_submodule(name)
@@ -326,7 +345,14 @@ def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
             if s is not None:
                 w = w * s[None, :]
                 module.inv_input_scale.copy_(1 / s)
-            module.set_weight(w, config.scale_search, importance.get(name))
+            if hessians is None:
+                module.set_weight(w, config.scale_search, importance.get(name))
+            else:
+                h = hessians.pop(name)  # (K, K) of the inputs the float layer reads
+                if s is not None:  # the stored weight W diag(s) reads x / s
+                    h = h / (s[:, None] * s[None, :])
+                module.set_quantized(gptq_quantize(w, h, config.bits, config.group_size, config.symmetric, GPTQ_DAMP,
+                                                   zero_point=config.zero_point, scale_search=config.scale_search))
             if module.bias is not None:
                 module.bias.copy_(layer.bias.float())
             set_module(lm.model, name, module)
