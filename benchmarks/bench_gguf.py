@@ -10,9 +10,11 @@ evaluation split (the same token windows for every row, tokenized once by slimki
 tokenizer) and decode tokens/s after a 64-token prompt, every row taking one turn per round.
 
 Rows: fp32 and f16; Q8_0 (round-to-nearest, the gguf package's reference quantizer); Q8_0 and
-Q4_0 from slimkit's AWQ and GPTQ codes on their grids, carried exactly; slimkit's Q4_0
-round-to-nearest; and llama.cpp's own `llama_model_quantize` Q4_0 of the f16 file, without and
-with an importance matrix. llama.cpp's `llama-imatrix` tool is not part of llama-cpp-python, so
+Q4_0 from slimkit's AWQ and GPTQ codes on their grids, carried exactly (Q4_0's block scales
+searched for the least importance-weighted error, `scale_search`, as `--method` does); slimkit's
+Q4_0 round-to-nearest; and llama.cpp's own `llama_model_quantize` Q4_0 of the f16 file, without
+and with an importance matrix. `--types q4_0` measures only the Q4_0 rows (the f16 file is
+still written: llama.cpp's quantizer reads it). llama.cpp's `llama-imatrix` tool is not part of llama-cpp-python, so
 the matrix is collected here the way it collects it (per linear layer, the mean square of each
 input column over the calibration tokens) from the PyTorch model on slimkit's calibration
 split, the same text AWQ and GPTQ calibrate on, and handed to the quantizer's C API.
@@ -67,22 +69,29 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def export_rows(lm, work: Path, methods: list[str], reuse: bool, llama_cpp, threads: int) -> dict[str, Path]:
-    """label -> GGUF file, exported by slimkit (and one quantized by llama.cpp from the f16 file)."""
+TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+
+def export_rows(lm, work: Path, methods: list[str], reuse: bool, llama_cpp, threads: int, types: tuple[str, ...] = TYPES) -> dict[str, Path]:
+    """label -> GGUF file, exported by slimkit (and one quantized by llama.cpp from the f16 file), for the `types` asked."""
     from slimkit.exporters import ExportConfig, export
 
     plan = [("fp32 (slimkit f32)", "f32", None), ("f16 (slimkit)", "f16", None), ("Q8_0 (slimkit RTN)", "q8_0", None)]
     plan += [(f"Q8_0 (slimkit {m.upper()} codes)", "q8_0", m) for m in methods]
-    plan += [(f"Q4_0 (slimkit {m.upper()} codes)", "q4_0", m) for m in methods]
+    plan += [(f"Q4_0 (slimkit {m.upper()} codes, searched scales)", "q4_0", m) for m in methods]
     plan += [("Q4_0 (slimkit RTN)", "q4_0", None)]
     files = {}
     for label, qtype, method in plan:
+        if qtype not in types and qtype != "f16":  # f16: the source of llama.cpp's own Q4_0 and of the tokenizer check
+            continue
         path = work / f"smollm2-{qtype}{'-' + method if method else ''}.gguf"
         if not (reuse and path.exists()):
             t = time.time()
             export(lm, path, ExportConfig("gguf", quantize=qtype, method=method), overwrite=True)
             log(f"exported {path.name} in {time.time() - t:.0f} s")
         files[label] = path
+    if "q4_0" not in types:
+        return files
     ours = work / "smollm2-q4_0-llama-quantize.gguf"
     if not (reuse and ours.exists()):
         params = llama_cpp.llama_model_quantize_default_params()
@@ -201,10 +210,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens scored (0: the whole split)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="decode rounds; every row takes one turn per round")
-    ap.add_argument("--methods", default="awq,gptq", help="slimkit methods whose Q4_0 codes are carried")
+    ap.add_argument("--methods", default="awq,gptq,awq-gptq", help="slimkit methods (export --method) whose codes are carried")
     ap.add_argument("--work", default="gguf-bench", help="directory for the GGUF files")
     ap.add_argument("--reuse", action="store_true", help="measure existing files again instead of exporting")
+    ap.add_argument("--types", default=",".join(TYPES), help=f"file types whose rows to measure, of {','.join(TYPES)} "
+                    "(q4_0 includes llama.cpp's own Q4_0 rows)")
     args = ap.parse_args()
+    types = tuple(t for t in args.types.split(",") if t)
+    if not set(types) <= set(TYPES):
+        raise SystemExit(f"--types takes {','.join(TYPES)}, got {args.types}")
     llama_cpp = ensure_llama_cpp()
     from llamacpp_model import LlamaCppModel
 
@@ -220,7 +234,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     lm = slimkit.load("smollm2-135m")
-    files = export_rows(lm, work, [m for m in args.methods.split(",") if m], args.reuse, llama_cpp, args.threads)
+    files = export_rows(lm, work, [m for m in args.methods.split(",") if m], args.reuse, llama_cpp, args.threads, types)
     eval_cfg = EvalConfig(max_tokens=args.max_tokens or None)
     ids = lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     torch_q = slimkit.evaluate(lm, config=eval_cfg)
@@ -230,6 +244,8 @@ def main() -> None:
 
     text = "\n\n".join(list(TextSource.parse(None, "evaluation").texts())[:20])
     probe = LlamaCppModel(files["f16 (slimkit)"], args.threads).llm
+    if "f16" not in types:
+        del files["f16 (slimkit)"]
     same = probe.tokenize(text.encode(), add_bos=False, special=False) == lm.tokenizer(text)["input_ids"]
     log(f"llama.cpp's tokenizer from the file {'matches' if same else 'DIFFERS FROM'} slimkit's on {len(text)} characters of evaluation text")
     del probe
@@ -250,8 +266,10 @@ def main() -> None:
             rows[label]["tps"].append(slimkit.benchmark(served[label], bench).decode_tokens_per_s)
         log(f"round {r + 1}: " + ", ".join(f"{k.split(' (')[0]} {rows[k]['tps'][-1]:.0f}" for k in order))
 
-    fp32 = rows["fp32 (slimkit f32)"]
-    base = rows["Q4_0 (llama.cpp llama-quantize of the f16 file)"]
+    fp32 = rows.get("fp32 (slimkit f32)", {"ppl": torch_q.perplexity, "tokens": torch_q.tokens})  # without the row: PyTorch's
+    base = rows.get("Q4_0 (llama.cpp llama-quantize of the f16 file)")
+    if base is None:  # no Q4_0 rows: ratios against the first row
+        base = next(iter(rows.values()))
     for row in rows.values():
         row["tps_median"] = statistics.median(row["tps"])
     print(f"\nSmolLM2-135M GGUF files in llama.cpp {llama_cpp.__version__}: perplexity on {fp32['tokens']} tokens of the "
@@ -277,9 +295,9 @@ def main() -> None:
             speed = row["tps_median"] / base["tps_median"]
             print(f"  {label}: perplexity {gain:.1%} lower than llama.cpp's Q4_0 (target >= 5%: {'met' if gain >= 0.05 else 'MISSED'}); "
                   f"decode {speed:.2f}x (target 0.95-1.05x: {'met' if 0.95 <= speed <= 1.05 else 'MISSED'})")
-    imx = rows["Q4_0 (llama.cpp llama-quantize, importance matrix)"]
+    imx = rows.get("Q4_0 (llama.cpp llama-quantize, importance matrix)")
     for label, row in rows.items():
-        if label.startswith("Q4_0") and "codes" in label:
+        if imx is not None and label.startswith("Q4_0") and "codes" in label:
             print(f"  {label} no worse than llama.cpp's Q4_0 with an importance matrix: {row['ppl']:.3f} vs {imx['ppl']:.3f} -> "
                   f"{'met' if row['ppl'] <= imx['ppl'] else 'MISSED'}")
     env = environment(args.threads)

@@ -69,6 +69,9 @@ def test_f16_file_holds_llama_cpp_metadata_and_reloads_with_the_same_logits(tiny
     ("int4-wo", {"group_size": 32, "symmetric": True, "embeddings": False}, "q4_0"),
     ("int8-wo", {"group_size": 32, "embeddings": False}, "q8_0"),
     ("int4-wo", {"group_size": 32, "symmetric": False, "embeddings": False}, "q4_1"),  # float minimum per group: Q4_1's own grid
+    # searched scales, signed, the -8 level used: what `--method awq` makes for q4_0
+    ("awq", {"group_size": 32, "symmetric": True, "embeddings": False, "scale_search": True, "grid": 4, "calibration_samples": 2,
+             "seq_len": 32}, "q4_0"),
 ])
 def test_a_matching_grid_is_carried_code_for_code(tiny, tmp_path, method, options, qtype):
     q = slimkit.quantize(tiny("llama"), method, **options)
@@ -84,6 +87,8 @@ def test_a_matching_grid_is_carried_code_for_code(tiny, tmp_path, method, option
         if heads:  # q rows in llama.cpp's rotary order
             want, want_scales = rope_permute(want, heads), rope_permute(want_scales, heads)
         assert np.array_equal(codes, want) and np.array_equal(scales, want_scales)
+        if options.get("scale_search"):
+            assert codes.min() == 0 and (scales < 0).any()  # n = 0 is the level -8
     assert tensor(reader, "token_embd.weight").tensor_type == T.Q8_0
     assert slimkit.exporters.summary(out)["tensor_sources"] == {"carried": 14, "float": 6}
 
@@ -119,9 +124,10 @@ def test_pack_blocks_is_ggml_layout():
     assert np.array_equal(pack_blocks(codes8, d8, None, T.Q8_0), ref8)
 
 
-def test_gptq_method_carries_every_linear_through_the_cli(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["gptq", "awq-gptq"])
+def test_gptq_method_carries_every_linear_through_the_cli(tiny, tmp_path, method):
     out = tmp_path / "g.gguf"
-    proc = invoke_cli("export", str(tiny("llama")), "--format", "gguf", "--quantize", "q4_0", "--method", "gptq", "--out", str(out), "--json")
+    proc = invoke_cli("export", str(tiny("llama")), "--format", "gguf", "--quantize", "q4_0", "--method", method, "--out", str(out), "--json")
     assert proc.returncode == 0, proc.stderr
     reader = gguf.GGUFReader(out)
     assert sum(t.tensor_type == T.Q4_0 for t in reader.tensors) == 14

@@ -163,6 +163,7 @@ def test_save_and_reload_is_exact(tiny, tmp_path, arch, options):
         ({"group_size": None}, "awq int4 needs groups"),
         ({"group_size": 48}, "group_size=48 is not supported"),
         ({"grid": 1}, "grid=1 is out of range"),
+        ({"rounding": "best"}, "rounding='best' is not supported: use 'nearest'"),
         ({"calibration_samples": 0}, "calibration needs calibration_samples >= 1"),
         ({"targets": []}, "targets is empty"),
     ],
@@ -233,3 +234,24 @@ def test_embedding_bits_bad_input_names_the_fix(tiny, arch, options, fragment):
     with pytest.raises(SlimkitError) as info:
         slimkit.quantize(tiny(arch), "awq", **options, **CALIB)
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+
+def test_scale_search_reaches_every_layer(tiny):
+    lm = _with_outliers(slimkit.load(tiny("llama")), "llama")
+    q = slimkit.quantize(lm, "awq", group_size=32, symmetric=True, embeddings=False, scale_search=True, **CALIB)
+    for name, module in q.model.named_modules():
+        if isinstance(module, WeightOnlyLinear):  # the full grid, signed scales: searched, not absmax / 7
+            assert int(module.q_values().min()) == -8 and (module.scale < 0).any(), name
+    assert F.sqnr_db(_out(lm), _out(q)) > 12
+    with pytest.raises(SlimkitError, match="set symmetric=true"):
+        slimkit.quantize(lm, "awq", group_size=32, symmetric=False, scale_search=True, **CALIB)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: c_proj keeps an explicit scale, so its Hessian is rescaled
+def test_gptq_rounding_of_the_scaled_weights_is_closer(tiny, arch):
+    lm = _with_outliers(slimkit.load(tiny(arch)), arch)
+    nearest = slimkit.quantize(lm, "awq", group_size=32, embeddings=False, **CALIB)
+    gptq = slimkit.quantize(lm, "awq", group_size=32, embeddings=False, rounding="gptq", **CALIB)
+    ref = _out(lm)
+    assert F.sqnr_db(ref, _out(gptq)) > F.sqnr_db(ref, _out(nearest)) + 1.0

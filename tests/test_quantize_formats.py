@@ -168,3 +168,55 @@ def test_row_chunks_quantize_exactly_as_the_whole(monkeypatch, sym, zp, group):
     for field in ("q", "scale", "offset", "zero_point"):
         a, b = getattr(whole, field), getattr(chunked, field)
         assert (a is None and b is None) or torch.equal(a, b), field
+
+
+def _importance(k=256, seed=1):
+    return torch.rand(k, generator=torch.Generator().manual_seed(seed)).pow(4) * 10  # a few columns matter much more
+
+
+def _weighted_error(w, deq, c):
+    return float(((w - deq).pow(2) * c).sum())
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (4, None)])
+def test_scale_search_lowers_the_weighted_error_and_holds_its_codes(bits, group):
+    w, c = _w(), _importance()
+    absmax = F.quantize_int(w, bits, group, True)
+    found = F.quantize_int(w, bits, group, True, scale_search=True, importance=c)
+    lo, hi = F.search_levels(bits)
+    assert int(found.q.min()) >= lo and int(found.q.max()) <= hi
+    if bits == 4:  # the level absmax / 7 never reaches
+        assert int(absmax.q.min()) == -7 and int(found.q.min()) == -8
+    else:
+        assert lo == -127
+    assert (found.scale < 0).any()  # the largest weight of a group may sit at either end
+    stored = F.scale_dtype(group)
+    assert torch.equal(found.scale.to(stored).float(), found.scale)  # the scales are already the stored numbers
+    ratio = _weighted_error(w, found.dequantize(), c) / _weighted_error(w, absmax.dequantize(), c)
+    assert ratio < {4: 0.85, 8: 0.95}[bits]
+    plain = F.quantize_int(w, bits, group, True, scale_search=True)  # unweighted: the plain squared error
+    assert float((w - plain.dequantize()).pow(2).sum()) < float((w - absmax.dequantize()).pow(2).sum())
+
+
+def test_scale_search_is_never_worse_than_absmax_and_keeps_zeros():
+    w = _w(n=64, k=64)
+    w[0] = 0
+    w[1, :32] = torch.linspace(-0.07, 0.07, 32)  # already on a symmetric grid of 15 levels
+    found = F.quantize_int(w, 4, 32, True, scale_search=True)
+    absmax = F.quantize_int(w, 4, 32, True)
+    err = lambda qt: (w - qt.dequantize()).pow(2).reshape(64, 2, 32).sum(-1)  # noqa: E731
+    assert (err(found) <= err(absmax) + 1e-12).all()  # group by group
+    assert torch.equal(found.dequantize()[0], torch.zeros(64)) and torch.isfinite(found.scale).all()
+
+
+def test_scale_search_needs_the_symmetric_grid():
+    with pytest.raises(SlimkitError, match="set symmetric=true"):
+        F.quantize_int(_w(), 4, 32, False, scale_search=True)
+
+
+def test_scale_search_row_chunks_quantize_exactly_as_the_whole(monkeypatch):
+    w, c = torch.randn(37, 128, generator=torch.Generator().manual_seed(3)), _importance(128)
+    whole = F.quantize_int(w, 4, 32, True, scale_search=True, importance=c)
+    monkeypatch.setattr(F, "ROWS_PER_CHUNK", 5)
+    chunked = F.quantize_int(w, 4, 32, True, scale_search=True, importance=c)
+    assert torch.equal(whole.q, chunked.q) and torch.equal(whole.scale, chunked.scale)

@@ -89,3 +89,15 @@ def test_gptq_with_integer_zero_points():
     module.set_quantized(g)
     stored = F.dequantize_int(g.q, g.scale.half().float(), None, 32, 4, zero_point=g.zero_point)  # scales kept in fp16
     assert torch.equal(module.dequantize(), stored)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_scale_search_lowers_gptq_output_error_on_the_full_grid(group):
+    w, h = _problem()
+    plain = gptq_quantize(w, h, 4, group, True)
+    found = gptq_quantize(w, h, 4, group, True, scale_search=True)
+    assert int(found.q.min()) == -8 and int(found.q.max()) <= 7
+    assert torch.equal(found.scale.half().float(), found.scale)  # the codes were rounded with the stored scales
+    assert layer_loss(w, found.dequantize(), h) < 0.85 * layer_loss(w, plain.dequantize(), h)
+    with pytest.raises(SlimkitError, match="set symmetric=true"):
+        gptq_quantize(w, h, 4, group, False, scale_search=True)

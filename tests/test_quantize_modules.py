@@ -117,3 +117,22 @@ def test_weight_only_rows_are_the_dequantized_rows(bits, group, sym, zero_point)
     q = WeightOnlyLinear.from_float(torch.nn.Linear(64, 40, bias=False), bits=bits, group_size=group, symmetric=sym, zero_point=zero_point)
     ids = torch.tensor([3, 0, 39, 3])
     assert torch.equal(q.rows(ids), q.dequantize()[ids])
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, None)])
+def test_searched_scales_are_held_exactly_by_the_module_and_its_kernel(bits, group):
+    """Searched scales (some negative, the -8 level used) change no storage: the module holds the
+    codes and scales quantize_int chose, and its CPU kernel computes their dequantized weight."""
+    layer = _linear(n=64, k=256, bias=False)
+    c = torch.rand(256, generator=torch.Generator().manual_seed(2)) * 5
+    qt = F.quantize_int(layer.weight.detach(), bits, group, True, scale_search=True, importance=c)
+    q = WeightOnlyLinear(256, 64, False, bits, group, True)
+    q.set_weight(layer.weight.detach(), scale_search=True, importance=c)
+    assert torch.equal(q.q_values(), qt.q) and torch.equal(q.scale.float(), qt.scale)
+    assert torch.equal(q.dequantize(), qt.dequantize())
+    assert (q.scale < 0).any() and (bits == 8 or int(q.q_values().min()) == -8)
+    x = _x(k=256)[0]
+    assert F.sqnr_db(x.bfloat16().float() @ q.dequantize().T, q(x)) > 35
+    fresh = WeightOnlyLinear.from_spec(q.spec())
+    fresh.load_state_dict(q.state_dict(), strict=True)
+    assert torch.equal(fresh(x), q(x))

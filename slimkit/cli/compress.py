@@ -235,7 +235,7 @@ def export_cmd(
     fmt: Annotated[str, typer.Option("--format", "-f", help="onnx, onnxruntime, ort-genai, tensorrt or gguf")] = "onnx",
     quantize: Annotated[str | None, typer.Option(help="onnxruntime: int8, int8-static, int4; ort-genai: int4; tensorrt: fp16, int8; "
                                                       "gguf: f32, f16 (default), q8_0, q4_0, q4_1")] = None,
-    method: Annotated[str | None, typer.Option("--method", "-m", help="gguf: quantize with awq or gptq on the type's grid first, "
+    method: Annotated[str | None, typer.Option("--method", "-m", help="gguf: quantize with awq, gptq or awq-gptq on the type's grid first, "
                                                                        "then carry the codes exactly")] = None,
     block_size: Annotated[int, typer.Option(help="int4: weights per quantization block")] = 32,
     accuracy_level: Annotated[int, typer.Option(help="ort-genai int4/int8: 4 = int8 activations (fast), 0 = fp32 (exact)")] = 4,

@@ -19,9 +19,10 @@ stays F16.
 
 Where the weights come from. A slimkit-quantized layer whose grid is the
 target type's (`gguf_blocks.py`) is written with its own codes and fp16
-scales, bit for bit; `--method awq|gptq` first quantizes the float model with
+scales, bit for bit; `--method awq|gptq|awq-gptq` first quantizes the float model with
 that slimkit method on the target's grid (groups of 32; symmetric for Q4_0 and
-Q8_0, float minimum for Q4_1) so that every linear layer is carried this way.
+Q8_0, float minimum for Q4_1; Q4_0's block scales searched for the least
+importance-weighted error, `scale_search`) so that every linear layer is carried this way.
 Every other weight is the float model's (a quantized layer's dequantized
 weight), rounded to the type by the `gguf` package's reference quantizer, the
 same round-to-nearest as llama.cpp's quantizer without an importance matrix.
@@ -47,7 +48,8 @@ from slimkit.exporters.gguf_blocks import BLOCK, as_numpy, carried_blocks, rope_
 from slimkit.io.model import LoadedModel
 
 TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
-METHODS = ("awq", "gptq")
+METHODS = {"awq": ("awq", {}), "gptq": ("gptq", {}),  # --method -> the slimkit method and its options besides the grid
+           "awq-gptq": ("awq", {"rounding": "gptq"})}  # AWQ's channel scales, then GPTQ's rounding of the scaled weights
 ARCHITECTURES = {"llama": "llama"}  # Hugging Face model_type -> llama.cpp architecture (q/k rope-permuted)
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # gguf.LlamaFileType
 PRE_TOKENIZERS = {  # the HF pre-tokenizer's layout -> llama.cpp's name for the same splitting
@@ -63,11 +65,14 @@ def gguf_type(name: str):
 
 
 def method_options(method: str, quantize: str) -> dict:
-    """The slimkit grid that is `quantize`'s, code for code: groups of 32; symmetric, or a float minimum for Q4_1."""
+    """The slimkit grid that is `quantize`'s, code for code: groups of 32; symmetric, or a float minimum for Q4_1.
+
+    Q4_0's scales are searched (`scale_search`): Q4_0 has 16 levels, -8..7, and d may take
+    either sign, so a block whose largest weight sits on the -8 level steps finer than absmax / 7."""
     if quantize not in ("q8_0", "q4_0", "q4_1"):
         raise SlimkitError(f"--method {method} makes integer codes: use it with --quantize q8_0, q4_0 or q4_1, not {quantize}")
     return {"bits": 8 if quantize == "q8_0" else 4, "group_size": BLOCK, "symmetric": quantize != "q4_1",
-            "zero_point": "float", "embeddings": False}
+            "zero_point": "float", "embeddings": False, "scale_search": quantize == "q4_0", **METHODS[method][1]}
 
 
 def check_model(lm: LoadedModel) -> str:
@@ -97,7 +102,7 @@ def export_gguf(lm: LoadedModel, out: str | os.PathLike, config, *, overwrite: b
     if config.method:
         from slimkit.quantization import quantize
 
-        model = quantize(lm, config.method, **method_options(config.method, config.quantize)).model
+        model = quantize(lm, METHODS[config.method][0], **method_options(config.method, config.quantize)).model
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         write(model, lm.tokenizer, arch, config.quantize, tmp, lm.name)

@@ -38,10 +38,23 @@ use all tokens), its folds are checked on the block's own output for the first
 window, the folded float block (folds are exact) makes the next block's inputs, and
 then its layers are quantized. So the search sees the float model's activations, as
 a whole-model pass would (measured on SmolLM2: the float inputs score better than
-the quantized blocks' outputs; GPTQ, which compensates the error it sees, takes
-the quantized ones). The head comes last, on the final hidden states. Memory holds one block and its activations, and a
-lazy model is read from its files a block at a time. Cost: `grid` quantizations of
+the quantized blocks' outputs). The head comes last, on the final hidden states.
+Memory holds one block and its activations, and a lazy model is read from its
+files a block at a time. Cost: `grid` quantizations of
 each group. A model the adapter does not know is calibrated whole, in one pass.
+
+`scale_search` (symmetric grids): the layers' group scales are then searched
+(`formats.search_scales`) on W diag(s), weighted by the mean square of each
+channel of x / s over all calibration tokens; alpha itself is searched on the
+absmax grid, which costs one fortieth as much per candidate and, on SmolLM2's
+Q4_0, already gives the perplexity measured in BENCHMARKS.md.
+
+`rounding="gptq"` rounds the scaled weights W diag(s) with GPTQ (gptq_math.py)
+instead of to nearest: its Hessians are collected while the folded float block
+makes the next block's inputs (the same pass), so each layer's is that of the
+inputs x / s its stored weight reads (an explicit scale's layer reads x: its
+Hessian is divided by s s^T). AWQ evens out the channels' ranges, GPTQ then
+compensates each rounding error on the columns not yet rounded.
 """
 
 from __future__ import annotations
@@ -69,6 +82,8 @@ from slimkit.quantization.blockwise import after_blocks, first_inputs, start
 from slimkit.quantization.common import CalibratedOptions, cast_unquantized
 from slimkit.quantization.embedding import head_grid, quantize_embeddings, tied_head
 from slimkit.quantization.formats import check_group, sqnr_db
+from slimkit.quantization.gptq import Hessians
+from slimkit.quantization.gptq_math import gptq_quantize
 from slimkit.quantization.modules import WeightOnlyLinear
 from slimkit.quantization.smoothing import require_batches
 
@@ -77,6 +92,8 @@ PROBE_TOKENS = 32  # tokens of the batch that checks each fold
 FOLD_SQNR_DB = 90.0  # float rounding only; a wrong fold changes outputs far more
 FOLD_BATCH = 8  # folds checked by one probe pass (about two Llama blocks' weights copied meanwhile)
 HEAD = "<head>"  # the group of the tied LM head
+ROUNDINGS = ("nearest", "gptq")
+GPTQ_DAMP = 0.01  # rounding="gptq": GPTQ's default damping
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,7 @@ class AWQConfig(CalibratedOptions):
     METHOD: ClassVar[str] = "awq"
 
     grid: int = 20
+    rounding: str = "nearest"  # or "gptq": GPTQ's error-compensating rounding of the scaled weights
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,6 +111,9 @@ class AWQConfig(CalibratedOptions):
             raise SlimkitError("awq int4 needs groups: use group_size 32, 64, 128 or 256")
         if not 2 <= self.grid <= 100:
             raise SlimkitError(f"grid={self.grid} is out of range: use 2..100 alpha points, e.g. 20")
+        if self.rounding not in ROUNDINGS:
+            raise SlimkitError(f"rounding={self.rounding!r} is not supported: use 'nearest' (each weight of W diag(s) rounded alone) "
+                               "or 'gptq' (GPTQ's error compensation on W diag(s))")
 
 
 @dataclass
@@ -101,6 +122,7 @@ class Group:
     abs_sum: torch.Tensor  # (K,) sum |x| over all tokens
     count: int
     rows: list[torch.Tensor]  # subsampled inputs, each (t, K)
+    square_sum: torch.Tensor | None = None  # (K,) sum x^2 over all tokens: the importance a scale search weighs by
 
     def inputs(self) -> torch.Tensor:
         return torch.cat(self.rows)[:SEARCH_TOKENS]  # (T, K)
@@ -137,9 +159,11 @@ def calibrate(model: nn.Module, names: list[str], head: str | None, windows: lis
             x2 = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, K)
             pick = x2[torch.randperm(x2.shape[0], generator=gen)[:per_batch]]
             if name not in groups:
-                groups[name] = Group([HEAD if name == head else name], torch.zeros(x2.shape[1], device=x2.device), 0, [])
+                groups[name] = Group([HEAD if name == head else name], torch.zeros(x2.shape[1], device=x2.device), 0, [],
+                                     torch.zeros(x2.shape[1], device=x2.device))
             g = groups[name]
             g.abs_sum += x2.abs().sum(0)
+            g.square_sum += x2.square().sum(0)
             g.count += x2.shape[0]
             g.rows.append(pick)
 
@@ -209,14 +233,17 @@ def _fold(model: nn.Module, producer: str, rows: torch.Tensor | None, members: l
 
 
 def scale_stage_(model: nn.Module, arch: Adapter | None, names: list[str], head: str | None, windows: list[Callable[[], object]],
-                 probe: Callable[[], torch.Tensor], config: AWQConfig, inside: str = "", label: str | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+                 probe: Callable[[], torch.Tensor], config: AWQConfig, inside: str = "", label: str | None = None,
+                 importance: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Search the scales of the groups that `names` (and the tied `head`) form and fold what folds exactly,
     in place on `model`'s float weights. `windows` run the calibration windows through the part that
     holds them (a block, or the whole model), `probe()` is that part's output on a probe input: a fold
     is kept only if it leaves the probe output unchanged. Only producers under `inside` (a block's
     name; "" for anywhere) take a fold: the blocks before it are quantized and gone already.
 
-    Returns (layer -> s for the layers that must keep an explicit input scale, s of the tied head or None)."""
+    Returns (layer -> s for the layers that must keep an explicit input scale, s of the tied head or None).
+    `importance`, when given, is filled with layer -> (K,) the mean square of each input channel of the
+    scaled layer (x / s), for `scale_search`."""
     groups = calibrate(model, names, head, windows, label)
     explicit: dict[str, torch.Tensor] = {}
     head_scale = None
@@ -237,6 +264,8 @@ def scale_stage_(model: nn.Module, arch: Adapter | None, names: list[str], head:
             int8_rows = is_head and config.embedding_bits == 8
             bits, group, sym, zp = (8, None, True, "float") if int8_rows else (config.bits, config.group_size, config.symmetric, config.zero_point)
             s = search_scale(w, g.inputs(), bits, group, sym, config.grid, stat, zp).scale
+            if importance is not None and not is_head:  # per channel, untied: s is shared, the importance is not
+                importance.update({m: (g.square_sum / g.count) / s.square() for m in members})
             if is_head:
                 explicit.update(folds.settle())  # the head's check starts from checked folds
                 if producer is not None and _try_head_fold(model, producer, head, s, probe, reference):
@@ -251,13 +280,13 @@ def scale_stage_(model: nn.Module, arch: Adapter | None, names: list[str], head:
 
 
 def scale_whole_(model: nn.Module, arch: Adapter | None, names: list[str], head: str | None, batches: list, causal: bool,
-                 config: AWQConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+                 config: AWQConfig, importance: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """`scale_stage_` on the whole float model in one pass: for a model the adapter does not know (arch
     None: every scale explicit), and to check that folding alone leaves a float model's outputs unchanged."""
     batches = require_batches(batches)
     windows = [lambda ids=ids: _forward(model, ids, causal) for ids in batches]
     probe = lambda: _forward(model, batches[0][:, :PROBE_TOKENS], causal)  # noqa: E731
-    return scale_stage_(model, arch, names, head, windows, probe, config, label="Calibrating (AWQ)")
+    return scale_stage_(model, arch, names, head, windows, probe, config, label="Calibrating (AWQ)", importance=importance)
 
 
 class _Folds:
@@ -327,22 +356,31 @@ def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
     batches = require_batches(D.calibration_batches(lm.tokenizer, ctx.calibration(), config.seq_len, config.calibration_samples, batch_size=1))
     causal = lm.kind == CAUSAL_LM
     arch = find(lm.model)
+    importance: dict[str, torch.Tensor] = {}
     if arch is None:  # no blocks known: the whole float model at once, every scale explicit
         model = walk.rest(torch.float32)
-        explicit, head_scale = scale_whole_(model, None, names, head, batches, causal, config)
-        _quantize_layers(model, "", names, explicit, config)
+        explicit, head_scale = scale_whole_(model, None, names, head, batches, causal, config, importance)
+        hessians = Hessians(model, names if config.rounding == "gptq" else [])
+        with torch.inference_mode():
+            for ids in batches:
+                if hessians.names:
+                    hessians.next_window()
+                    _forward(model, ids, causal)
+        _quantize_layers(model, names, explicit, config, importance, hessians.close())
         return _finish(walk, head_scale, config)
     inputs = first_inputs(walk, batches, causal)
     walk.dtype = torch.float32  # blocks are calibrated in fp32, whatever the checkpoint holds
     for i, (prefix, block) in enumerate(walk.blocks("Quantizing block by block (AWQ)")):
         inside = [n for n in names if n.startswith(prefix + ".")]
+        explicit: dict[str, torch.Tensor] = {}
         if inside:
             windows = [lambda w=w: inputs.call(block, i, w) for w in range(len(inputs.hidden))]
             probe = lambda: inputs.call(block, i, 0).float()  # noqa: E731
-            explicit, _ = scale_stage_(lm.model, arch, inside, None, windows, probe, config, inside=prefix)
-        inputs.run(block, i)  # the float block (folds are exact) makes the next inputs, as in the whole-model search
+            explicit, _ = scale_stage_(lm.model, arch, inside, None, windows, probe, config, inside=prefix, importance=importance)
+        hessians = Hessians(lm.model, inside if config.rounding == "gptq" else [])
+        inputs.run(block, i, hessians.next_window)  # the float block (folds are exact) makes the next inputs, as in the whole-model search
         if inside:
-            _quantize_layers(lm.model, prefix, inside, explicit, config)
+            _quantize_layers(lm.model, inside, explicit, config, importance, hessians.close())
         cast_unquantized(block, config.compute_dtype)
     rest = walk.rest(torch.float32)
     outside = [n for n in names if not any(n.startswith(p + ".") for p in walk.done)]
@@ -350,14 +388,21 @@ def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
     if outside or head:  # the head (and any layer after the blocks) reads what the last block makes
         windows = after_blocks(rest, inputs, batches, causal)
         probe = windows[0]
-        explicit, head_scale = scale_stage_(rest, arch, outside, head, windows, probe, config)
-        _quantize_layers(rest, "", outside, explicit, config)
+        explicit, head_scale = scale_stage_(rest, arch, outside, head, windows, probe, config, importance=importance)
+        hessians = Hessians(rest, outside if config.rounding == "gptq" else [])
+        with torch.inference_mode():
+            for window in windows if hessians.names else []:
+                hessians.next_window()
+                window()
+        _quantize_layers(rest, outside, explicit, config, importance, hessians.close())
     inputs.hidden.clear()  # the calibration activations go before the embeddings are quantized
     return _finish(walk, head_scale, config)
 
 
-def _quantize_layers(model: nn.Module, prefix: str, names: list[str], explicit: dict[str, torch.Tensor], config: AWQConfig) -> None:
-    """Replace each of `names` (qualified, under `prefix`) by its quantized form, with its explicit input scale if it has one."""
+def _quantize_layers(model: nn.Module, names: list[str], explicit: dict[str, torch.Tensor], config: AWQConfig,
+                     importance: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> None:
+    """Replace each of `names` (qualified) by its quantized form, with its explicit input scale if it has one:
+    rounded to nearest (with `scale_search`, weighted by `importance`), or by GPTQ on `hessians`."""
     with torch.no_grad():
         for name in names:
             layer = model.get_submodule(name)
@@ -368,7 +413,14 @@ def _quantize_layers(model: nn.Module, prefix: str, names: list[str], explicit: 
             if s is not None:
                 w = w * s[None, :]
                 module.inv_input_scale.copy_(1 / s)
-            module.set_weight(w)
+            if name not in hessians:
+                module.set_weight(w, config.scale_search, importance.get(name))
+            else:
+                h = hessians.pop(name)  # (K, K) of the inputs the float layer reads
+                if s is not None:  # the stored weight W diag(s) reads x / s
+                    h = h / (s[:, None] * s[None, :])
+                module.set_quantized(gptq_quantize(w, h, config.bits, config.group_size, config.symmetric, GPTQ_DAMP,
+                                                   zero_point=config.zero_point, scale_search=config.scale_search))
             if module.bias is not None:
                 module.bias.copy_(layer.bias.float())
             set_module(model, name, module.to(w.device))

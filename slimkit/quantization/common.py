@@ -19,7 +19,7 @@ from slimkit.core.selection import check_patterns, linear_weight, select_linears
 from slimkit.io.artifacts import ModuleRecord, register_modules
 from slimkit.io.model import LoadedModel
 from slimkit.quantization.embedding import TIED_FORMATS, Int8Embedding, TiedEmbedding, TiedInt8Head, check_embedding_bits
-from slimkit.quantization.formats import GROUP_SIZES, INT_BITS, check_zero_point
+from slimkit.quantization.formats import GROUP_SIZES, INT_BITS, check_scale_search, check_zero_point
 from slimkit.quantization.modules import LINEAR_FORMATS
 
 DEFAULT_IGNORE = ("lm_head",)
@@ -71,10 +71,12 @@ class CalibratedOptions(QuantizeOptions):
     seq_len: int = 512
     embeddings: bool = True
     embedding_bits: int = 8  # 4: the embedding and its tied head on the layers' 4-bit grid
+    scale_search: bool = False  # symmetric: each group's scale searched for the least importance-weighted error (formats.search_scales)
 
     def __post_init__(self):
         check_int_format(self.METHOD, self.bits, self.group_size)
         check_zero_point(self.zero_point, self.symmetric)
+        check_scale_search(self.scale_search, self.symmetric)
         check_embedding_bits(self.METHOD, self.embedding_bits, self.bits)
         check_calibration(self.calibration_samples, self.seq_len)
         super().__post_init__()

@@ -106,7 +106,7 @@ def _quantize_layers(root: nn.Module, prefix: str, names: list[str], hessians: d
             module = WeightOnlyLinear(w.shape[1], w.shape[0], getattr(layer, "bias", None) is not None, config.bits, config.group_size,
                                       config.symmetric, zero_point=config.zero_point)
             module.set_quantized(gptq_quantize(w, hessians.pop(name), config.bits, config.group_size, config.symmetric, config.damp,
-                                               zero_point=config.zero_point))
+                                               zero_point=config.zero_point, scale_search=config.scale_search))
             if module.bias is not None:
                 module.bias.copy_(layer.bias.float())
             set_module(root, local, module.to(w.device))

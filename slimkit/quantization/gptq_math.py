@@ -31,12 +31,18 @@ def gptq_quantize(
     damp: float = 0.01,
     block: int = 128,
     zero_point: str = "float",
+    scale_search: bool = False,
 ) -> Q.QuantizedInt:
-    """Quantize w (N, K) with GPTQ against hessian (K, K); returns the same format as quantize_int."""
+    """Quantize w (N, K) with GPTQ against hessian (K, K); returns the same format as quantize_int.
+
+    scale_search (symmetric grids): each group's scale is searched (`formats.search_scales`) on
+    its updated weights, weighted by H's diagonal (the mean square of each input channel, what
+    an error on that column costs alone), and the columns are rounded with the scale as stored."""
     n, k = w.shape
     g = Q.check_group(k, group_size)
     Q.qrange(bits)
     Q.check_zero_point(zero_point, symmetric)
+    Q.check_scale_search(scale_search, symmetric)
     integer = zero_point == "integer"
     W = w.detach().float().clone()  # (N, K), updated in place as errors are pushed right
     H = hessian.detach().float().clone()  # (K, K)
@@ -55,8 +61,12 @@ def gptq_quantize(
         errs = torch.zeros(n, b1 - b0)  # (N, block) scaled errors of this block
         for i in range(b0, b1):
             if i % g == 0:  # a new group: its grid from the updated weights
-                grid = Q.quantize_int(W[:, i : i + g], bits, None, symmetric, zero_point)
-                scale[:, i // g] = grid.scale[:, 0]
+                if scale_search:
+                    cols = Q.search_scales(W[:, None, i : i + g], bits, H.diagonal()[i : i + g], Q.scale_dtype(group_size))
+                    scale[:, i // g] = cols[:, 0]
+                else:
+                    grid = Q.quantize_int(W[:, i : i + g], bits, None, symmetric, zero_point)
+                    scale[:, i // g] = grid.scale[:, 0]
                 if offset is not None:
                     offset[:, i // g] = grid.offset[:, 0]
                 if zeros is not None:
@@ -65,6 +75,9 @@ def gptq_quantize(
             m = None if offset is None else offset[:, i // g]
             z = None if zeros is None else zeros[:, i // g]
             qi, deq = Q.round_to_grid(col, scale[:, i // g], m, z, bits)
+            if scale_search:
+                qi = qi.clamp(*Q.search_levels(bits))
+                deq = qi * scale[:, i // g]
             q[:, i] = qi.to(torch.int8)
             err = (col - deq) / U[i, i]  # (N,)
             W[:, i + 1 : b1] -= err[:, None] * U[i, i + 1 : b1][None, :]

@@ -286,8 +286,10 @@ class WeightOnlyLinear(QuantLinear):
             extra["zero_point"] = "integer"  # absent: float offsets, as before
         return {**super().spec(), "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, **extra}
 
-    def set_weight(self, w: torch.Tensor) -> None:
-        self.set_quantized(Q.quantize_int(w, self.bits, self.group_size, self.symmetric, self.zero_point_kind))
+    def set_weight(self, w: torch.Tensor, scale_search: bool = False, importance: torch.Tensor | None = None) -> None:
+        """Round w (N, K) to this module's grid; scale_search and importance (K,): see `formats.quantize_int`
+        (the search chooses other scales of the same grid, so nothing about the storage changes)."""
+        self.set_quantized(Q.quantize_int(w, self.bits, self.group_size, self.symmetric, self.zero_point_kind, scale_search, importance))
 
     def set_quantized(self, qt: Q.QuantizedInt) -> None:
         """Store an already quantized weight (round-to-nearest, GPTQ, ...) of this module's grid."""
