@@ -74,13 +74,14 @@ def test_a_walk_holds_one_block_at_a_time(checkpoint):
     assert all(p.is_meta for p in lm.model.model.layers.parameters())  # each went to the shards after
 
 
-def test_sharded_artifacts_reload_exactly(checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["slimkit", "compressed-tensors"])
+def test_sharded_artifacts_reload_exactly(checkpoint, tmp_path, monkeypatch, layout):
     import slimkit.io.artifacts as A
     from slimkit.io.shards import ShardWriter
 
-    q = slimkit.quantize(load(checkpoint), "int4-wo")
+    q = slimkit.quantize(load(checkpoint), "int4-wo")  # int8 embedding rows, 4-bit layers: each in its own shards
     monkeypatch.setattr(A, "ShardWriter", lambda out: ShardWriter(out, max_bytes=50_000))
-    path = slimkit.save(q, tmp_path / "a", layout="slimkit")
+    path = slimkit.save(q, tmp_path / "a", layout=layout)
     shards = sorted(p.name for p in path.glob("*.safetensors"))
     assert len(shards) > 2 and (path / "model.safetensors.index.json").is_file()
     back = slimkit.load(path)

@@ -209,7 +209,8 @@ def _ct_version() -> str:
 
 
 def read(state: dict, manifest: dict) -> dict:
-    """The compressed-tensors tensors of the manifest's quantized modules, in slimkit's names and layout."""
+    """The compressed-tensors tensors of the manifest's quantized modules, in slimkit's names and layout.
+    `state` may be one shard: modules whose tensors are in other shards are left to those."""
     try:
         from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     except ImportError as exc:
@@ -218,6 +219,8 @@ def read(state: dict, manifest: dict) -> dict:
     state = dict(state)
     for name, spec in manifest.get("modules", {}).items():
         fmt = spec.get("format")
+        if f"{name}.weight" not in state and f"{name}.weight_packed" not in state:
+            continue  # in another shard (a module's tensors are never split)
         if fmt == Int8DynamicLinear.fmt:
             state[f"{name}.weight_q"] = state.pop(f"{name}.weight")
             state[f"{name}.weight_scale"] = state.pop(f"{name}.weight_scale").float().reshape(-1)
