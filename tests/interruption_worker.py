@@ -109,7 +109,7 @@ def register_cast() -> None:
     registry.register("test-bf16", "quantize", CastConfig, "bf16 cast")(cast)
 
 
-def fake_bench(artifact: Path, threads: int | None, compile: bool = False):
+def fake_bench(artifact: Path, threads: int | None, compile: bool = False, device: str = "cpu"):
     """Benchmarks write nothing, and a real one is a fresh interpreter per candidate:
     measure only the size on disk, which is what the search's target (size) reads."""
     from bench_stand_in import bench_result
