@@ -5,6 +5,7 @@ import torch
 
 from slimkit.core.errors import SlimkitError
 from slimkit.quantization import formats as F
+from slimkit.quantization import nf4 as N
 
 
 def _w(n=96, k=256, seed=0):
@@ -50,7 +51,7 @@ def test_zeros_and_huge_values():
         assert torch.equal(d[0], torch.zeros(64))  # an all-zero row stays exactly zero
         assert d[1, 0] == pytest.approx(1e30, rel=1e-2)
         assert d[2, 3] == pytest.approx(-3e38, rel=1e-2)
-    nf = F.quantize_nf4(w, 32).dequantize()
+    nf = N.quantize_nf4(w, 32).dequantize()
     assert torch.isfinite(nf).all() and torch.equal(nf[0], torch.zeros(64))
 
 
@@ -70,7 +71,7 @@ def test_pack_refuses_out_of_range():
 
 
 def test_nf4_code_book():
-    code = F.nf4_code()
+    code = N.nf4_code()
     assert code.shape == (16,) and code[0] == -1 and code[-1] == 1 and (code == 0).sum() == 1
     assert (code.diff() > 0).all()
     assert code[7] == 0  # 7 negative levels, then 0, then 8 positive
@@ -78,15 +79,15 @@ def test_nf4_code_book():
 
 def test_nf4_beats_int4_on_normal_weights():
     w = _w(k=512)
-    nf4 = F.sqnr_db(w, F.quantize_nf4(w, 64).dequantize())
+    nf4 = F.sqnr_db(w, N.quantize_nf4(w, 64).dequantize())
     int4 = F.sqnr_db(w, F.quantize_int(w, 4, 64, True).dequantize())
     assert nf4 > 19 and nf4 > int4
 
 
 def test_nf4_double_quant_is_close_and_smaller():
     w = _w(n=256, k=512)
-    plain = F.quantize_nf4(w, 64)
-    dq = F.quantize_nf4(w, 64, double_quant=True)
+    plain = N.quantize_nf4(w, 64)
+    dq = N.quantize_nf4(w, 64, double_quant=True)
     assert dq.absmax is None and dq.absmax_q.dtype == torch.int8
     assert torch.equal(plain.codes, dq.codes)
     rel = ((dq.scales() - plain.scales()).abs() / plain.scales()).max()
@@ -99,9 +100,9 @@ def test_nf4_double_quant_is_close_and_smaller():
 
 def test_scales_double_quant_round_trip():
     s = torch.rand(1000) + 0.5
-    q, s2, m = F.quantize_scales(s)
+    q, s2, m = N.quantize_scales(s)
     assert q.shape == s.shape and s2.shape == (4,)
-    assert (F.dequantize_scales(q, s2, m) - s).abs().max() < 0.01
+    assert (N.dequantize_scales(q, s2, m) - s).abs().max() < 0.01
 
 
 @pytest.mark.parametrize(
@@ -111,7 +112,7 @@ def test_scales_double_quant_round_trip():
         (lambda: F.quantize_int(_w(), 4, 48), "group_size=48 is not supported"),
         (lambda: F.quantize_int(_w(k=96), 4, 64), "does not divide the input dimension 96"),
         (lambda: F.quantize_int(torch.zeros(3), 8), "2-D weight"),
-        (lambda: F.quantize_nf4(_w(k=96), 64), "does not divide"),
+        (lambda: N.quantize_nf4(_w(k=96), 64), "does not divide"),
     ],
 )
 def test_bad_arguments_name_the_fix(call, fragment):

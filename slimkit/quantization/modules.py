@@ -38,6 +38,7 @@ from torch import nn
 from slimkit.core.selection import linear_weight
 from slimkit.quantization import cuda_layout as C
 from slimkit.quantization import formats as Q
+from slimkit.quantization import nf4 as N
 from slimkit.quantization import observers as O
 
 KERNEL_DTYPE = torch.bfloat16
@@ -401,7 +402,7 @@ class NF4Linear(QuantLinear):
         n_blocks = in_features // block_size
         weight_buffer(self, "codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8), 2)
         if double_quant:
-            n_dq = -(-out_features * n_blocks // Q.DQ_BLOCK)
+            n_dq = -(-out_features * n_blocks // N.DQ_BLOCK)
             self.register_buffer("absmax_q", torch.zeros(out_features, n_blocks, dtype=torch.int8))
             self.register_buffer("absmax_scale", torch.ones(n_dq))
             self.register_buffer("absmax_mean", torch.zeros(()))
@@ -412,15 +413,15 @@ class NF4Linear(QuantLinear):
         return {**super().spec(), "block_size": self.block_size, "double_quant": self.double_quant}
 
     def set_weight(self, w: torch.Tensor) -> None:
-        qt = Q.quantize_nf4(w, self.block_size, self.double_quant)
+        qt = N.quantize_nf4(w, self.block_size, self.double_quant)
         self.codes.copy_(qt.codes)
         for name in ("absmax", "absmax_q", "absmax_scale", "absmax_mean"):
             if getattr(qt, name) is not None:
                 getattr(self, name).copy_(getattr(qt, name))
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        scales = self.absmax if not self.double_quant else Q.dequantize_scales(self.absmax_q, self.absmax_scale, self.absmax_mean)
-        return Q.dequantize_nf4(self.codes, scales, self.block_size, dtype)
+        scales = self.absmax if not self.double_quant else N.dequantize_scales(self.absmax_q, self.absmax_scale, self.absmax_mean)
+        return N.dequantize_nf4(self.codes, scales, self.block_size, dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize(KERNEL_DTYPE if x.dtype == torch.float32 else x.dtype)

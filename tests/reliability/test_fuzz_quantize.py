@@ -14,6 +14,7 @@ from hypothesis.extra.numpy import arrays
 
 from slimkit.core.errors import SlimkitError
 from slimkit.quantization import formats as F
+from slimkit.quantization import nf4 as N
 from slimkit.quantization.modules import WeightOnlyLinear
 
 FMAX = float(torch.finfo(torch.float32).max)
@@ -81,7 +82,7 @@ def test_int_and_nf4_refuse_nan_and_inf(wb, bits, symmetric, bad, where):
     with pytest.raises(SlimkitError, match="NaN or Inf"):
         F.quantize_int(w, bits, block, symmetric)
     with pytest.raises(SlimkitError, match="NaN or Inf"):
-        F.quantize_nf4(w, block)
+        N.quantize_nf4(w, block)
 
 
 @settings(max_examples=200, deadline=None)
@@ -90,7 +91,7 @@ def test_nf4_picks_the_nearest_level(wb, double_quant):
     w, block = wb
     ref = w.float()
     try:
-        qt = F.quantize_nf4(w, block, double_quant)
+        qt = N.quantize_nf4(w, block, double_quant)
     except SlimkitError as exc:  # only scales near float32's maximum
         assert double_quant and "double_quant=false" in str(exc)
         assert ref.abs().max() > FMAX * (1 - 2**-7)  # second-level rounding: up to 1/508 of the range
@@ -102,14 +103,14 @@ def test_nf4_picks_the_nearest_level(wb, double_quant):
     if not double_quant:  # a double-quantized scale may overshoot the block's absmax (see formats' docstring)
         assert torch.isfinite(qt.dequantize(w.dtype)).all()
     # every level of the block's grid, (N, B, b, 16): the stored one is the nearest to the weight / absmax
-    normed = ref.reshape(n, -1, block) / F.quantize_nf4(w, block).absmax[..., None]
-    dist = (normed[..., None] - F.nf4_code()).abs()
+    normed = ref.reshape(n, -1, block) / N.quantize_nf4(w, block).absmax[..., None]
+    dist = (normed[..., None] - N.nf4_code()).abs()
     chosen = F.unpack_int4(qt.codes).long().reshape(n, -1, block)
     assert (dist.gather(-1, chosen[..., None])[..., 0] <= dist.min(-1).values + 1e-6).all()
     assert (d.reshape(n, -1, block).abs() <= scales.abs()[..., None] * (1 + 2**-20)).all()  # double quant: a small scale can come back negative
     if double_quant:  # int8 scales around their mean: within half a second-level step of the fp32 scales
-        plain = F.quantize_nf4(w, block).absmax.reshape(-1)
-        step = qt.absmax_scale.repeat_interleave(F.DQ_BLOCK)[: plain.numel()]
+        plain = N.quantize_nf4(w, block).absmax.reshape(-1)
+        step = qt.absmax_scale.repeat_interleave(N.DQ_BLOCK)[: plain.numel()]
         assert ((scales.reshape(-1) - plain).abs() <= step / 2 + _slack(step * 254, plain, qt.absmax_mean)).all()
 
 
