@@ -1,7 +1,7 @@
 """Real model sizes on this machine: peak memory and wall time of slimkit on 1B-7B shapes.
 
     python benchmarks/big_models.py --work /tmp/big --shapes tinyllama-1.1b llama2-7b \
-        [--gptq-samples 16] [--seq-len 512] [--threads 2]
+        [--calibrate-on tinyllama-1.1b] [--samples 128] [--seq-len 512] [--threads 2]
 
 Builds random-init bf16 checkpoints of real shapes (written shard by shard, never whole
 in memory; vocabulary: SmolLM2's tokenizer, 49,152 tokens, so calibration text
@@ -9,8 +9,8 @@ tokenizes), then runs each command the way a user would, in its own process, and
 records that process's own peak resident memory (VmHWM, read as it exits) and wall time:
 
   * `slimkit quantize DIR --method int4` (round to nearest, block by block, streamed to disk);
-  * `slimkit quantize DIR --method gptq` (sequential calibration, `--gptq-samples` windows
-    of `--seq-len` tokens) on the shapes named by `--gptq-on`;
+  * `slimkit quantize DIR --method gptq` and `--method awq` (calibrated block by block on
+    `--samples` windows of `--seq-len` tokens) on the shapes named by `--calibrate-on`;
   * reloading the artifact with `slimkit.load` and generating 8 tokens greedily.
 
 Random weights make perplexity meaningless here; this measures memory and time only.
@@ -120,8 +120,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--gptq-on", nargs="*", default=["tinyllama-1.1b"], choices=list(SHAPES))
-    ap.add_argument("--gptq-samples", type=int, default=128)
+    ap.add_argument("--calibrate-on", nargs="*", default=["tinyllama-1.1b"], choices=list(SHAPES))
+    ap.add_argument("--methods", nargs="*", default=["int4", "gptq", "awq"], choices=["int4", "gptq", "awq"])
+    ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -133,15 +134,15 @@ def main() -> None:
         params = build(name, ckpt, tokenizer_dir)
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**30
         print(f"{name}: {params / 1e9:.2f}B parameters, {size:.1f} GiB bf16 ({time.perf_counter() - t:.0f} s to build)", flush=True)
-        jobs = [("int4", ["--method", "int4"])]
-        if name in args.gptq_on:
-            jobs.append(("gptq", ["--method", "gptq", "-o", f"calibration_samples={args.gptq_samples}", "-o", f"seq_len={args.seq_len}"]))
+        calibration = ["-o", f"calibration_samples={args.samples}", "-o", f"seq_len={args.seq_len}"]
+        jobs = [(m, ["--method", m] + (calibration if m != "int4" else [])) for m in args.methods
+                if m == "int4" or name in args.calibrate_on]
         for label, extra in jobs:
             out = args.work / f"{name}-{label}"
             wall, peak, _ = run(["quantize", str(ckpt), *extra, "--out", str(out), "--overwrite", "--threads", str(args.threads)], args.threads)
             art = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**30
             loaded, gen, reload_peak, text = reload(out, args.threads)
-            rows.append(dict(shape=name, params_b=params / 1e9, ckpt_gib=size, command=f"quantize --method {label}" + (f" ({args.gptq_samples}x{args.seq_len} tokens)" if label == "gptq" else ""),
+            rows.append(dict(shape=name, params_b=params / 1e9, ckpt_gib=size, command=f"quantize --method {label}" + (f" ({args.samples}x{args.seq_len} tokens)" if label != "int4" else ""),
                              peak_gib=peak, x_ckpt=peak / size, wall_s=wall, rate=params / wall, artifact_gib=art,
                              reload_s=loaded, reload_peak_gib=reload_peak, gen8_s=gen, text=text))
             print(json.dumps(rows[-1]), flush=True)

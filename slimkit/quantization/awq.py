@@ -370,7 +370,7 @@ def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
         return _finish(walk, head_scale, config)
     inputs = first_inputs(walk, batches, causal)
     walk.dtype = torch.float32  # blocks are calibrated in fp32, whatever the checkpoint holds
-    for i, (prefix, block) in enumerate(walk.blocks("Quantizing block by block (AWQ)")):
+    for i, (prefix, block) in enumerate(walk.blocks("Quantizing (AWQ)")):
         inside = [n for n in names if n.startswith(prefix + ".")]
         explicit: dict[str, torch.Tensor] = {}
         if inside:

@@ -125,7 +125,7 @@ def apply(model, config: GPTQConfig = GPTQConfig(), ctx: Context = Context()):
         return _whole(walk, names, batches, causal, config)
     inputs = first_inputs(walk, batches, causal)
     walk.dtype = torch.float32  # blocks are calibrated in fp32, whatever the checkpoint holds
-    for i, (prefix, block) in enumerate(walk.blocks("Quantizing block by block (GPTQ)")):
+    for i, (prefix, block) in enumerate(walk.blocks("Quantizing (GPTQ)")):
         inside = [n for n in names if n.startswith(prefix + ".")]
         hessians = Hessians(block, [n[len(prefix) + 1:] for n in inside])
         inputs.run(block, i, hessians.next_window)  # one pass of the float block: its Hessians, and the next block's inputs
