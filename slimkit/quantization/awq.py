@@ -360,13 +360,8 @@ def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
     if arch is None:  # no blocks known: the whole float model at once, every scale explicit
         model = walk.rest(torch.float32)
         explicit, head_scale = scale_whole_(model, None, names, head, batches, causal, config, importance)
-        hessians = Hessians(model, names if config.rounding == "gptq" else [])
-        with torch.inference_mode():
-            for ids in batches:
-                if hessians.names:
-                    hessians.next_window()
-                    _forward(model, ids, causal)
-        _quantize_layers(model, names, explicit, config, importance, hessians.close())
+        hessians = Hessians(model, names if config.rounding == "gptq" else []).over([lambda ids=ids: _forward(model, ids, causal) for ids in batches])
+        _quantize_layers(model, names, explicit, config, importance, hessians)
         return _finish(walk, head_scale, config)
     inputs = first_inputs(walk, batches, causal)
     walk.dtype = torch.float32  # blocks are calibrated in fp32, whatever the checkpoint holds
@@ -383,18 +378,14 @@ def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
             _quantize_layers(lm.model, inside, explicit, config, importance, hessians.close())
         cast_unquantized(block, config.compute_dtype)
     rest = walk.rest(torch.float32)
-    outside = [n for n in names if not any(n.startswith(p + ".") for p in walk.done)]
+    outside = walk.outside(names)
     head_scale = None
     if outside or head:  # the head (and any layer after the blocks) reads what the last block makes
         windows = after_blocks(rest, inputs, batches, causal)
         probe = windows[0]
         explicit, head_scale = scale_stage_(rest, arch, outside, head, windows, probe, config, importance=importance)
-        hessians = Hessians(rest, outside if config.rounding == "gptq" else [])
-        with torch.inference_mode():
-            for window in windows if hessians.names else []:
-                hessians.next_window()
-                window()
-        _quantize_layers(rest, outside, explicit, config, importance, hessians.close())
+        hessians = Hessians(rest, outside if config.rounding == "gptq" else []).over(windows)
+        _quantize_layers(rest, outside, explicit, config, importance, hessians)
     inputs.hidden.clear()  # the calibration activations go before the embeddings are quantized
     return _finish(walk, head_scale, config)
 

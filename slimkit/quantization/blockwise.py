@@ -83,6 +83,10 @@ class Walk:
             offload(module)
             release_memory()
 
+    def outside(self, names) -> list[str]:
+        """Those of `names` that lie in no block walked so far (a head, a pooler; all of them for an unknown layout)."""
+        return [n for n in names if not any(n.startswith(p + ".") for p in self.done)]
+
     def rest(self, dtype: torch.dtype | None = None, *, head: bool = True) -> nn.Module:
         """The model with everything outside the blocks read in (the blocks stay as they are);
         head=False leaves an untied head in the files (it is as large as the embedding)."""

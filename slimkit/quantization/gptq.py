@@ -85,6 +85,14 @@ class Hessians:
     def next_window(self) -> None:
         self.seen.clear()
 
+    def over(self, windows) -> dict[str, torch.Tensor]:
+        """Run each window (a call), then return the Hessians; no pass at all when no layer is hooked."""
+        with torch.inference_mode():
+            for window in windows if self.names else []:
+                self.next_window()
+                window()
+        return self.close()
+
     def close(self) -> dict[str, torch.Tensor]:
         for h in self.handles:
             h.remove()
@@ -133,15 +141,11 @@ def apply(model, config: GPTQConfig = GPTQConfig(), ctx: Context = Context()):
         if inside:
             _quantize_layers(block, prefix, inside, {f"{prefix}.{k}": v for k, v in found.items()}, config)
         cast_unquantized(block, config.compute_dtype)
-    outside = [n for n in names if not any(n.startswith(p + ".") for p in walk.done)]
+    outside = walk.outside(names)
     if outside:  # layers after the blocks (a head that is not ignored, a pooler) read what the last block makes
         rest = walk.rest()
-        hessians = Hessians(rest, outside)
-        with torch.inference_mode():
-            for window in after_blocks(rest, inputs, batches, causal):
-                hessians.next_window()
-                window()
-        _quantize_layers(rest, "", outside, hessians.close(), config)
+        hessians = Hessians(rest, outside).over(after_blocks(rest, inputs, batches, causal))
+        _quantize_layers(rest, "", outside, hessians, config)
     inputs.hidden.clear()
     return _finish(walk, config)
 
@@ -149,13 +153,8 @@ def apply(model, config: GPTQConfig = GPTQConfig(), ctx: Context = Context()):
 def _whole(walk, names: list[str], batches: list, causal: bool, config: GPTQConfig):
     """A model the adapter does not know: one pass of the whole float model collects every Hessian."""
     model = walk.rest(torch.float32)
-    hessians = Hessians(model, names)
-    with torch.inference_mode():
-        for ids in batches:
-            hessians.next_window()
-            ids = ids.to(model.device)
-            model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
-    _quantize_layers(model, "", names, hessians.close(), config)
+    windows = [lambda ids=ids.to(model.device): model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids) for ids in batches]
+    _quantize_layers(model, "", names, Hessians(model, names).over(windows), config)
     return _finish(walk, config)
 
 

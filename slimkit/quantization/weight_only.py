@@ -96,7 +96,7 @@ def _apply(model, config, name: str, make, ctx: Context):
             _replace(block, prefix, names, make)
             cast_unquantized(block, config.compute_dtype)
         rest = walk.rest()
-        _replace(rest, "", names - {n for n in names if any(n.startswith(p + ".") for p in walk.done)}, make)
+        _replace(rest, "", set(walk.outside(names)), make)
     if config.embeddings:
         quantize_embeddings(rest, grid=head_grid(config))
     cast_unquantized(rest, config.compute_dtype)
