@@ -74,6 +74,17 @@ def test_a_walk_holds_one_block_at_a_time(checkpoint):
     assert all(p.is_meta for p in lm.model.model.layers.parameters())  # each went to the shards after
 
 
+def test_recording_the_first_inputs_reads_no_block(checkpoint):
+    """Calibrated methods first run the model up to block 0; reading the blocks for it would read the whole model."""
+    from slimkit.quantization.blockwise import first_inputs
+
+    lm = load(checkpoint, lazy=True)
+    inputs = first_inputs(start(lm, stream=True), [torch.tensor([[1, 5, 9, 200]])] * 2, causal=True)
+    assert all(p.is_meta for p in lm.model.model.layers.parameters())
+    assert not lm.model.model.embed_tokens.weight.is_meta and lm.model.lm_head.weight.is_meta  # the head is not needed either
+    assert len(inputs.hidden) == 2 and len(inputs.kwargs[0]) == 3 and inputs.hidden[0].shape == (1, 4, 64)
+
+
 @pytest.mark.parametrize("layout", ["slimkit", "compressed-tensors"])
 def test_sharded_artifacts_reload_exactly(checkpoint, tmp_path, monkeypatch, layout):
     import slimkit.io.artifacts as A

@@ -87,13 +87,17 @@ class Walk:
         """Those of `names` that lie in no block walked so far (a head, a pooler; all of them for an unknown layout)."""
         return [n for n in names if not any(n.startswith(p + ".") for p in self.done)]
 
-    def rest(self, dtype: torch.dtype | None = None, *, head: bool = True) -> nn.Module:
-        """The model with everything outside the blocks read in (the blocks stay as they are);
-        head=False leaves an untied head in the files (it is as large as the embedding)."""
+    def rest(self, dtype: torch.dtype | None = None, *, head: bool = True, blocks: bool = True) -> nn.Module:
+        """The model with everything outside the blocks read in (the blocks walked so far stay as they are);
+        head=False leaves an untied head in the files (it is as large as the embedding), blocks=False
+        the blocks not yet walked (before the walk: reading them would read the whole model)."""
         model = self.lm.model
         out, emb = model.get_output_embeddings(), model.get_input_embeddings()
         untied = out is not None and emb is not None and getattr(out, "weight", None) is not getattr(emb, "weight", None)
         skip = (next(n for n, m in model.named_modules() if m is out),) if not head and untied else ()
+        if not blocks:
+            arch = find(model)
+            skip += tuple(b.name for b in arch.blocks) if arch else ()
         self.load(model, "", dtype, skip)
         return model
 
@@ -207,7 +211,7 @@ def after_blocks(model: nn.Module, inputs: Inputs, batches: list[torch.Tensor], 
 
 def first_inputs(walk: Walk, batches: list[torch.Tensor], causal: bool) -> Inputs:
     """Block 0's inputs and every block's keyword arguments, for each calibration window."""
-    model = walk.rest(torch.float32, head=False)  # the forward stops before the head
+    model = walk.rest(torch.float32, head=False, blocks=False)  # the forward stops at the first block, the recorders at none
     arch = adapter(model, "block-by-block quantization", WAY_OUT)
     names = [b.name for b in arch.blocks]
     real = [model.get_submodule(n) for n in names]
