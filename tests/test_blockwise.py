@@ -14,10 +14,10 @@ import torch
 from conftest import invoke_json
 
 import slimkit
+from slimkit.io.blockwise import start
 from slimkit.io.lazy import is_lazy
 from slimkit.io.loader import load
 from slimkit.io.resources import blockwise_estimate, guard
-from slimkit.quantization.blockwise import start
 
 METHODS = [("int4-wo", {}), ("int8-wo", {"embeddings": False}), ("gptq", {"calibration_samples": 2, "seq_len": 32}),
            ("awq", {"calibration_samples": 2, "seq_len": 32, "grid": 4})]
@@ -76,13 +76,13 @@ def test_a_walk_holds_one_block_at_a_time(checkpoint):
 
 def test_recording_the_first_inputs_reads_no_block(checkpoint):
     """Calibrated methods first run the model up to block 0; reading the blocks for it would read the whole model."""
-    from slimkit.quantization.blockwise import first_inputs
+    from slimkit.io.blockwise import first_inputs
 
     lm = load(checkpoint, lazy=True)
     inputs = first_inputs(start(lm, stream=True), [torch.tensor([[1, 5, 9, 200]])] * 2, causal=True)
     assert all(p.is_meta for p in lm.model.model.layers.parameters())
     assert not lm.model.model.embed_tokens.weight.is_meta and lm.model.lm_head.weight.is_meta  # the head is not needed either
-    assert len(inputs.hidden) == 2 and len(inputs.kwargs[0]) == 3 and inputs.hidden[0].shape == (1, 4, 64)
+    assert len(inputs.hidden) == 2 and len(inputs.calls[0]) == 3 and inputs.hidden[0].shape == (1, 4, 64)
 
 
 @pytest.mark.parametrize("layout", ["slimkit", "compressed-tensors"])

@@ -40,6 +40,7 @@ from slimkit.distillation.method import DistillConfig, apply
 from slimkit.exporters import ExportConfig, export
 from slimkit.exporters import summary as export_summary
 from slimkit.io.artifacts import check_destination, check_layout, read_manifest, save
+from slimkit.io.blockwise import METHODS as BLOCKWISE
 from slimkit.io.model import placed
 from slimkit.io.serving import how_to_serve
 from slimkit.io.sources import DEFAULT_MODEL
@@ -48,7 +49,6 @@ from slimkit.measure.speed import benchmark, dir_size_mb
 from slimkit.pruning import cli_options, prune
 from slimkit.pruning import summary as prune_summary
 from slimkit.quantization import quantize
-from slimkit.quantization.blockwise import METHODS as BLOCKWISE
 from slimkit.quantization.common import quantized_modules
 from slimkit.quantization.ranking import sensitivity
 from slimkit.report import recommendation

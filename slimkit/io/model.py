@@ -65,7 +65,7 @@ def copy_model(lm: LoadedModel, suffix: str, *, lazy: bool = False) -> LoadedMod
     instead: one fp32 copy of the model in memory, not two. A lazy model (its
     weights still in their files) is read afresh from the files instead of
     copied; `lazy=True`, for a technique that goes block by block
-    (`quantization.blockwise`), keeps the copy lazy: no memory at all.
+    (`io.blockwise`), keeps the copy lazy: no memory at all.
     """
     if lm.weights is not None:
         from slimkit.io.lazy import materialize, open_lazy

@@ -42,10 +42,10 @@ from slimkit.core.data import TextSource, calibration_source
 from slimkit.core.hardware import resolve_device
 from slimkit.core.options import apply, make_config
 from slimkit.core.registry import Context
+from slimkit.io.blockwise import read_whole
 from slimkit.io.loader import load
 from slimkit.io.model import LoadedModel, on_device
 from slimkit.quantization import aliases, awq, cast, checkpoint, dynamic_int8, gptq, mixed, qat, static_int8, weight_only  # noqa: F401  (they register)
-from slimkit.quantization.blockwise import read_whole
 
 
 def quantize(model: LoadedModel | str, method: str, *, data: TextSource | str | None = None, seed: int = 0,

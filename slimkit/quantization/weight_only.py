@@ -31,8 +31,8 @@ from torch import nn
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Context, register
 from slimkit.core.selection import select_linears, set_module
+from slimkit.io.blockwise import start
 from slimkit.io.model import copy_model
-from slimkit.quantization.blockwise import start
 from slimkit.quantization.common import QuantizeOptions, cast_unquantized
 from slimkit.quantization.embedding import check_embedding_bits, head_grid, quantize_embeddings
 from slimkit.quantization.formats import GROUP_SIZES, check_zero_point
