@@ -19,8 +19,11 @@ from slimkit.io.lazy import is_lazy
 from slimkit.io.loader import load
 from slimkit.io.resources import blockwise_estimate, guard
 
-METHODS = [("int4-wo", {}), ("int8-wo", {"embeddings": False}), ("gptq", {"calibration_samples": 2, "seq_len": 32}),
-           ("awq", {"calibration_samples": 2, "seq_len": 32, "grid": 4})]
+CAL = {"calibration_samples": 2, "seq_len": 32}
+METHODS = [("int4-wo", {}), ("int8-wo", {"embeddings": False}), ("gptq", CAL), ("awq", {**CAL, "grid": 4}), ("int8-dynamic", {}),
+           ("int8-dynamic", {**CAL, "smooth_alpha": 0.5}), ("int8-static", CAL), ("int8-static", {**CAL, "smooth_alpha": 0.5, "observer": "mse"})]
+IDS = [m + ("-calibrated" if "smooth_alpha" in o else "") for m, o in METHODS]
+CALIBRATED = [(m, o) for m, o in METHODS if "calibration_samples" in o]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def _state(path):
     return lm, lm.model.state_dict()
 
 
-@pytest.mark.parametrize("method,options", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("method,options", METHODS, ids=IDS)
 def test_a_streamed_lazy_model_saves_the_same_artifact_as_in_memory(checkpoint, tmp_path, method, options):
     in_memory = slimkit.save(slimkit.quantize(load(checkpoint), method, **options), tmp_path / "memory")
     lazy = load(checkpoint, dtype=torch.float32, lazy=True)
@@ -72,6 +75,22 @@ def test_a_walk_holds_one_block_at_a_time(checkpoint):
     assert [p for p, _ in seen] == [f"model.layers.{i}" for i in range(3)]
     assert all(real == {prefix.split(".")[-1]} for prefix, real in seen)  # only the block being worked on
     assert all(p.is_meta for p in lm.model.model.layers.parameters())  # each went to the shards after
+
+
+@pytest.mark.parametrize("method,options", CALIBRATED, ids=[IDS[METHODS.index(c)] for c in CALIBRATED])
+def test_a_calibrated_method_holds_one_block_at_a_time(checkpoint, tmp_path, monkeypatch, method, options):
+    from slimkit.io.blockwise import Walk
+
+    held, finish = [], Walk.finish_part
+
+    def watch(self, module, prefix):
+        held.append((prefix, {n.split(".")[2] for n, p in self.lm.model.named_parameters() if n.startswith("model.layers.") and not p.is_meta}))
+        finish(self, module, prefix)
+
+    monkeypatch.setattr(Walk, "finish_part", watch)
+    slimkit.quantize(load(checkpoint, lazy=True), method, stream=str(tmp_path), **options)
+    assert [p for p, _ in held] == [f"model.layers.{i}" for i in range(3)]
+    assert all(real == {prefix.split(".")[-1]} for prefix, real in held)
 
 
 def test_recording_the_first_inputs_reads_no_block(checkpoint):

@@ -45,7 +45,7 @@ from slimkit.io.model import LoadedModel, copy_model
 from slimkit.io.shards import ShardWriter
 
 STREAM_SHARD_BYTES = 256 * 2**20  # what is held before it is written, and what `save` converts at once
-METHODS = ("int4-wo", "int4", "int8-wo", "nf4", "gptq", "awq", "int8")  # what walks block by block (and streams a lazy model)
+METHODS = ("int4-wo", "int4", "int8-wo", "nf4", "gptq", "awq", "int8", "int8-dynamic", "int8-static")  # what walks block by block (and streams a lazy model)
 WAY_OUT = "quantize it with a method that needs no calibration (int4-wo, int8-wo, nf4)"
 
 
