@@ -1,5 +1,6 @@
-"""Block by block: quantize a model one transformer block at a time, so that memory holds one
-block, never the model.
+"""Block by block: quantize or prune a model one transformer block at a time, so that memory
+holds one block, never the model. (It lives below the techniques, which never import one
+another, because quantization and pruning both walk.)
 
 `walk(lm, ...)` yields each block of the model (through the architecture adapter,
 `core.adapter`) for the technique to change in place. With a lazy model (its
@@ -10,16 +11,20 @@ modules outside the blocks (embeddings, final norm, head) come last (`rest`).
 
 Calibrated methods go block by block: `Inputs` holds the inputs of the block about
 to be changed, for every calibration window; the method measures its statistics on
-them (GPTQ's Hessians, AWQ's activation magnitudes), runs the float block on them to
-get the next block's inputs, and quantizes the block. So the statistics are the
+them (GPTQ's Hessians, AWQ's activation magnitudes, SmoothQuant's channel ranges,
+static int8's observers, Wanda's input norms), runs the float block on them to
+get the next block's inputs, and changes the block. `calibrate` is that loop for the
+methods whose statistics are forward hooks on the block's layers (a `Collector`):
+every method but AWQ, whose scale search runs the block itself. So the statistics are the
 float model's, as in one pass of the whole model, and peak memory is one block's
 weights plus one block's activations for the calibration windows. (Feeding each
 block what the already quantized blocks produce instead, as the GPTQ paper does,
 scored worse on SmolLM2-135M: GPTQ, 16 windows of 512 tokens, perplexity 15.117
 against 14.925 from float inputs.) The
-keyword arguments the model passes each block (rotary position embeddings, masks,
-which differ between layers in models with sliding windows) are recorded once, in a
-forward pass in which every block is replaced by a recorder that returns its input.
+arguments the model passes each block besides its input (rotary position embeddings,
+masks, which differ between layers in models with sliding windows; BERT and GPT-2
+pass their masks positionally) are recorded once, in a forward pass in which every
+block is replaced by a recorder that returns its input.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from slimkit.io.model import LoadedModel, copy_model
 from slimkit.io.shards import ShardWriter
 
 STREAM_SHARD_BYTES = 256 * 2**20  # what is held before it is written, and what `save` converts at once
-METHODS = ("int4-wo", "int4", "int8-wo", "nf4", "gptq", "awq", "int8", "int8-dynamic", "int8-static")  # what walks block by block (and streams a lazy model)
+METHODS = ("int4-wo", "int4", "int8-wo", "nf4", "gptq", "awq", "int8", "int8-dynamic", "int8-static",
+           "wanda", "magnitude")  # what walks block by block (and streams a lazy model): quantize, then prune methods
 WAY_OUT = "quantize it with a method that needs no calibration (int4-wo, int8-wo, nf4)"
 
 
@@ -270,7 +276,8 @@ class Collector(Protocol):
 
 
 Collect = Callable[[nn.Module, list[str], dict], Collector]  # (part, its layers' names in it, what the passes before found)
-Change = Callable[[nn.Module, list[str], dict], None]  # (part, its layers' names in it, what the last pass found): change them in place
+Change = Callable[[nn.Module, str, list[str], dict], None]  # (part, its qualified name: "" for the model, its layers' names in it,
+#                                                           what the last pass found): change them in place
 
 
 def calibrate(walk: Walk, names: list[str], batches: list, causal: bool, passes: Sequence[Collect], change: Change, label: str,
@@ -288,23 +295,23 @@ def calibrate(walk: Walk, names: list[str], batches: list, causal: bool, passes:
     """
     if not passes:
         for prefix, block in walk.blocks(label):
-            change(block, _under(names, prefix), {})
+            change(block, prefix, _under(names, prefix), {})
         rest = walk.rest()
-        change(rest, walk.outside(names), {})
+        change(rest, "", walk.outside(names), {})
         return
     if find(walk.lm.model) is None:  # no blocks known: the whole model at once
         model = walk.rest(dtype)
-        _passes(model, names, passes, [lambda b=b: run_model(model, b, causal) for b in batches], change)
+        _passes(model, "", names, passes, [lambda b=b: run_model(model, b, causal) for b in batches], change)
         return
     inputs = first_inputs(walk, batches, causal, dtype)
     walk.dtype = dtype
     for i, (prefix, block) in enumerate(walk.blocks(label)):
         windows = [lambda w=w: inputs.call(block, i, w) for w in range(len(batches))]
-        _passes(block, _under(names, prefix), passes, windows, change, advance=lambda c: inputs.run(block, i, c.next_window))
+        _passes(block, prefix, _under(names, prefix), passes, windows, change, advance=lambda c: inputs.run(block, i, c.next_window))
     outside = walk.outside(names)
     if outside:  # layers after the blocks read what the last block makes
         rest = walk.rest()
-        _passes(rest, outside, passes, after_blocks(rest, inputs, batches, causal), change)
+        _passes(rest, "", outside, passes, after_blocks(rest, inputs, batches, causal), change)
     inputs.hidden.clear()
 
 
@@ -313,7 +320,7 @@ def _under(names: list[str], prefix: str) -> list[str]:
     return [n[len(prefix) + 1:] for n in names if n.startswith(prefix + ".")]
 
 
-def _passes(part: nn.Module, names: list[str], passes: Sequence[Collect], windows: list, change: Change, advance=None) -> None:
+def _passes(part: nn.Module, prefix: str, names: list[str], passes: Sequence[Collect], windows: list, change: Change, advance=None) -> None:
     """Each pass over `part`'s windows (the last through `advance`, which also makes the next inputs), then `change`."""
     found: dict = {}
     for k, collect in enumerate(passes):
@@ -329,4 +336,4 @@ def _passes(part: nn.Module, names: list[str], passes: Sequence[Collect], window
                     collector.next_window()
                     window()
         found = collector.close()
-    change(part, names, found)
+    change(part, prefix, names, found)

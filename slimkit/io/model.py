@@ -42,8 +42,9 @@ class LoadedModel:
             return self.model.slimkit_parameters
         seen, total = set(), 0
         for p in self.model.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
+            key = id(p) if p.is_meta else p.data_ptr()  # a lazy or streamed model's tensors have no memory, hence no address
+            if key not in seen:
+                seen.add(key)
                 total += p.numel()
         for b in self.model.buffers():  # packed quantized weights live in buffers;
             # `_slimkit_weight` is True or the number of weights per element (2 for packed int4)

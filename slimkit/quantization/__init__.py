@@ -61,7 +61,7 @@ def quantize(model: LoadedModel | str, method: str, *, data: TextSource | str | 
     be a transformers model object, with `tokenizer=` for the methods that
     calibrate; it is copied, never changed. With a lazy model
     (`load(path, lazy=True)`) and `stream=True`, the methods that go block by
-    block (int4-wo, int8-wo, nf4, gptq, awq) write each finished block to disk, and
+    block (int4-wo, int8-wo, nf4, gptq, awq, int8-dynamic, int8-static) write each finished block to disk, and
     the result is only for `slimkit.save` (which takes those files as they are):
     memory then holds one block, never the model.
 

@@ -20,7 +20,9 @@ scale cannot isolate: `smooth_alpha` turns on SmoothQuant (smoothing.py),
 calibrated on the calibration split, which divides those channels down
 before quantization and multiplies the weights' columns up to compensate.
 The factors are kept in each layer (one extra multiply per call) rather than
-folded into the preceding norm, so it works on any architecture.
+folded into the preceding norm, so it works on any architecture. The ranges
+are taken block by block on the float model's inputs to each block
+(`blockwise.calibrate`), the same ranges as one whole-model pass gives.
 """
 
 from __future__ import annotations
@@ -66,9 +68,9 @@ def apply(model, config: Int8DynamicConfig = Int8DynamicConfig(), ctx: Context =
         batches = require_batches(D.calibration_batches(lm.tokenizer, ctx.calibration(), config.seq_len, config.calibration_samples, batch_size=1))
         passes = [lambda part, layers, _: InputAbsMax(part, layers)]
 
-    def change(part, layers, ranges):
+    def change(part, prefix, layers, ranges):
         _quantize_layers(part, layers, ranges, config.smooth_alpha)
-        if part is not lm.model:  # a block; the rest is cast at the end
+        if prefix:  # a block; the rest is cast at the end
             cast_unquantized(part, config.compute_dtype)
 
     with torch.no_grad():

@@ -128,9 +128,9 @@ def apply(model, config: GPTQConfig = GPTQConfig(), ctx: Context = Context()):
         check_group(linear_weight(lm.model.get_submodule(name)).shape[1], config.group_size)
     batches = require_batches(D.calibration_batches(lm.tokenizer, ctx.calibration(), config.seq_len, config.calibration_samples, batch_size=1))
 
-    def change(part, layers, hessians):
+    def change(part, prefix, layers, hessians):
         _quantize_layers(part, layers, hessians, config)
-        if part is not lm.model:  # a block; the rest is cast once its embeddings are done
+        if prefix:  # a block; the rest is cast once its embeddings are done
             cast_unquantized(part, config.compute_dtype)
 
     calibrate(walk, names, batches, lm.kind == CAUSAL_LM, [lambda part, layers, _: Hessians(part, layers)], change, "Quantizing (GPTQ)")

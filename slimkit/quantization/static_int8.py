@@ -11,9 +11,12 @@ elementwise work either way.
 Calibration: forward pre-hooks on the selected linears stream the inputs of
 `calibration_samples` windows of the calibration split (never evaluation) into one
 observer per layer (observers.py: minmax, percentile, entropy, mse), which
-keeps running statistics, never the activations. With `smooth_alpha` a first
-pass collects per-input-channel ranges for SmoothQuant (smoothing.py) and a
-second pass observes the smoothed inputs.
+keeps running statistics, never the activations. It goes block by block
+(`blockwise.calibrate`) on the float model's inputs to each block, so a lazy model
+is read a block at a time. With `smooth_alpha` each block is run twice: first for
+the per-input-channel ranges of SmoothQuant (smoothing.py), then the observers see
+the smoothed inputs; smoothing does not change the block's float output, so both
+passes fit in one walk where the whole-model path needed two.
 
 Trade-off: one scale per layer input (per tensor) must cover every token.
 In LLMs a few tokens (the first one, delimiters) and a few hidden channels
@@ -123,7 +126,7 @@ def apply(model, config: Int8StaticConfig = Int8StaticConfig(), ctx: Context = C
     if config.smooth_alpha is not None:  # the channel ranges first, then the smoothed inputs: two runs of each block
         ranges = lambda part, layers, _: ObserveInputs(part, layers, lambda: Observer("minmax", per_channel=True))  # noqa: E731
         passes = [ranges, lambda part, layers, found: ObserveInputs(part, layers, make, _smoothing(part, found, config.smooth_alpha))]
-    calibrate(walk, names, batches, lm.kind == CAUSAL_LM, passes, lambda part, layers, found: _quantize_layers(part, layers, found, config),
+    calibrate(walk, names, batches, lm.kind == CAUSAL_LM, passes, lambda part, _, layers, found: _quantize_layers(part, layers, found, config),
               "Quantizing (int8 static)")
     walk.rest()
     return walk.close().record("quantize", "int8-static", config)
