@@ -14,13 +14,16 @@ import torch
 from conftest import invoke_json
 
 import slimkit
+from slimkit.io.blockwise import start
 from slimkit.io.lazy import is_lazy
 from slimkit.io.loader import load
 from slimkit.io.resources import blockwise_estimate, guard
-from slimkit.quantization.blockwise import start
 
-METHODS = [("int4-wo", {}), ("int8-wo", {"embeddings": False}), ("gptq", {"calibration_samples": 2, "seq_len": 32}),
-           ("awq", {"calibration_samples": 2, "seq_len": 32, "grid": 4})]
+CAL = {"calibration_samples": 2, "seq_len": 32}
+METHODS = [("int4-wo", {}), ("int8-wo", {"embeddings": False}), ("gptq", CAL), ("awq", {**CAL, "grid": 4}), ("int8-dynamic", {}),
+           ("int8-dynamic", {**CAL, "smooth_alpha": 0.5}), ("int8-static", CAL), ("int8-static", {**CAL, "smooth_alpha": 0.5, "observer": "mse"})]
+IDS = [m + ("-calibrated" if "smooth_alpha" in o else "") for m, o in METHODS]
+CALIBRATED = [(m, o) for m, o in METHODS if "calibration_samples" in o]
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +46,18 @@ def _state(path):
     return lm, lm.model.state_dict()
 
 
-@pytest.mark.parametrize("method,options", METHODS, ids=[m for m, _ in METHODS])
-def test_a_streamed_lazy_model_saves_the_same_artifact_as_in_memory(checkpoint, tmp_path, method, options):
-    in_memory = slimkit.save(slimkit.quantize(load(checkpoint), method, **options), tmp_path / "memory")
+PRUNE = [("wanda", {**CAL, "batch_size": 2}), ("magnitude", {}), ("magnitude", {**CAL, "importance": "activation"})]
+PRUNE_IDS = ["wanda", "magnitude", "magnitude-activation"]
+BOTH = [("quantize", m, o) for m, o in METHODS] + [("prune", m, o) for m, o in PRUNE]
+
+
+@pytest.mark.parametrize("stage,method,options", BOTH, ids=IDS + PRUNE_IDS)
+def test_a_streamed_lazy_model_saves_the_same_artifact_as_in_memory(checkpoint, tmp_path, stage, method, options):
+    apply = slimkit.quantize if stage == "quantize" else slimkit.prune
+    in_memory = slimkit.save(apply(load(checkpoint), method, **options), tmp_path / "memory")
     lazy = load(checkpoint, dtype=torch.float32, lazy=True)
     assert is_lazy(lazy.model)
-    q = slimkit.quantize(lazy, method, stream=str(tmp_path), **options)
+    q = apply(lazy, method, stream=str(tmp_path), **options)
     assert q.staged is not None and not any(p.device.type != "meta" for p in q.model.parameters())  # nothing kept in memory
     streamed = slimkit.save(q, tmp_path / "streamed")
     a, sa = _state(in_memory)
@@ -74,15 +83,32 @@ def test_a_walk_holds_one_block_at_a_time(checkpoint):
     assert all(p.is_meta for p in lm.model.model.layers.parameters())  # each went to the shards after
 
 
+@pytest.mark.parametrize("method,options", CALIBRATED + PRUNE[:1], ids=[IDS[METHODS.index(c)] for c in CALIBRATED] + ["wanda"])
+def test_a_calibrated_method_holds_one_block_at_a_time(checkpoint, tmp_path, monkeypatch, method, options):
+    from slimkit.io.blockwise import Walk
+
+    held, finish = [], Walk.finish_part
+
+    def watch(self, module, prefix):
+        held.append((prefix, {n.split(".")[2] for n, p in self.lm.model.named_parameters() if n.startswith("model.layers.") and not p.is_meta}))
+        finish(self, module, prefix)
+
+    monkeypatch.setattr(Walk, "finish_part", watch)
+    apply = slimkit.prune if method == "wanda" else slimkit.quantize
+    apply(load(checkpoint, lazy=True), method, stream=str(tmp_path), **options)
+    assert [p for p, _ in held] == [f"model.layers.{i}" for i in range(3)]
+    assert all(real == {prefix.split(".")[-1]} for prefix, real in held)
+
+
 def test_recording_the_first_inputs_reads_no_block(checkpoint):
     """Calibrated methods first run the model up to block 0; reading the blocks for it would read the whole model."""
-    from slimkit.quantization.blockwise import first_inputs
+    from slimkit.io.blockwise import first_inputs
 
     lm = load(checkpoint, lazy=True)
     inputs = first_inputs(start(lm, stream=True), [torch.tensor([[1, 5, 9, 200]])] * 2, causal=True)
     assert all(p.is_meta for p in lm.model.model.layers.parameters())
     assert not lm.model.model.embed_tokens.weight.is_meta and lm.model.lm_head.weight.is_meta  # the head is not needed either
-    assert len(inputs.hidden) == 2 and len(inputs.kwargs[0]) == 3 and inputs.hidden[0].shape == (1, 4, 64)
+    assert len(inputs.hidden) == 2 and len(inputs.calls[0]) == 3 and inputs.hidden[0].shape == (1, 4, 64)
 
 
 @pytest.mark.parametrize("layout", ["slimkit", "compressed-tensors"])
@@ -149,3 +175,31 @@ def test_shards_keep_every_tensor_when_memory_is_reused_and_tied_ones_once(tmp_p
     assert all(float(stored[f"layer{i}.weight"][0]) == i for i in range(12))
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
     assert sorted(index) == sorted(stored)
+
+
+def test_prune_cli_streams_a_checkpoint_and_the_artifact_reloads(checkpoint, tmp_path):
+    """The checkpoint is bf16 and the CLI loads it as it is: block by block it is read in fp32, as loading it whole gives."""
+    info = invoke_json("prune", str(checkpoint), "--method", "wanda", "--sparsity", "0.5", "-o", "calibration_samples=2", "-o", "seq_len=32",
+                       "--out", str(tmp_path / "p"))
+    assert info["sparsity"] == pytest.approx(0.5, abs=0.01) and info["parameters_before"] == info["parameters_after"]
+    back = slimkit.load(tmp_path / "p")
+    whole = slimkit.prune(load(checkpoint), "wanda", sparsity=0.5, calibration_samples=2, seq_len=32)
+    ours, ref = back.model.state_dict(), whole.model.state_dict()
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert back.manifest["recipe"][-1]["achieved_sparsity"] == whole.manifest["recipe"][-1]["achieved_sparsity"] == info["sparsity"]
+    assert info["parameters_before"] == load(checkpoint).num_parameters()
+    assert not list(tmp_path.glob(".slimkit-stream-*/*"))
+    lazy = slimkit.prune(load(checkpoint, lazy=True), "wanda", sparsity=0.5, calibration_samples=2, seq_len=32, stream=True)
+    assert lazy.manifest["prune_report"] == whole.manifest["prune_report"]  # every layer's sparsity, counted as the blocks went by
+
+
+def test_pruning_that_needs_the_whole_model_reads_a_lazy_one_whole(checkpoint):
+    """One threshold across layers needs every layer's scores at once: the lazy model is read whole, nothing streams."""
+    options = {"sparsity": 0.5, "scope": "global", "importance": "activation", **CAL}
+    whole = slimkit.prune(load(checkpoint), "magnitude", **options)
+    lazy = slimkit.prune(load(checkpoint, dtype=torch.float32, lazy=True), "magnitude", stream=True, **options)
+    assert lazy.staged is None and not is_lazy(lazy.model)
+    a, b = whole.model.state_dict(), lazy.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    layers = whole.manifest["prune_report"]["sparsity"]["layers"]
+    assert min(layers.values()) < 0.45 < 0.55 < max(layers.values())  # one threshold: the layers lose unequal shares

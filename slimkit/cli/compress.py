@@ -40,6 +40,7 @@ from slimkit.distillation.method import DistillConfig, apply
 from slimkit.exporters import ExportConfig, export
 from slimkit.exporters import summary as export_summary
 from slimkit.io.artifacts import check_destination, check_layout, read_manifest, save
+from slimkit.io.blockwise import METHODS as BLOCKWISE
 from slimkit.io.model import placed
 from slimkit.io.serving import how_to_serve
 from slimkit.io.sources import DEFAULT_MODEL
@@ -47,8 +48,8 @@ from slimkit.measure.quality import EvalConfig, evaluate
 from slimkit.measure.speed import benchmark, dir_size_mb
 from slimkit.pruning import cli_options, prune
 from slimkit.pruning import summary as prune_summary
+from slimkit.pruning.unstructured import by_block, calibrates
 from slimkit.quantization import quantize
-from slimkit.quantization.blockwise import METHODS as BLOCKWISE
 from slimkit.quantization.common import quantized_modules
 from slimkit.quantization.ranking import sensitivity
 from slimkit.report import recommendation
@@ -102,12 +103,14 @@ def quantize_cmd(
     emit(as_json, info, [table(f"Quantized {model} with {method}", [(k, str(v)) for k, v in info.items()])], served=path)
 
 
-def _calibration(method: str, options: dict) -> dict | None:
+def _calibration(method: str, options: dict, stage: str = "quantize") -> dict | None:
     """What the memory guard needs of a method that goes block by block: its calibration windows ({} for none); None otherwise."""
     if method not in BLOCKWISE:
         return None
-    config = make_config(method, options, "quantize")
-    samples = getattr(config, "calibration_samples", 0)
+    config = make_config(method, options, stage)
+    if stage == "prune" and not by_block(config):
+        return None  # read whole
+    samples = getattr(config, "calibration_samples", 0) if stage == "quantize" or calibrates(config) else 0
     return {"samples": samples, "seq_len": config.seq_len} if samples else {}
 
 
@@ -162,9 +165,12 @@ def prune_cmd(
     options = {**parse_options(name, option or [], "prune"), **options}
     device = resolve_device(device)
     data = calibration_source(data)
-    check_memory("training" if options.get("recover_minutes") else "prune", model, max_memory)
-    lm = load_model(model, "auto", threads, trust_remote_code)
-    pruned = prune(lm, name, data=data, seed=seed, device=device, **options)
+    blockwise = _calibration(name, options, "prune") if device == "cpu" else None
+    check_memory("training" if options.get("recover_minutes") else "prune", model, max_memory, blockwise=blockwise)
+    # on the CPU, wanda and magnitude read one block from the files at a time and write it out when done (see `prune`)
+    lazy = blockwise is not None
+    lm = load_model(model, "auto", threads, trust_remote_code, lazy=lazy)
+    pruned = prune(lm, name, data=data, seed=seed, device=device, stream=str(Path(out_dir).expanduser().absolute().parent) if lazy else False, **options)
     with placed(pruned, device="cpu"):  # saved from CPU tensors: the same files whatever the device
         path = save(pruned, out_dir, overwrite=overwrite)
     info = {**prune_summary(pruned, lm.num_parameters()), "out": str(path)}

@@ -42,8 +42,9 @@ class LoadedModel:
             return self.model.slimkit_parameters
         seen, total = set(), 0
         for p in self.model.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
+            key = id(p) if p.is_meta else p.data_ptr()  # a lazy or streamed model's tensors have no memory, hence no address
+            if key not in seen:
+                seen.add(key)
                 total += p.numel()
         for b in self.model.buffers():  # packed quantized weights live in buffers;
             # `_slimkit_weight` is True or the number of weights per element (2 for packed int4)
@@ -65,7 +66,7 @@ def copy_model(lm: LoadedModel, suffix: str, *, lazy: bool = False) -> LoadedMod
     instead: one fp32 copy of the model in memory, not two. A lazy model (its
     weights still in their files) is read afresh from the files instead of
     copied; `lazy=True`, for a technique that goes block by block
-    (`quantization.blockwise`), keeps the copy lazy: no memory at all.
+    (`io.blockwise`), keeps the copy lazy: no memory at all.
     """
     if lm.weights is not None:
         from slimkit.io.lazy import materialize, open_lazy

@@ -121,7 +121,7 @@ def guard(command: str, source: str, max_memory: str | None, *, also: tuple[str 
     """Refuse (`max_memory`) or warn (too little memory available) before `command` loads `source`.
 
     `also`: further models the command loads once each (eval's reference). `blockwise`: for a
-    quantize method that goes block by block (`quantization.blockwise`), its calibration
+    quantize method that goes block by block (`io.blockwise`), its calibration
     (`{"samples": n, "seq_len": t}`, or {} for none): the estimate is then one block's, see
     `blockwise_estimate`.
     """

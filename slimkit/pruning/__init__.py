@@ -27,6 +27,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.hardware import resolve_device
 from slimkit.core.options import apply, make_config
 from slimkit.core.registry import Context
+from slimkit.io.blockwise import read_whole
 from slimkit.io.loader import load
 from slimkit.io.model import LoadedModel, on_device
 from slimkit.pruning import schedule, semi_structured, shapes, structured, unstructured  # noqa: F401  (they register)
@@ -34,15 +35,20 @@ from slimkit.pruning.semi_structured import parse_nm
 
 
 def prune(model: LoadedModel | str, method: str, *, data: TextSource | str | None = None, seed: int = 0,
-          device: str | None = None, on_step=None, tokenizer=None, **options) -> LoadedModel:
+          device: str | None = None, on_step=None, tokenizer=None, stream: bool | str = False, **options) -> LoadedModel:
     """Prune `model` with a registered method; options are the method's Config fields.
     Returns a new model; the caller's is untouched. `data`: calibration text (its
-    calibration split), as `slimkit.quantize` takes it; `model`, `tokenizer` and `device` as there."""
+    calibration split), as `slimkit.quantize` takes it; `model`, `tokenizer`, `device`
+    and `stream` as there: with a lazy model (`load(path, lazy=True)`) on the CPU, wanda
+    and magnitude (per layer, |W| or the activation criterion, no recovery) go block by
+    block and, streaming, write each finished block to disk; the other methods, and
+    those with one threshold across layers, gradients or recovery training, read the
+    model whole first."""
     device = resolve_device(device)
-    ctx = Context(calibration_source(data), seed, device, on_step)
+    ctx = Context(calibration_source(data), seed, device, on_step, stream)
     make_config(method, options, "prune")  # a bad option fails before the model is copied to the device
-    pruned = apply(on_device(load(model, tokenizer=tokenizer), device), method, options, ctx, "prune")
-    if device is not None:
+    pruned = apply(on_device(read_whole(load(model, tokenizer=tokenizer), method, device), device), method, options, ctx, "prune")
+    if device is not None and pruned.staged is None:
         pruned.model.to(device)
     return pruned
 

@@ -88,35 +88,48 @@ def forward(lm: LoadedModel, batch: dict, **kw):
     return lm.model(**{k: v.to(device) for k, v in batch.items()}, **kw)
 
 
-def input_sq_norms(lm: LoadedModel, modules: dict[str, nn.Module], batches: list[dict]) -> dict[str, torch.Tensor]:
-    """name -> sum over calibration tokens of x_j^2 for each input feature j: (in_features,).
+class InputSqNorms:
+    """name -> sum over calibration tokens of x_j^2 for each input feature j: (in_features,), of each
+    hooked layer (names inside `root`) while `root` runs its calibration windows (a `blockwise.calibrate`
+    pass, or the whole model). sqrt of it is the input-activation L2 norm that Wanda and the activation
+    criterion weigh weights by. Padding tokens are skipped: `masks` holds each window's attention mask
+    (None where it has none), in the order the windows run."""
 
-    sqrt of it is the input-activation L2 norm that Wanda and the activation
-    criterion weigh weights by. Padding tokens of encoder batches are skipped.
-    """
-    sums = {n: torch.zeros(linear_weight(m).shape[1], dtype=torch.float64) for n, m in modules.items()}
-    mask: dict[str, torch.Tensor | None] = {"m": None}
+    def __init__(self, root: nn.Module, names: list[str], masks: list[torch.Tensor | None]):
+        self.masks, self.window = masks, -1
+        self.sums = {n: torch.zeros(linear_weight(root.get_submodule(n)).shape[1], dtype=torch.float64) for n in names}
+        self.handles = [root.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in names]
 
-    def hook(name):
+    def _hook(self, name: str):
         def fn(module, args):
             x = args[0].detach().float()  # (B, T, in)
-            if mask["m"] is not None and x.dim() == 3 and x.shape[:2] == mask["m"].shape:
-                x = x * mask["m"][..., None]
-            sums[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0).double().cpu()
+            mask = self.masks[self.window]
+            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+                x = x * mask.to(x.device).float()[..., None]
+            self.sums[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0).double().cpu()
 
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    def next_window(self) -> None:
+        self.window += 1
+
+    def close(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return {n: s.float() for n, s in self.sums.items()}
+
+
+def input_sq_norms(lm: LoadedModel, modules: dict[str, nn.Module], batches: list[dict]) -> dict[str, torch.Tensor]:
+    """`InputSqNorms` of `modules` over one pass of the whole model."""
+    norms = InputSqNorms(lm.model, list(modules), [b.get("attention_mask") for b in batches])
     try:
         with torch.inference_mode():
             for batch in batches:
-                am = batch.get("attention_mask")
-                mask["m"] = am.float() if am is not None else None
+                norms.next_window()
                 forward(lm, batch, **({"use_cache": False} if lm.kind == CAUSAL_LM else {}))
     finally:
-        for h in handles:
-            h.remove()
-    return {n: s.float() for n, s in sums.items()}
+        found = norms.close()
+    return found
 
 
 def input_grams(lm: LoadedModel, modules: dict[str, nn.Module], batches: list[dict]) -> dict[str, torch.Tensor]:
@@ -187,16 +200,20 @@ def gradient_stats(lm: LoadedModel, modules: dict[str, nn.Module], batches: list
 # --------------------------------------------------------------------------- report
 
 
+def zero_counts(model: nn.Module, names) -> dict[str, tuple[int, int]]:
+    """name -> (exact zeros, weights) of each selected weight."""
+    return {n: (int((model.get_submodule(n).weight == 0).sum()), model.get_submodule(n).weight.numel()) for n in names}
+
+
 def sparsity_report(model: nn.Module, names) -> dict:
     """Fraction of exact zeros per selected weight, and overall."""
-    layers, zeros, total = {}, 0, 0
-    for n in names:
-        w = model.get_submodule(n).weight
-        z = int((w == 0).sum())
-        layers[n] = round(z / w.numel(), 6)
-        zeros += z
-        total += w.numel()
-    return {"overall": round(zeros / max(total, 1), 6), "layers": layers}
+    return report_of(zero_counts(model, names))
+
+
+def report_of(counts: dict[str, tuple[int, int]]) -> dict:
+    """`sparsity_report` from `zero_counts` (counted block by block as a walk goes)."""
+    zeros, total = sum(z for z, _ in counts.values()), sum(t for _, t in counts.values())
+    return {"overall": round(zeros / max(total, 1), 6), "layers": {n: round(z / t, 6) for n, (z, t) in counts.items()}}
 
 
 def calibration(lm: LoadedModel, config, ctx) -> Callable[[], list[dict]]:

@@ -42,10 +42,10 @@ from slimkit.core.data import TextSource, calibration_source
 from slimkit.core.hardware import resolve_device
 from slimkit.core.options import apply, make_config
 from slimkit.core.registry import Context
+from slimkit.io.blockwise import read_whole
 from slimkit.io.loader import load
 from slimkit.io.model import LoadedModel, on_device
 from slimkit.quantization import aliases, awq, cast, checkpoint, dynamic_int8, gptq, mixed, qat, static_int8, weight_only  # noqa: F401  (they register)
-from slimkit.quantization.blockwise import read_whole
 
 
 def quantize(model: LoadedModel | str, method: str, *, data: TextSource | str | None = None, seed: int = 0,
@@ -61,7 +61,7 @@ def quantize(model: LoadedModel | str, method: str, *, data: TextSource | str | 
     be a transformers model object, with `tokenizer=` for the methods that
     calibrate; it is copied, never changed. With a lazy model
     (`load(path, lazy=True)`) and `stream=True`, the methods that go block by
-    block (int4-wo, int8-wo, nf4, gptq, awq) write each finished block to disk, and
+    block (int4-wo, int8-wo, nf4, gptq, awq, int8-dynamic, int8-static) write each finished block to disk, and
     the result is only for `slimkit.save` (which takes those files as they are):
     memory then holds one block, never the model.
 

@@ -76,9 +76,9 @@ from slimkit.core.memory import release_memory
 from slimkit.core.progress import track
 from slimkit.core.registry import Context, register
 from slimkit.core.selection import linear_weight, select_linears, set_module
+from slimkit.io.blockwise import after_blocks, first_inputs, start
 from slimkit.io.model import copy_model
 from slimkit.quantization.awq_math import search_scale
-from slimkit.quantization.blockwise import after_blocks, first_inputs, start
 from slimkit.quantization.common import CalibratedOptions, cast_unquantized
 from slimkit.quantization.embedding import head_grid, quantize_embeddings, tied_head
 from slimkit.quantization.formats import check_group, sqnr_db

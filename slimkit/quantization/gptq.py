@@ -26,13 +26,12 @@ import torch
 from torch import nn
 
 from slimkit.core import data as D
-from slimkit.core.adapter import find
 from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Context, register
 from slimkit.core.selection import linear_weight, select_linears, set_module
+from slimkit.io.blockwise import calibrate, start
 from slimkit.io.model import copy_model
-from slimkit.quantization.blockwise import after_blocks, first_inputs, start
 from slimkit.quantization.common import CalibratedOptions, cast_unquantized
 from slimkit.quantization.embedding import head_grid, quantize_embeddings
 from slimkit.quantization.formats import check_group
@@ -105,11 +104,11 @@ class Hessians:
         return out
 
 
-def _quantize_layers(root: nn.Module, prefix: str, names: list[str], hessians: dict[str, torch.Tensor], config: GPTQConfig) -> None:
+def _quantize_layers(root: nn.Module, names: list[str], hessians: dict[str, torch.Tensor], config: GPTQConfig) -> None:
+    """Replace each of `names` (inside `root`) by its GPTQ-rounded form, against its Hessian."""
     with torch.no_grad():
         for name in names:
-            local = name[len(prefix) + 1:] if prefix else name
-            layer = root.get_submodule(local)
+            layer = root.get_submodule(name)
             w = linear_weight(layer).float()
             module = WeightOnlyLinear(w.shape[1], w.shape[0], getattr(layer, "bias", None) is not None, config.bits, config.group_size,
                                       config.symmetric, zero_point=config.zero_point)
@@ -117,7 +116,7 @@ def _quantize_layers(root: nn.Module, prefix: str, names: list[str], hessians: d
                                                zero_point=config.zero_point, scale_search=config.scale_search))
             if module.bias is not None:
                 module.bias.copy_(layer.bias.float())
-            set_module(root, local, module.to(w.device))
+            set_module(root, name, module.to(w.device))
 
 
 @register("gptq", "quantize", GPTQConfig, "GPTQ: int4/int8 weight-only with Hessian error compensation, calibrated block by block (same kernels as int4-wo)")
@@ -128,33 +127,13 @@ def apply(model, config: GPTQConfig = GPTQConfig(), ctx: Context = Context()):
     for name in names:  # a group size that does not fit fails before calibrating, not after
         check_group(linear_weight(lm.model.get_submodule(name)).shape[1], config.group_size)
     batches = require_batches(D.calibration_batches(lm.tokenizer, ctx.calibration(), config.seq_len, config.calibration_samples, batch_size=1))
-    causal = lm.kind == CAUSAL_LM
-    if find(lm.model) is None:  # no blocks known: the whole model is calibrated at once
-        return _whole(walk, names, batches, causal, config)
-    inputs = first_inputs(walk, batches, causal)
-    walk.dtype = torch.float32  # blocks are calibrated in fp32, whatever the checkpoint holds
-    for i, (prefix, block) in enumerate(walk.blocks("Quantizing (GPTQ)")):
-        inside = [n for n in names if n.startswith(prefix + ".")]
-        hessians = Hessians(block, [n[len(prefix) + 1:] for n in inside])
-        inputs.run(block, i, hessians.next_window)  # one pass of the float block: its Hessians, and the next block's inputs
-        found = hessians.close()
-        if inside:
-            _quantize_layers(block, prefix, inside, {f"{prefix}.{k}": v for k, v in found.items()}, config)
-        cast_unquantized(block, config.compute_dtype)
-    outside = walk.outside(names)
-    if outside:  # layers after the blocks (a head that is not ignored, a pooler) read what the last block makes
-        rest = walk.rest()
-        hessians = Hessians(rest, outside).over(after_blocks(rest, inputs, batches, causal))
-        _quantize_layers(rest, "", outside, hessians, config)
-    inputs.hidden.clear()
-    return _finish(walk, config)
 
+    def change(part, prefix, layers, hessians):
+        _quantize_layers(part, layers, hessians, config)
+        if prefix:  # a block; the rest is cast once its embeddings are done
+            cast_unquantized(part, config.compute_dtype)
 
-def _whole(walk, names: list[str], batches: list, causal: bool, config: GPTQConfig):
-    """A model the adapter does not know: one pass of the whole float model collects every Hessian."""
-    model = walk.rest(torch.float32)
-    windows = [lambda ids=ids.to(model.device): model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids) for ids in batches]
-    _quantize_layers(model, "", names, Hessians(model, names).over(windows), config)
+    calibrate(walk, names, batches, lm.kind == CAUSAL_LM, [lambda part, layers, _: Hessians(part, layers)], change, "Quantizing (GPTQ)")
     return _finish(walk, config)
 
 

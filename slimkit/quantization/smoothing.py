@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 
 from slimkit.core.errors import SlimkitError
-from slimkit.core.progress import track
-from slimkit.io.model import model_device
 
 
 def require_batches(batches) -> list:
@@ -27,27 +25,28 @@ def require_batches(batches) -> list:
     return out
 
 
-def input_absmax(model: torch.nn.Module, names: list[str], batches, causal: bool) -> dict[str, torch.Tensor]:
-    """name -> (K,) max |x| per input channel over the calibration batches."""
-    out: dict[str, torch.Tensor] = {}
+class InputAbsMax:
+    """(K,) max |x| per input channel of each hooked layer (names inside `root`), while `root` runs
+    its calibration windows (a `blockwise.calibrate` pass)."""
 
-    def hook(name):
+    def __init__(self, root: torch.nn.Module, names: list[str]):
+        self.found: dict[str, torch.Tensor] = {}
+        self.handles = [root.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
         def fn(module, args):
             amax = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()  # (K,)
-            out[name] = torch.maximum(out[name], amax) if name in out else amax
+            self.found[name] = torch.maximum(self.found[name], amax) if name in self.found else amax
 
         return fn
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.inference_mode():
-            for ids in track(require_batches(batches), "Calibrating activation ranges"):
-                ids = ids.to(model_device(model))  # calibration runs where the model is
-                model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
-    finally:
-        for h in handles:
+    def next_window(self) -> None:
+        pass
+
+    def close(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
             h.remove()
-    return out
+        return self.found
 
 
 def smooth_factors(x_absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -11,9 +11,12 @@ elementwise work either way.
 Calibration: forward pre-hooks on the selected linears stream the inputs of
 `calibration_samples` windows of the calibration split (never evaluation) into one
 observer per layer (observers.py: minmax, percentile, entropy, mse), which
-keeps running statistics, never the activations. With `smooth_alpha` a first
-pass collects per-input-channel ranges for SmoothQuant (smoothing.py) and a
-second pass observes the smoothed inputs.
+keeps running statistics, never the activations. It goes block by block
+(`blockwise.calibrate`) on the float model's inputs to each block, so a lazy model
+is read a block at a time. With `smooth_alpha` each block is run twice: first for
+the per-input-channel ranges of SmoothQuant (smoothing.py), then the observers see
+the smoothed inputs; smoothing does not change the block's float output, so both
+passes fit in one walk where the whole-model path needed two.
 
 Trade-off: one scale per layer input (per tensor) must cover every token.
 In LLMs a few tokens (the first one, delimiters) and a few hidden channels
@@ -48,10 +51,10 @@ import torch
 from slimkit.core import data as D
 from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError
-from slimkit.core.progress import track
 from slimkit.core.registry import Context, register
 from slimkit.core.selection import check_patterns, linear_weight, select_linears, set_module
-from slimkit.io.model import copy_model, model_device
+from slimkit.io.blockwise import calibrate, start
+from slimkit.io.model import copy_model
 from slimkit.quantization.common import DEFAULT_IGNORE
 from slimkit.quantization.modules import StaticInt8Linear
 from slimkit.quantization.observers import OBSERVERS, Observer, check_observer
@@ -84,55 +87,71 @@ class Int8StaticConfig:
         check_patterns(self.targets, self.ignore)
 
 
-def observe_inputs(model: torch.nn.Module, names: list[str], batches, causal: bool, make: Callable[[], Observer],
-                   inv_smooth: dict[str, torch.Tensor] | None = None, what: str = "activation ranges") -> dict[str, Observer]:
-    """name -> an Observer fed every input (tokens, K) of that layer over the calibration batches."""
-    observers = {n: make() for n in names}
-    inv_smooth = inv_smooth or {}
+class ObserveInputs:
+    """An Observer per hooked layer (names inside `root`), fed every input (tokens, K) of that layer while
+    `root` runs its calibration windows (a `blockwise.calibrate` pass); with `smooth`, the smoothed input
+    x / s that the quantized layer will read. `close()` -> name -> (its observer, its s or None)."""
 
-    def hook(name):
+    def __init__(self, root: torch.nn.Module, names: list[str], make: Callable[[], Observer], smooth: dict[str, torch.Tensor] | None = None):
+        self.observers = {n: make() for n in names}
+        self.smooth = smooth or {}
+        self.inv = {n: 1 / s for n, s in self.smooth.items()}
+        self.handles = [root.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
         def fn(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, K)
-            observers[name].update(x * inv_smooth[name] if name in inv_smooth else x)
+            self.observers[name].update(x * self.inv[name] if name in self.inv else x)
 
         return fn
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.inference_mode():
-            for ids in track(require_batches(batches), f"Calibrating {what}"):
-                ids = ids.to(model_device(model))  # calibration runs where the model is
-                model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
-    finally:
-        for h in handles:
+    def next_window(self) -> None:
+        pass
+
+    def close(self) -> dict[str, tuple[Observer, torch.Tensor | None]]:
+        for h in self.handles:
             h.remove()
-    return observers
+        return {n: (obs, self.smooth.get(n)) for n, obs in self.observers.items()}
 
 
 @register("int8-static", "quantize", Int8StaticConfig, f"int8 weights x int8 activations with calibrated fixed scales ({'/'.join(OBSERVERS)} observers, torch._int_mm)")
 def apply(model, config: Int8StaticConfig = Int8StaticConfig(), ctx: Context = Context()):
-    lm = copy_model(model, "int8-static")
+    lm = copy_model(model, "int8-static", lazy=True)
+    walk = start(lm, ctx.stream)
     names = list(select_linears(lm.model, tuple(config.targets), tuple(config.ignore)))
-    source = ctx.calibration()
-    batches = lambda: D.calibration_batches(lm.tokenizer, source, config.seq_len, config.calibration_samples, config.batch_size)
-    causal = lm.kind == CAUSAL_LM
-    weights = {n: linear_weight(lm.model.get_submodule(n)).detach().float() for n in names}  # (N, K) each
-    smooth: dict[str, torch.Tensor] = {}
-    if config.smooth_alpha is not None:
-        channels = observe_inputs(lm.model, names, batches(), causal, lambda: Observer("minmax", per_channel=True), what="channel ranges")
-        for n, obs in channels.items():
-            lo, hi = obs.range()
-            smooth[n] = smooth_factors(torch.maximum(-lo, hi), weights[n], config.smooth_alpha)  # (K,)
-    make = lambda: Observer(config.observer, config.symmetric_activations, config.percentile)
-    observers = observe_inputs(lm.model, names, batches(), causal, make, {n: 1 / s for n, s in smooth.items()})
+    batches = require_batches(D.calibration_batches(lm.tokenizer, ctx.calibration(), config.seq_len, config.calibration_samples, config.batch_size))
+    make = lambda: Observer(config.observer, config.symmetric_activations, config.percentile)  # noqa: E731
+    observe = lambda part, layers, _: ObserveInputs(part, layers, make)  # noqa: E731
+    passes = [observe]
+    if config.smooth_alpha is not None:  # the channel ranges first, then the smoothed inputs: two runs of each block
+        ranges = lambda part, layers, _: ObserveInputs(part, layers, lambda: Observer("minmax", per_channel=True))  # noqa: E731
+        passes = [ranges, lambda part, layers, found: ObserveInputs(part, layers, make, _smoothing(part, found, config.smooth_alpha))]
+    calibrate(walk, names, batches, lm.kind == CAUSAL_LM, passes, lambda part, _, layers, found: _quantize_layers(part, layers, found, config),
+              "Quantizing (int8 static)")
+    walk.rest()
+    return walk.close().record("quantize", "int8-static", config)
+
+
+def _smoothing(root: torch.nn.Module, channels: dict[str, tuple[Observer, None]], alpha: float) -> dict[str, torch.Tensor]:
+    """name -> (K,) SmoothQuant factors of each layer from its per-channel input ranges and its weight."""
+    smooth = {}
+    for n, (obs, _) in channels.items():
+        lo, hi = obs.range()
+        smooth[n] = smooth_factors(torch.maximum(-lo, hi), linear_weight(root.get_submodule(n)).detach().float(), alpha)  # (K,)
+    return smooth
+
+
+def _quantize_layers(root: torch.nn.Module, names: list[str], found: dict[str, tuple[Observer, torch.Tensor | None]], config: Int8StaticConfig) -> None:
+    """Replace each of `names` (inside `root`) by its static int8 form: its weight (smoothed), its input's fixed range."""
     with torch.no_grad():
-        for name in track(names, "Quantizing (int8 static)"):
-            layer = lm.model.get_submodule(name)
-            module = StaticInt8Linear(weights[name].shape[1], weights[name].shape[0], getattr(layer, "bias", None) is not None,
-                                      config.weight_granularity, config.symmetric_activations, smooth=name in smooth)
-            module.set_weight(weights.pop(name), smooth.get(name))
-            module.set_input_qparams(*observers.pop(name).qparams())
+        for name in names:
+            layer = root.get_submodule(name)
+            w = linear_weight(layer).detach().float()  # (N, K)
+            observer, smooth = found[name]
+            module = StaticInt8Linear(w.shape[1], w.shape[0], getattr(layer, "bias", None) is not None,
+                                      config.weight_granularity, config.symmetric_activations, smooth=smooth is not None)
+            module.set_weight(w, smooth)
+            module.set_input_qparams(*observer.qparams())
             if module.bias is not None:
                 module.bias.copy_(layer.bias.float())
-            set_module(lm.model, name, module)
-    return lm.record("quantize", "int8-static", config)
+            set_module(root, name, module)

@@ -26,13 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Context, register
 from slimkit.core.selection import select_linears, set_module
+from slimkit.io.blockwise import calibrate, start
 from slimkit.io.model import copy_model
-from slimkit.quantization.blockwise import start
 from slimkit.quantization.common import QuantizeOptions, cast_unquantized
 from slimkit.quantization.embedding import check_embedding_bits, head_grid, quantize_embeddings
 from slimkit.quantization.formats import GROUP_SIZES, check_zero_point
@@ -86,30 +85,26 @@ class NF4Config(QuantizeOptions):
 
 
 def _apply(model, config, name: str, make, ctx: Context):
-    """Round to nearest, block by block (`blockwise`): a lazy model is read and, streaming, written one block at a time."""
+    """Round to nearest, block by block (`blockwise.calibrate`, with nothing to calibrate): a lazy model is read and,
+    streaming, written one block at a time."""
     lm = copy_model(model, name, lazy=True)
     walk = start(lm, ctx.stream)
     walk.dtype = None  # rounding reads each layer in fp32 itself: blocks stay in the checkpoint's dtype meanwhile
-    names = set(select_linears(lm.model, tuple(config.targets), tuple(config.ignore)))
+    names = list(select_linears(lm.model, tuple(config.targets), tuple(config.ignore)))
+
+    def change(part, prefix, layers, _):
+        for layer in layers:
+            set_module(part, layer, make(part.get_submodule(layer)))
+        if prefix:  # a block; the rest is cast once its embeddings are done
+            cast_unquantized(part, config.compute_dtype)
+
     with torch.no_grad():
-        for prefix, block in walk.blocks(f"Quantizing ({name})"):
-            _replace(block, prefix, names, make)
-            cast_unquantized(block, config.compute_dtype)
-        rest = walk.rest()
-        _replace(rest, "", set(walk.outside(names)), make)
+        calibrate(walk, names, [], False, (), change, f"Quantizing ({name})")
+    rest = walk.rest()
     if config.embeddings:
         quantize_embeddings(rest, grid=head_grid(config))
     cast_unquantized(rest, config.compute_dtype)
     return walk.close().record("quantize", name, config)
-
-
-def _replace(root: nn.Module, prefix: str, names: set[str], make) -> None:
-    """Replace the chosen linears inside `root` (whose qualified name is `prefix`)."""
-    for name in sorted(names):
-        if prefix and not name.startswith(prefix + "."):
-            continue
-        local = name[len(prefix) + 1:] if prefix else name
-        set_module(root, local, make(root.get_submodule(local)))
 
 
 @register("int8-wo", "quantize", Int8WeightOnlyConfig, "int8 weights per channel (or group), float activations (_weight_int8pack_mm)")

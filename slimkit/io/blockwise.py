@@ -1,5 +1,6 @@
-"""Block by block: quantize a model one transformer block at a time, so that memory holds one
-block, never the model.
+"""Block by block: quantize or prune a model one transformer block at a time, so that memory
+holds one block, never the model. (It lives below the techniques, which never import one
+another, because quantization and pruning both walk.)
 
 `walk(lm, ...)` yields each block of the model (through the architecture adapter,
 `core.adapter`) for the technique to change in place. With a lazy model (its
@@ -10,16 +11,20 @@ modules outside the blocks (embeddings, final norm, head) come last (`rest`).
 
 Calibrated methods go block by block: `Inputs` holds the inputs of the block about
 to be changed, for every calibration window; the method measures its statistics on
-them (GPTQ's Hessians, AWQ's activation magnitudes), runs the float block on them to
-get the next block's inputs, and quantizes the block. So the statistics are the
+them (GPTQ's Hessians, AWQ's activation magnitudes, SmoothQuant's channel ranges,
+static int8's observers, Wanda's input norms), runs the float block on them to
+get the next block's inputs, and changes the block. `calibrate` is that loop for the
+methods whose statistics are forward hooks on the block's layers (a `Collector`):
+every method but AWQ, whose scale search runs the block itself. So the statistics are the
 float model's, as in one pass of the whole model, and peak memory is one block's
 weights plus one block's activations for the calibration windows. (Feeding each
 block what the already quantized blocks produce instead, as the GPTQ paper does,
 scored worse on SmolLM2-135M: GPTQ, 16 windows of 512 tokens, perplexity 15.117
 against 14.925 from float inputs.) The
-keyword arguments the model passes each block (rotary position embeddings, masks,
-which differ between layers in models with sliding windows) are recorded once, in a
-forward pass in which every block is replaced by a recorder that returns its input.
+arguments the model passes each block besides its input (rotary position embeddings,
+masks, which differ between layers in models with sliding windows; BERT and GPT-2
+pass their masks positionally) are recorded once, in a forward pass in which every
+block is replaced by a recorder that returns its input.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from __future__ import annotations
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -44,7 +50,8 @@ from slimkit.io.model import LoadedModel, copy_model
 from slimkit.io.shards import ShardWriter
 
 STREAM_SHARD_BYTES = 256 * 2**20  # what is held before it is written, and what `save` converts at once
-METHODS = ("int4-wo", "int4", "int8-wo", "nf4", "gptq", "awq", "int8")  # what walks block by block (and streams a lazy model)
+METHODS = ("int4-wo", "int4", "int8-wo", "nf4", "gptq", "awq", "int8", "int8-dynamic", "int8-static",
+           "wanda", "magnitude")  # what walks block by block (and streams a lazy model): quantize, then prune methods
 WAY_OUT = "quantize it with a method that needs no calibration (int4-wo, int8-wo, nf4)"
 
 
@@ -146,7 +153,7 @@ class _Record(nn.Module):
         self.calls = calls
 
     def forward(self, hidden, *args, **kwargs):
-        self.calls.append(kwargs)
+        self.calls.append((args, kwargs))  # models pass some positionally (BERT's and GPT-2's attention masks)
         return hidden
 
 
@@ -167,14 +174,17 @@ class _Replay(nn.Module):
 
 @dataclass
 class Inputs:
-    """The current block's input for every calibration window, and each block's keyword arguments."""
+    """The current block's input for every calibration window, and what the model passes each block besides."""
 
-    hidden: list[torch.Tensor]  # (1, T, H) per window
-    kwargs: list[list[dict]]  # [window][block]
+    hidden: list[torch.Tensor]  # (B, T, H) per window
+    calls: list[list[tuple[tuple, dict]]]  # [window][block]: the positional arguments after the hidden states, the keyword ones
 
     def call(self, block: nn.Module, index: int, w: int) -> torch.Tensor:
-        """Block number `index`'s output on window w's input."""
-        out = block(self.hidden[w], **self.kwargs[w][index])
+        """Block number `index`'s output on window w's input (in the block's own dtype: a model in memory may be bf16)."""
+        args, kwargs = self.calls[w][index]
+        x = self.hidden[w]
+        dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), x.dtype)
+        out = block(x.to(dtype), *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def run(self, block: nn.Module, index: int, before_each=None) -> None:
@@ -187,11 +197,24 @@ class Inputs:
                 self.hidden[w] = self.call(block, index, w)
 
 
-def after_blocks(model: nn.Module, inputs: Inputs, batches: list[torch.Tensor], causal: bool) -> list:
+def model_inputs(batch: torch.Tensor | dict, device) -> dict:
+    """A calibration batch as the model's keyword arguments: token ids (B, T), or a tokenizer's dict
+    (an encoder's padded passages with their attention mask)."""
+    batch = batch if isinstance(batch, dict) else {"input_ids": batch}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def run_model(model: nn.Module, batch: torch.Tensor | dict, causal: bool):
+    """The model's output on one calibration batch (no cache: nothing is generated)."""
+    args = model_inputs(batch, model.get_input_embeddings().weight.device)
+    return model(**args, use_cache=False) if causal else model(**args)
+
+
+def after_blocks(model: nn.Module, inputs: Inputs, batches: list, causal: bool) -> list:
     """One call per calibration window that runs what comes after the blocks (final norm, head, pooler:
     whatever the model's own forward does there) on the last block's output, and returns the model's
     output (logits, or the last hidden state) in fp32. The embeddings run too, and are thrown away."""
-    arch = adapter(model, "block-by-block quantization", WAY_OUT)
+    arch = adapter(model, "block-by-block calibration", WAY_OUT)
     names = [b.name for b in arch.blocks]
 
     def window(w: int) -> torch.Tensor:
@@ -199,8 +222,7 @@ def after_blocks(model: nn.Module, inputs: Inputs, batches: list[torch.Tensor], 
         try:
             for k, n in enumerate(names):
                 set_module(model, n, _Replay(inputs.hidden[w] if k == 0 else None))
-            ids = batches[w].to(inputs.hidden[w].device)
-            out = model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
+            out = run_model(model, batches[w], causal)
         finally:
             for n, block in zip(names, real):
                 set_module(model, n, block)
@@ -209,36 +231,109 @@ def after_blocks(model: nn.Module, inputs: Inputs, batches: list[torch.Tensor], 
     return [lambda w=w: window(w) for w in range(len(batches))]
 
 
-def first_inputs(walk: Walk, batches: list[torch.Tensor], causal: bool) -> Inputs:
-    """Block 0's inputs and every block's keyword arguments, for each calibration window."""
-    model = walk.rest(torch.float32, head=False, blocks=False)  # the forward stops at the first block, the recorders at none
-    arch = adapter(model, "block-by-block quantization", WAY_OUT)
+def first_inputs(walk: Walk, batches: list, causal: bool, dtype: torch.dtype = torch.float32) -> Inputs:
+    """Block 0's inputs and what the model passes every block, for each calibration window (token ids, or a
+    tokenizer's dict). `dtype`: what a lazy model's embeddings are read as."""
+    model = walk.rest(dtype, head=False, blocks=False)  # the forward stops at the first block, the recorders at none
+    arch = adapter(model, "block-by-block calibration", WAY_OUT)
     names = [b.name for b in arch.blocks]
     real = [model.get_submodule(n) for n in names]
-    hidden, kwargs = [], []
+    hidden, calls = [], []
 
     def stop(*_):
         raise _Stop
 
     try:
-        for ids in batches:
-            calls: list = []
+        for batch in batches:
+            made: list = []
             for n in names:
-                set_module(model, n, _Record(calls))
+                set_module(model, n, _Record(made))
             first = model.get_submodule(names[0])
             grab = first.register_forward_pre_hook(lambda m, args, kw: hidden.append(args[0] if args else kw["hidden_states"]), with_kwargs=True)
             last = model.get_submodule(names[-1]).register_forward_hook(stop)
-            ids = ids.to(model.get_input_embeddings().weight.device)
             try:
                 with torch.inference_mode():
-                    model(input_ids=ids, use_cache=False) if causal else model(input_ids=ids)
+                    run_model(model, batch, causal)
             except _Stop:
                 pass
             finally:
                 grab.remove()
                 last.remove()
-            kwargs.append([{k: v for k, v in c.items() if k != "hidden_states"} for c in calls])
+            calls.append([(args, {k: v for k, v in kw.items() if k != "hidden_states"}) for args, kw in made])
     finally:
         for n, block in zip(names, real):
             set_module(model, n, block)
-    return Inputs([h.float() for h in hidden], kwargs)
+    return Inputs([h.float() for h in hidden], calls)
+
+
+class Collector(Protocol):
+    """Statistics that forward hooks on some layers gather while their part of the model runs its windows."""
+
+    def next_window(self) -> None: ...
+
+    def close(self) -> dict:  # layer -> its statistic; the hooks go
+        ...
+
+
+Collect = Callable[[nn.Module, list[str], dict], Collector]  # (part, its layers' names in it, what the passes before found)
+Change = Callable[[nn.Module, str, list[str], dict], None]  # (part, its qualified name: "" for the model, its layers' names in it,
+#                                                           what the last pass found): change them in place
+
+
+def calibrate(walk: Walk, names: list[str], batches: list, causal: bool, passes: Sequence[Collect], change: Change, label: str,
+              dtype: torch.dtype = torch.float32) -> None:
+    """Change the layers `names` (qualified) part by part, each from statistics of the float model's inputs.
+
+    For each block: each of `passes` hooks its collector on the block's selected layers and runs the block's
+    calibration windows (the last pass also makes the next block's inputs), then `change` changes the block
+    in place. Several passes serve a statistic that needs another first (static int8's observers read the
+    inputs that SmoothQuant's channel ranges scale), and cost one run of the block each. Then the layers
+    outside the blocks (an untied head that is not ignored, a pooler), on what the last block makes. A
+    model the adapter does not know is one part: the whole model, run on each window. No passes: no
+    calibration at all, the blocks are only walked (read, changed, streamed). `dtype`: what a lazy model's
+    parts are read and run in; calibrated blocks run in it whatever the checkpoint holds.
+    """
+    if not passes:
+        for prefix, block in walk.blocks(label):
+            change(block, prefix, _under(names, prefix), {})
+        rest = walk.rest()
+        change(rest, "", walk.outside(names), {})
+        return
+    if find(walk.lm.model) is None:  # no blocks known: the whole model at once
+        model = walk.rest(dtype)
+        _passes(model, "", names, passes, [lambda b=b: run_model(model, b, causal) for b in batches], change)
+        return
+    inputs = first_inputs(walk, batches, causal, dtype)
+    walk.dtype = dtype
+    for i, (prefix, block) in enumerate(walk.blocks(label)):
+        windows = [lambda w=w: inputs.call(block, i, w) for w in range(len(batches))]
+        _passes(block, prefix, _under(names, prefix), passes, windows, change, advance=lambda c: inputs.run(block, i, c.next_window))
+    outside = walk.outside(names)
+    if outside:  # layers after the blocks read what the last block makes
+        rest = walk.rest()
+        _passes(rest, "", outside, passes, after_blocks(rest, inputs, batches, causal), change)
+    inputs.hidden.clear()
+
+
+def _under(names: list[str], prefix: str) -> list[str]:
+    """The names inside the block `prefix`, relative to it."""
+    return [n[len(prefix) + 1:] for n in names if n.startswith(prefix + ".")]
+
+
+def _passes(part: nn.Module, prefix: str, names: list[str], passes: Sequence[Collect], windows: list, change: Change, advance=None) -> None:
+    """Each pass over `part`'s windows (the last through `advance`, which also makes the next inputs), then `change`."""
+    found: dict = {}
+    for k, collect in enumerate(passes):
+        last = k == len(passes) - 1
+        if not names and not last:
+            continue
+        collector = collect(part, names, found)
+        if last and advance is not None:
+            advance(collector)  # even without layers here: the next block needs its inputs
+        else:
+            with torch.inference_mode():
+                for window in windows if names else []:
+                    collector.next_window()
+                    window()
+        found = collector.close()
+    change(part, prefix, names, found)
