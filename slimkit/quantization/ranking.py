@@ -285,7 +285,6 @@ def rank(lm: LoadedModel, config: SensitivityConfig, ctx: Context = Context(), p
     if block_by_block or config.metric == BLOCK_MSE:
         return _rank_blocks(lm, config, ctx, probe, start)
     technique = registry.get(config.method, "quantize")
-    base = method_config(config.method, config.options)
     layers = list(select_linears(lm.model, tuple(base.targets), tuple(base.ignore)))
     probe = probe or Probe(lm, config.metric, ctx.data, config.calibration_samples, config.seq_len, config.batch_size)
     work = copy_model(lm, "sensitivity")
