@@ -52,6 +52,7 @@ from slimkit.pruning.unstructured import by_block, calibrates
 from slimkit.quantization import quantize
 from slimkit.quantization.common import quantized_modules
 from slimkit.quantization.ranking import sensitivity
+from slimkit.quantization.weight_only import ROUNDING
 from slimkit.report import recommendation
 from slimkit.search.config import OptimizeConfig, parse_duration, parse_fraction
 from slimkit.search.loop import optimize
@@ -105,9 +106,11 @@ def quantize_cmd(
 
 def _calibration(method: str, options: dict, stage: str = "quantize") -> dict | None:
     """What the memory guard needs of a method that goes block by block: its calibration windows ({} for none); None otherwise."""
+    config = make_config(method, options, stage)
+    if stage == "quantize" and method == "mixed" and config.low in ROUNDING and config.high in ROUNDING + ("none",):  # probe windows through one block
+        return {"samples": config.calibration_samples, "seq_len": config.seq_len}
     if method not in BLOCKWISE:
         return None
-    config = make_config(method, options, stage)
     if stage == "prune" and not by_block(config):
         return None  # read whole
     samples = getattr(config, "calibration_samples", 0) if stage == "quantize" or calibrates(config) else 0
@@ -120,7 +123,8 @@ def sensitivity_cmd(
     method: Annotated[str, typer.Option("--method", "-m", help="quantize method whose per-layer loss to measure")] = "int4-wo",
     option: Options = None,
     granularity: Annotated[str, typer.Option(help="block (each transformer block's linears together) or layer (each linear)")] = "block",
-    metric: Annotated[str, typer.Option(help="auto, kl, ppl (causal LMs) or cosine (encoders)")] = "auto",
+    metric: Annotated[str, typer.Option(help="auto, kl, ppl (causal LMs), cosine (encoders) or block-mse (each block's output; "
+                                        "auto on the CPU for int4-wo, int8-wo and nf4, reading one block at a time)")] = "auto",
     calibration_samples: Annotated[int, typer.Option(help="calibration windows to measure on")] = 4,
     seq_len: Annotated[int, typer.Option(help="tokens per window")] = 256,
     data: Data = None,
@@ -133,8 +137,10 @@ def sensitivity_cmd(
     options = parse_options(method, option or [], "quantize")
     device = resolve_device(device)
     data = calibration_source(data)
-    check_memory("quantize", model, max_memory)
-    r = sensitivity(load_model(model, "fp32", threads), method, options, data=data, device=device, granularity=granularity, metric=metric,
+    blockwise = {"samples": calibration_samples, "seq_len": seq_len} if device == "cpu" and metric in ("auto", "block-mse") and method in ROUNDING else None
+    check_memory("quantize", model, max_memory, blockwise=blockwise)
+    # on the CPU, lazy: block-mse reads one block from the files at a time; the other metrics read the model whole
+    r = sensitivity(load_model(model, "fp32", threads, lazy=device == "cpu"), method, options, data=data, device=device, granularity=granularity, metric=metric,
                     calibration_samples=calibration_samples, seq_len=seq_len)
     rows = [(f"{i + 1}. {u.name}" + (f" ({len(u.layers)} layers)" if len(u.layers) > 1 else ""), fmt(u.score, 6)) for i, u in enumerate(r.units)]
     title = f"Sensitivity of {model} to {method} ({r.metric} on {r.tokens} calibration tokens, {r.seconds:.0f} s)"

@@ -61,7 +61,8 @@ def quantize(model: LoadedModel | str, method: str, *, data: TextSource | str | 
     be a transformers model object, with `tokenizer=` for the methods that
     calibrate; it is copied, never changed. With a lazy model
     (`load(path, lazy=True)`) and `stream=True`, the methods that go block by
-    block (int4-wo, int8-wo, nf4, gptq, awq, int8-dynamic, int8-static) write each finished block to disk, and
+    block (int4-wo, int8-wo, nf4, gptq, awq, int8-dynamic, int8-static, and mixed of int4-wo / int8-wo / nf4 / none)
+    write each finished block to disk, and
     the result is only for `slimkit.save` (which takes those files as they are):
     memory then holds one block, never the model.
 
@@ -73,7 +74,10 @@ def quantize(model: LoadedModel | str, method: str, *, data: TextSource | str | 
     device = resolve_device(device)
     ctx = Context(calibration_source(data), seed, device, on_step, stream)
     make_config(method, options, "quantize")  # a bad option fails before the model is copied to the device
-    q = apply(on_device(read_whole(load(model, tokenizer=tokenizer), method, device), device), method, options, ctx, "quantize")
+    lm = load(model, tokenizer=tokenizer)
+    if method != "mixed" or (device is not None and device != "cpu"):  # mixed reads a lazy model itself: block by block where it can
+        lm = read_whole(lm, method, device)
+    q = apply(on_device(lm, device), method, options, ctx, "quantize")
     if device is not None and q.staged is None:
         q.model.to(device)  # layers a method built on the CPU join the rest; quantized ones repack for the device's kernels
     return q

@@ -26,6 +26,15 @@ a config with `high_layers` set skips the search, so a recipe reproduces the
 same model without measuring anything. Embeddings follow the low method's
 `embeddings` option; the high method never touches them.
 
+A lazy model (`load(path, lazy=True)`, one too big to hold whole) goes block by
+block where both methods round each layer alone (int4-wo, int8-wo, nf4, or high
+`none`): the ranking is block-mse (each unit scored on its own block's output,
+block_local.py) rather than KL, every measurement of an assignment is one pass
+that reads each block from the files, quantizes it as assigned and runs the probe
+through it, still scored on the whole model's output against the float one, and
+the chosen model is built and streamed the same way. With calibrated methods a
+lazy model is read whole.
+
 Options of the two methods nest, the same in Python, YAML and on the CLI:
 
     slimkit.quantize(lm, "mixed", low="int4-wo", low_options={"group_size": 64}, high="int8-wo", max_kl=0.02)
@@ -39,15 +48,21 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+import torch
+
 from slimkit.core import data as D
 from slimkit.core import registry
+from slimkit.core.adapter import find
+from slimkit.core.arch import CAUSAL_LM
 from slimkit.core.errors import SlimkitError
 from slimkit.core.progress import note
 from slimkit.core.registry import Context, register
 from slimkit.core.selection import select_linears
+from slimkit.io.blockwise import read_whole, start
 from slimkit.io.loader import load
 from slimkit.io.model import LoadedModel, copy_model
-from slimkit.quantization.embedding import quantize_embeddings
+from slimkit.quantization.block_local import Assignment, Side, can_round, mixed_pass
+from slimkit.quantization.embedding import head_grid, quantize_embeddings
 from slimkit.quantization.ranking import Probe, SensitivityConfig, SensitivityReport, check_granularity, check_probe, finish, method_config, rank
 
 NONE = "none"  # high precision = keep the layers in float
@@ -134,14 +149,50 @@ def candidate_layers(lm: LoadedModel, config: MixedConfig) -> list[str]:
     return list(select_linears(lm.model, tuple(low.targets), tuple(low.ignore)))
 
 
-def assemble(lm: LoadedModel, config: MixedConfig, high_layers, ctx: Context = Context()) -> LoadedModel:
-    """The mixed model: `high_layers` at the high precision, the other candidates at the low one."""
+def _split(lm: LoadedModel, config: MixedConfig, high_layers) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The candidate layers kept high and those made low, in the model's order."""
     layers = candidate_layers(lm, config)
     unknown = sorted(set(high_layers) - set(layers))
     if unknown:
         raise SlimkitError(f"high_layers names {unknown[0]}, which the low method does not quantize here: check the names against the model (or low_options targets/ignore)")
     high = tuple(n for n in layers if n in set(high_layers))
-    low = tuple(n for n in layers if n not in set(high))
+    return high, tuple(n for n in layers if n not in set(high))
+
+
+def block_by_block(lm: LoadedModel, config: MixedConfig) -> bool:
+    """Whether `lm` is lazy and both methods round each layer alone, so mixed goes block by block (block_local.py)."""
+    rounds = can_round(method_config(config.low, config.low_options)) and (config.high == NONE or can_round(method_config(config.high, config.high_options)))
+    return lm.weights is not None and rounds and find(lm.model) is not None
+
+
+def _whole(lm: LoadedModel) -> LoadedModel:
+    """A lazy model read whole from its files, for methods that cannot go block by block; each
+    assignment is quantized from it, so it is not given away."""
+    lm = read_whole(lm, "")
+    lm.donated = False
+    return lm
+
+
+def plan(lm: LoadedModel, config: MixedConfig, high_layers) -> Assignment:
+    """`assemble`'s steps as data, for a block-by-block pass."""
+    high, low = _split(lm, config, high_layers)
+    low_config = method_config(config.low, config.low_options, low) if low else None
+    return Assignment(Side(method_config(config.high, config.high_options, high, embeddings=False), frozenset(high)) if high and config.high != NONE else None,
+                      Side(low_config, frozenset(low)) if low else None, bool(getattr(method_config(config.low, config.low_options), "embeddings", False)),
+                      head_grid(low_config) if low_config is not None else None)
+
+
+def assemble(lm: LoadedModel, config: MixedConfig, high_layers, ctx: Context = Context()) -> LoadedModel:
+    """The mixed model: `high_layers` at the high precision, the other candidates at the low one.
+    A lazy model is built block by block (and streamed, with `ctx.stream`) where both methods can."""
+    if block_by_block(lm, config):
+        q = copy_model(lm, "mixed", lazy=True)
+        walk = start(q, ctx.stream)
+        mixed_pass(walk, plan(lm, config, high_layers))
+        return walk.close()
+    if lm.weights is not None:
+        lm = _whole(lm)
+    high, low = _split(lm, config, high_layers)
     q = lm
     if high and config.high != NONE:
         q = registry.get(config.high, "quantize").apply(q, method_config(config.high, config.high_options, high, embeddings=False), ctx)
@@ -182,20 +233,29 @@ def choose(lm: LoadedModel, config: MixedConfig, ctx: Context = Context(), ranki
     """Rank, then keep the fewest most-sensitive units high that meet the budget."""
     if config.budget is None:
         raise SlimkitError("mixed needs a quality budget to search: set max_kl, max_ppl_increase or max_cosine_drop")
-    start = time.perf_counter()
+    began = time.perf_counter()
     metric, bound = config.budget
+    lazy = block_by_block(lm, config)
+    if lm.weights is not None and not lazy:
+        lm = _whole(lm)
     probe = Probe(lm, "auto", ctx.data, config.calibration_samples, config.seq_len, config.batch_size)
     probe.check(metric)
-    if ranking is None:
+    if ranking is None:  # on a lazy model: block-mse, and the pass gives the probe its reference
         sens = SensitivityConfig(config.low, config.low_options, config.granularity, "auto", config.calibration_samples, config.seq_len, config.batch_size)
         ranking = rank(lm, sens, ctx, probe)
+    if probe.reference is None:
+        probe.reference = [probe.form(out) for out in _outputs(lm, None, probe)]
     order = ranking.units
     tried: list[dict] = []
 
-    def measure(k: int) -> tuple[LoadedModel, float]:
+    def measure(k: int) -> tuple[LoadedModel | None, float]:
         high = [n for u in order[:k] for n in u.layers]
-        model = assemble(lm, config, high, ctx)
-        score = finish(metric, probe.losses(model.model))
+        if lazy:  # one block-by-block pass; only the chosen assignment is built, at the end
+            model, totals = None, probe.compare(probe.form(out) for out in _outputs(lm, plan(lm, config, high), probe))
+        else:
+            model = assemble(lm, config, high, ctx)
+            totals = probe.losses(model.model)
+        score = finish(metric, totals)
         tried.append({"high_units": k, "high_layers": len(high), "score": score})
         return model, score
 
@@ -214,11 +274,21 @@ def choose(lm: LoadedModel, config: MixedConfig, ctx: Context = Context(), ranki
                 else:
                     lo = mid
     high = [n for u in order[:k] for n in u.layers]
+    if best is None:
+        best = assemble(lm, config, high, ctx)
     report = MixedReport(metric, bound, score <= bound, score, high, [n for n in ranking.layers() if n not in set(high)], tried, ranking,
-                         round(time.perf_counter() - start, 3))
+                         round(time.perf_counter() - began, 3))
     verdict = "meets" if report.met else "misses (even with every unit high)"
     note(f"mixed: {k} of {len(order)} {ranking.granularity}s kept at {config.high}; {metric} {score:.4g} {verdict} the budget {bound:g}")
     return best, report
+
+
+def _outputs(lm: LoadedModel, assignment: Assignment | None, probe: Probe) -> list:
+    """The outputs of `lm` with `assignment` built (None: the float model) on the probe's batches, in one
+    block-by-block pass over a fresh lazy copy: one block in memory at a time, nothing kept."""
+    walk = start(copy_model(lm, "mixed", lazy=True), stream=False)
+    walk.dtype = torch.float32  # measured in fp32, whatever the checkpoint holds
+    return mixed_pass(walk, assignment or Assignment(None, None, False, None), probe.batches, lm.kind == CAUSAL_LM, "Measuring (mixed)")
 
 
 def fallback(lm: LoadedModel | str, method: str, options: dict | None = None, high: str = "int8-wo", budget: dict | None = None,

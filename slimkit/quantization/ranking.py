@@ -11,6 +11,11 @@ compared with the float model's:
   encoders     1 - cosine of the mean-pooled sentence embeddings;
   classifiers  KL of the class distributions.
 
+On a lazy model (`io.lazy`, a 7B that does not fit in memory whole) a pass of
+the whole model per unit does not scale, and the default is metric="block-mse":
+the relative error of the unit's own block's output, every block read from the
+files once (block_local.py, where its agreement with KL is measured).
+
 The ranking (most sensitive first) says where a method's loss comes from and
 which layers to keep at a higher precision (`mixed.py`).
 
@@ -34,6 +39,7 @@ numbers, but every unit is measured on the same tokens, so the order holds.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -53,10 +59,14 @@ from slimkit.core.options import make_config
 from slimkit.core.progress import track
 from slimkit.core.registry import Context
 from slimkit.core.selection import select_linears, set_module
+from slimkit.io.blockwise import read_whole
+from slimkit.io.blockwise import start as start_walk
 from slimkit.io.loader import load
 from slimkit.io.model import LoadedModel, copy_model, model_device, on_device
+from slimkit.quantization.block_local import BLOCK_MSE, can_round, rounded, unit_errors
+from slimkit.quantization.weight_only import rounder
 
-METRICS = ("auto", "kl", "ppl", "cosine")
+METRICS = ("auto", "kl", "ppl", "cosine", BLOCK_MSE)
 GRANULARITIES = ("block", "layer")
 
 
@@ -77,7 +87,7 @@ class SensitivityConfig:
     method: str = "int4-wo"
     options: dict = field(default_factory=dict)  # the method's own options
     granularity: str = "block"
-    metric: str = "auto"  # auto: kl for causal LMs and classifiers, cosine for encoders
+    metric: str = "auto"  # auto: kl for causal LMs and classifiers, cosine for encoders; block-mse on a lazy model
     calibration_samples: int = 4  # probe: calibration windows of seq_len tokens
     seq_len: int = 256
     batch_size: int = 4
@@ -143,6 +153,8 @@ def units(model: nn.Module, layers: list[str], granularity: str) -> list[Unit]:
 
 
 def resolve_metric(metric: str, kind: str) -> str:
+    if metric == BLOCK_MSE:
+        return metric  # any model's blocks have outputs
     fits = {CAUSAL_LM: ("kl", "ppl"), ENCODER: ("cosine",)}.get(kind, ("kl",))
     if metric == "auto":
         return fits[0]
@@ -184,18 +196,25 @@ class Probe:
         source = data or D.TextSource.parse(None, "calibration")
         self.batches = list(D.calibration_batches(lm.tokenizer, source, seq_len, calibration_samples, batch_size))
         self.tokens = sum(ids.numel() for ids in self.batches)
-        self.reference = [self.outputs(lm.model, ids) for ids in self.batches]
+        # a lazy model cannot run whole: its outputs come from a block-by-block pass (block_local)
+        self.reference = None if lm.weights is not None else [self.outputs(lm.model, ids) for ids in self.batches]
 
     def outputs(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         device = next(model.parameters()).device
         ids = ids.to(device)
         with torch.inference_mode():
             if self.kind == CAUSAL_LM:
-                return model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+                return self.form(model(input_ids=ids, use_cache=False).logits)
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
-            if self.kind == ENCODER:
-                return F.normalize(out.last_hidden_state.float().mean(1), dim=-1)  # (B, H)
-            return out.logits.float()  # (B, C)
+            return self.form(out.last_hidden_state if self.kind == ENCODER else out.logits)
+
+    def form(self, out: torch.Tensor) -> torch.Tensor:
+        """The model's output (logits, or an encoder's last hidden state) as the probe compares it."""
+        if self.kind == CAUSAL_LM:
+            return out[:, :-1].float()  # (B, T-1, V)
+        if self.kind == ENCODER:
+            return F.normalize(out.float().mean(1), dim=-1)  # (B, H)
+        return out.float()  # (B, C)
 
     def check(self, metric: str) -> str:
         """`metric` if it fits this model's kind; raises otherwise."""
@@ -203,9 +222,13 @@ class Probe:
 
     def losses(self, model: nn.Module) -> dict:
         """Summed loss terms of `model` against the float model over the probe batches."""
+        return self.compare(self.outputs(model, ids) for ids in self.batches)
+
+    def compare(self, outputs) -> dict:
+        """Summed loss terms of outputs (one per probe batch, in `form`) against the float model's."""
         totals: dict[str, float] = {}
-        for ids, ref in zip(self.batches, self.reference):
-            for k, v in loss_terms(self.kind, self.outputs(model, ids), ref, ids).items():
+        for ids, ref, out in zip(self.batches, self.reference, outputs):
+            for k, v in loss_terms(self.kind, out, ref, ids).items():
                 totals[k] = totals.get(k, 0) + v
         return totals
 
@@ -249,10 +272,19 @@ class SensitivityReport:
 
 
 def rank(lm: LoadedModel, config: SensitivityConfig, ctx: Context = Context(), probe: Probe | None = None) -> SensitivityReport:
-    """Quantize each unit alone, measure it against the float model, rank (most sensitive first)."""
+    """Quantize each unit alone, measure it against the float model, rank (most sensitive first).
+
+    metric "auto" on a lazy model is block-mse (block_local.py), read block by block, where the method
+    rounds to nearest; anything else on a lazy model reads it whole first."""
     start = time.perf_counter()
-    technique = registry.get(config.method, "quantize")
     base = method_config(config.method, config.options)
+    block_by_block = lm.weights is not None and config.metric in ("auto", BLOCK_MSE) and can_round(base) and find(lm.model) is not None
+    if lm.weights is not None and not block_by_block:
+        lm = read_whole(lm, "")
+        lm.donated = False  # each unit is quantized from it
+    if block_by_block or config.metric == BLOCK_MSE:
+        return _rank_blocks(lm, config, ctx, probe, start)
+    technique = registry.get(config.method, "quantize")
     layers = list(select_linears(lm.model, tuple(base.targets), tuple(base.ignore)))
     probe = probe or Probe(lm, config.metric, ctx.data, config.calibration_samples, config.seq_len, config.batch_size)
     work = copy_model(lm, "sensitivity")
@@ -273,6 +305,47 @@ def rank(lm: LoadedModel, config: SensitivityConfig, ctx: Context = Context(), p
                              round(time.perf_counter() - start, 3), scores)
 
 
+def _rank_blocks(lm: LoadedModel, config: SensitivityConfig, ctx: Context, probe: Probe | None, start: float) -> SensitivityReport:
+    """block-mse of each unit in one block-by-block pass (block_local.py). A lazy model's blocks are read
+    from the files one at a time and the unit's layers rounded in them; in memory the method itself
+    quantizes each unit alone, as for the other metrics. A lazy model's probe gets its reference outputs."""
+    base = method_config(config.method, config.options)
+    probe = probe or Probe(lm, "auto", ctx.data, config.calibration_samples, config.seq_len, config.batch_size)
+    work = copy_model(lm, "sensitivity", lazy=True)
+    if find(work.model) is None:
+        raise SlimkitError(f"metric {BLOCK_MSE} needs a model whose transformer blocks slimkit knows, and {type(work.model).__name__} is not one: use metric auto")
+    chosen = units(work.model, list(select_linears(work.model, tuple(base.targets), tuple(base.ignore))), config.granularity)
+    groups: dict[str, list] = {}
+    for u in chosen:
+        groups.setdefault(u.root, []).append((u.name, u.layers))
+    walk = start_walk(work, stream=False)
+    walk.dtype = torch.float32  # blocks are measured in fp32, whatever the checkpoint holds
+    if work.weights is not None:
+        make = rounder(base)
+        quantized = lambda prefix, root, layers: rounded(make, prefix, root, layers)  # noqa: E731
+    else:
+        quantized = _by_method(lm, config, ctx, model_device(work.model))
+    label = f"Sensitivity of {len(chosen)} {config.granularity}s to {config.method} ({BLOCK_MSE})"
+    found, outputs = unit_errors(walk, probe.batches, lm.kind == CAUSAL_LM, groups, quantized, label)
+    if probe.reference is None:
+        probe.reference = [probe.form(out) for out in outputs]
+    scores = sorted((UnitSensitivity(u.name, u.layers, found.get(u.name, 0.0)) for u in chosen), key=lambda u: u.score, reverse=True)
+    return SensitivityReport(lm.name, config.method, dict(config.options), config.granularity, BLOCK_MSE, probe.tokens,
+                             round(time.perf_counter() - start, 3), scores)
+
+
+def _by_method(lm: LoadedModel, config: SensitivityConfig, ctx: Context, device):
+    """A unit's quantizer for block-mse in memory: the method quantizes the unit alone, its root is run."""
+    technique = registry.get(config.method, "quantize")
+
+    @contextlib.contextmanager
+    def quantized(prefix: str, root: nn.Module, layers: tuple[str, ...]):
+        q = technique.apply(lm, method_config(config.method, config.options, layers, embeddings=False), ctx)
+        yield q.model.get_submodule(prefix).to(device)  # layers built on the CPU go where the model is
+
+    return quantized
+
+
 def sensitivity(model: LoadedModel | str, method: str = "int4-wo", options: dict | None = None, *, data=None, device: str | None = None,
                 **settings) -> SensitivityReport:
     """Rank `model`'s layers (or blocks) by how much `method` hurts each alone.
@@ -281,7 +354,9 @@ def sensitivity(model: LoadedModel | str, method: str = "int4-wo", options: dict
         r.units[0].name, r.units[0].score   # the most sensitive block, its KL
 
     `settings` are SensitivityConfig's fields (granularity, metric, calibration_samples,
-    seq_len, batch_size); `data` as `slimkit.quantize` takes it (its
+    seq_len, batch_size); metric="block-mse" scores each unit on its block's output
+    (block_local.py), the default on a lazy model (`load(path, lazy=True)`), which is
+    then read one block at a time; `data` as `slimkit.quantize` takes it (its
     calibration split is used); `device` where the probes run ("cpu", "cuda",
     "auto"; None: where the model is).
     """
@@ -291,6 +366,6 @@ def sensitivity(model: LoadedModel | str, method: str = "int4-wo", options: dict
         raise SlimkitError(f"unknown setting(s) {', '.join(unknown)} for sensitivity: use {', '.join(sorted(known))}; method options go in options")
     config = SensitivityConfig(method, dict(options or {}), **settings)
     device = resolve_device(device)
-    lm = on_device(load(model), device)
+    lm = on_device(read_whole(load(model), method, device), device)  # a lazy model stays lazy on the CPU (block-mse)
     lm.donated = False  # rank copies it once, and quantizes each unit from it
     return rank(lm, config, Context(D.calibration_source(data), device=device))

@@ -23,6 +23,7 @@ take bf16 activations anyway, so this removes two casts per layer per call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,23 @@ class NF4Config(QuantizeOptions):
         super().__post_init__()
 
 
+ROUNDING = ("int4-wo", "int8-wo", "nf4", "int4")  # the methods `rounder` serves (int4 names int4-wo)
+
+
+def rounder(config) -> Callable[[nn.Module], nn.Module] | None:
+    """What `config`'s method makes of one float linear layer (a new module; the layer is left as it is),
+    or None for a config of another method. Rounding to nearest needs nothing but the layer, so
+    whoever holds one block (block-local sensitivity, mixed precision on a lazy model) can call it."""
+    if isinstance(config, Int8WeightOnlyConfig):
+        return lambda layer: WeightOnlyLinear.from_float(layer, bits=8, group_size=config.group_size, symmetric=config.symmetric)
+    if isinstance(config, Int4WeightOnlyConfig):
+        return lambda layer: WeightOnlyLinear.from_float(layer, bits=4, group_size=config.group_size, symmetric=config.symmetric,
+                                                         zero_point=config.zero_point)
+    if isinstance(config, NF4Config):
+        return lambda layer: NF4Linear.from_float(layer, block_size=config.block_size, double_quant=config.double_quant)
+    return None
+
+
 def _apply(model, config, name: str, make, ctx: Context):
     """Round to nearest, block by block (`blockwise.calibrate`, with nothing to calibrate): a lazy model is read and,
     streaming, written one block at a time."""
@@ -109,18 +127,14 @@ def _apply(model, config, name: str, make, ctx: Context):
 
 @register("int8-wo", "quantize", Int8WeightOnlyConfig, "int8 weights per channel (or group), float activations (_weight_int8pack_mm)")
 def apply_int8(model, config: Int8WeightOnlyConfig = Int8WeightOnlyConfig(), ctx: Context = Context()):
-    make = lambda layer: WeightOnlyLinear.from_float(layer, bits=8, group_size=config.group_size, symmetric=config.symmetric)
-    return _apply(model, config, "int8-wo", make, ctx)
+    return _apply(model, config, "int8-wo", rounder(config), ctx)
 
 
 @register("int4-wo", "quantize", Int4WeightOnlyConfig, "int4 weights in groups of 32-256, sym/asym, packed 2 per byte (_weight_int4pack_mm)")
 def apply_int4(model, config: Int4WeightOnlyConfig = Int4WeightOnlyConfig(), ctx: Context = Context()):
-    make = lambda layer: WeightOnlyLinear.from_float(layer, bits=4, group_size=config.group_size, symmetric=config.symmetric,
-                                                     zero_point=config.zero_point)
-    return _apply(model, config, "int4-wo", make, ctx)
+    return _apply(model, config, "int4-wo", rounder(config), ctx)
 
 
 @register("nf4", "quantize", NF4Config, "4-bit NormalFloat code book per block, optional double-quantized scales (dequantized per call)")
 def apply_nf4(model, config: NF4Config = NF4Config(), ctx: Context = Context()):
-    make = lambda layer: NF4Linear.from_float(layer, block_size=config.block_size, double_quant=config.double_quant)
-    return _apply(model, config, "nf4", make, ctx)
+    return _apply(model, config, "nf4", rounder(config), ctx)
