@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import Context, register
