@@ -29,6 +29,7 @@ block is replaced by a recorder that returns its input.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import tempfile
 import weakref
@@ -45,7 +46,7 @@ from slimkit.core.memory import release_memory
 from slimkit.core.progress import track
 from slimkit.core.selection import set_module
 from slimkit.io.artifacts import own_tensors, write_config
-from slimkit.io.lazy import materialize, offload
+from slimkit.io.lazy import materialize, offload, unload
 from slimkit.io.model import LoadedModel, copy_model
 from slimkit.io.shards import ShardWriter
 
@@ -206,7 +207,8 @@ def model_inputs(batch: torch.Tensor | dict, device) -> dict:
 
 def run_model(model: nn.Module, batch: torch.Tensor | dict, causal: bool):
     """The model's output on one calibration batch (no cache: nothing is generated)."""
-    args = model_inputs(batch, model.get_input_embeddings().weight.device)
+    emb = model.get_input_embeddings()  # where the ids go: float, or int8 rows (buffers)
+    args = model_inputs(batch, next((t.device for t in itertools.chain(emb.parameters(), emb.buffers()) if not t.is_meta), "cpu"))
     return model(**args, use_cache=False) if causal else model(**args)
 
 
@@ -234,6 +236,8 @@ def after_blocks(model: nn.Module, inputs: Inputs, batches: list, causal: bool) 
 def first_inputs(walk: Walk, batches: list, causal: bool, dtype: torch.dtype = torch.float32) -> Inputs:
     """Block 0's inputs and what the model passes every block, for each calibration window (token ids, or a
     tokenizer's dict). `dtype`: what a lazy model's embeddings are read as."""
+    emb = walk.lm.model.get_input_embeddings()
+    read = walk.lazy and emb is not None and any(p.is_meta for p in emb.parameters())  # read from the files here, for this only
     model = walk.rest(dtype, head=False, blocks=False)  # the forward stops at the first block, the recorders at none
     arch = adapter(model, "block-by-block calibration", WAY_OUT)
     names = [b.name for b in arch.blocks]
@@ -263,6 +267,8 @@ def first_inputs(walk: Walk, batches: list, causal: bool, dtype: torch.dtype = t
     finally:
         for n, block in zip(names, real):
             set_module(model, n, block)
+    if read:  # the embedding (as large as a few blocks, in fp32) goes back to its file until the end of the walk
+        unload(model, emb)
     return Inputs([h.float() for h in hidden], calls)
 
 

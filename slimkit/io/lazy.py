@@ -149,6 +149,17 @@ def offload(module: nn.Module) -> None:
                 mod._buffers[attr] = moved
 
 
+def unload(root: nn.Module, part: nn.Module) -> None:
+    """Put `part`'s parameters back on the meta device, wherever in `root` they are held (a head tied
+    to the embedding stays tied to it), to be read from the files again when next needed. Buffers stay:
+    computed ones (rotary frequencies) are in no file."""
+    new = {id(p): nn.Parameter(p.detach().to("meta"), requires_grad=False) for p in part.parameters() if not p.is_meta}
+    for mod in root.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None and id(p) in new:
+                mod._parameters[attr] = new[id(p)]
+
+
 def is_lazy(model: nn.Module) -> bool:
     """Whether any parameter of `model` still waits in its files (is on the meta device)."""
     return any(p.is_meta for p in model.parameters())

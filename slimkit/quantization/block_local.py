@@ -173,32 +173,6 @@ def can_round(config) -> bool:
     return rounder(config) is not None
 
 
-class _Placed(nn.Module):
-    """Stands in for a quantized input embedding while block 0's inputs are recorded: `first_inputs` asks the
-    embedding's `weight` where the model lies, and a quantized embedding holds its codes under other names."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-        self.weight = next(iter(inner.buffers()))
-
-    def forward(self, *args, **kwargs):
-        return self.inner(*args, **kwargs)
-
-
-def _inputs(walk: Walk, batches: list[torch.Tensor], causal: bool):
-    model = walk.lm.model
-    emb = model.get_input_embeddings()
-    if hasattr(emb, "weight"):
-        return first_inputs(walk, batches, causal)
-    name = next(n for n, m in model.named_modules() if m is emb)
-    set_module(model, name, _Placed(emb))
-    try:
-        return first_inputs(walk, batches, causal)
-    finally:
-        set_module(model, name, emb)
-
-
 def _round(root: nn.Module, prefix: str, names, make) -> None:
     for name in sorted(names):
         if not prefix or name.startswith(prefix + "."):
@@ -224,7 +198,7 @@ def mixed_pass(walk: Walk, plan: Assignment, batches: list[torch.Tensor] | None 
             quantize_embeddings(model)  # every layer high: the embeddings still follow the low method
     inputs = None
     if batches is not None:
-        inputs = _inputs(walk, batches, causal)
+        inputs = first_inputs(walk, batches, causal)
         if sides:  # the activations between blocks are in the compute dtype, as the built model's are
             inputs.hidden[:] = [h.to(COMPUTE_DTYPES[sides[-1].config.compute_dtype]) for h in inputs.hidden]
     for i, (prefix, block) in enumerate(walk.blocks(label)):
