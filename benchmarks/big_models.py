@@ -6,7 +6,8 @@
 Builds random-init bf16 checkpoints of real shapes (written shard by shard, never whole
 in memory; vocabulary: SmolLM2's tokenizer, 49,152 tokens, so calibration text
 tokenizes), then runs each command the way a user would, in its own process, and
-records that process's own peak resident memory (VmHWM, read as it exits) and wall time:
+records that process's own peak resident memory (VmHWM, read as it exits) and wall time, beside
+the memory guard's estimate for the same command (`io.resources.blockwise_estimate`):
 
   * `slimkit quantize DIR --method int4` (round to nearest, block by block, streamed to disk);
   * `slimkit quantize DIR --method gptq` and `--method awq` (calibrated block by block on
@@ -116,6 +117,7 @@ def reload(path: Path, threads: int) -> tuple[float, float, float, str]:
 def main() -> None:
     from slimkit.core.hardware import environment
     from slimkit.io.loader import load
+    from slimkit.io.resources import blockwise_estimate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, required=True)
@@ -142,14 +144,16 @@ def main() -> None:
             wall, peak, _ = run(["quantize", str(ckpt), *extra, "--out", str(out), "--overwrite", "--threads", str(args.threads)], args.threads)
             art = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**30
             loaded, gen, reload_peak, text = reload(out, args.threads)
+            est = blockwise_estimate(str(ckpt), {"samples": args.samples, "seq_len": args.seq_len} if label != "int4" else {})
             rows.append(dict(shape=name, params_b=params / 1e9, ckpt_gib=size, command=f"quantize --method {label}" + (f" ({args.samples}x{args.seq_len} tokens)" if label != "int4" else ""),
-                             peak_gib=peak, x_ckpt=peak / size, wall_s=wall, rate=params / wall, artifact_gib=art,
+                             peak_gib=peak, estimate_gib=est.bytes / 2**30, estimate_stage=est.peak_stage, x_ckpt=peak / size, wall_s=wall, rate=params / wall, artifact_gib=art,
                              reload_s=loaded, reload_peak_gib=reload_peak, gen8_s=gen, text=text))
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| shape | params | checkpoint (bf16) | command | peak RSS | x checkpoint | wall | params/s | artifact | reload: time, peak RSS | 8 tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| shape | params | checkpoint (bf16) | command | peak RSS | guard's estimate (its peak stage) | peak / estimate | x checkpoint | wall | params/s | artifact | reload: time, peak RSS | 8 tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['params_b']:.2f}B | {r['ckpt_gib']:.1f} GiB | `{r['command']}` | {r['peak_gib']:.2f} GiB | {r['x_ckpt']:.2f}x | "
+        print(f"| {r['shape']} | {r['params_b']:.2f}B | {r['ckpt_gib']:.1f} GiB | `{r['command']}` | {r['peak_gib']:.2f} GiB | "
+              f"{r['estimate_gib']:.2f} GiB ({r['estimate_stage']}) | {r['peak_gib'] / r['estimate_gib']:.2f} | {r['x_ckpt']:.2f}x | "
               f"{r['wall_s']:.0f} s | {r['rate'] / 1e6:.1f}M | {r['artifact_gib']:.2f} GiB | {r['reload_s']:.0f} s, {r['reload_peak_gib']:.2f} GiB | {r['gen8_s']:.1f} s |")
     print("\nenvironment:", json.dumps(environment(args.threads)))
 

@@ -131,7 +131,9 @@ def test_the_blockwise_estimate_counts_one_block_and_names_the_calibration_flag(
     gptq = blockwise_estimate(str(checkpoint), {"samples": 128, "seq_len": 512})
     layers = 3
     assert rtn.block * layers + rtn.outside == rtn.parameters
-    assert gptq.bytes - rtn.bytes == gptq.activations > 2 * 128 * 512 * 64 * 4
+    assert gptq.activations > 128 * 512 * 64 * 4  # every window's hidden states (hidden size 64) in fp32, and more
+    assert gptq.stages["block"] - rtn.stages["block"] == gptq.activations + rtn.block * 2  # calibrating reads the bf16 block in fp32
+    assert gptq.bytes > rtn.bytes and gptq.peak_stage == "block" and "calibration activations" in gptq.describe()
     with pytest.raises(slimkit.SlimkitError, match="calibration_samples"):
         guard("quantize", str(checkpoint), f"{(rtn.bytes + gptq.bytes) // 2}B", blockwise={"samples": 128, "seq_len": 512})
     assert guard("quantize", str(checkpoint), f"{gptq.bytes}B", blockwise={"samples": 128, "seq_len": 512}).bytes == gptq.bytes

@@ -48,9 +48,8 @@ from slimkit.core.selection import set_module
 from slimkit.io.artifacts import own_tensors, write_config
 from slimkit.io.lazy import materialize, offload, unload
 from slimkit.io.model import LoadedModel, copy_model
-from slimkit.io.shards import ShardWriter
+from slimkit.io.shards import STREAM_SHARD_BYTES, ShardWriter
 
-STREAM_SHARD_BYTES = 256 * 2**20  # what is held before it is written, and what `save` converts at once
 METHODS = ("int4-wo", "int4", "int8-wo", "nf4", "gptq", "awq", "int8", "int8-dynamic", "int8-static",
            "wanda", "magnitude")  # what walks block by block (and streams a lazy model): quantize, then prune methods
 WAY_OUT = "quantize it with a method that needs no calibration (int4-wo, int8-wo, nf4)"

@@ -52,6 +52,7 @@ on the high side.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ def guard(command: str, source: str, max_memory: str | None, *, also: tuple[str 
     `blockwise_estimate`.
     """
     limit = parse_size(max_memory) if max_memory is not None else None
-    est = blockwise_estimate(source, blockwise) if blockwise is not None else None
+    est = blockwise_estimate(source, blockwise, command) if blockwise is not None else None
     if est is not None:
         return _check(est, limit, max_memory)
     counts = [parameters(s, thorough=limit is not None) for s in (source, *[a for a in also if a])]
@@ -150,66 +151,94 @@ def _check(est, limit: int | None, max_memory: str | None):
 
 @dataclass(frozen=True)
 class BlockwiseEstimate:
-    """quantize of a Hugging Face checkpoint block by block: the larger of one block's work and the
-    work on what lies outside the blocks, plus the calibration activations and Hessians."""
+    """A command that goes block by block over a Hugging Face checkpoint: its peak is the largest of
+    three stages (`blockwise_estimate`), each counted from the tensors in the safetensors headers."""
 
     command: str
     source: str
     parameters: int
     block: int  # parameters of the largest block
     outside: int  # parameters outside the blocks (embeddings, head, norms)
-    activations: int  # bytes of the calibration inputs and outputs of one block, and its Hessians
+    activations: int  # bytes of the calibration windows' hidden states and one block's Hessians
+    stages: dict  # stage -> bytes above the runtime's
     bytes: int
     way_out: str
 
+    @property
+    def peak_stage(self) -> str:
+        return max(self.stages, key=self.stages.get)
+
     def describe(self) -> str:
-        act = f" + {human(self.activations)} of calibration activations and Hessians" if self.activations else ""
-        return (f"{self.command} of {self.source} block by block needs about {human(self.bytes)} (the larger of one block, "
-                f"{self.block / 1e6:.0f}M parameters, and the {self.outside / 1e6:.0f}M outside the blocks, "
-                f"in fp32 with working copies{act} + {human(RUNTIME_BYTES)} for Python and torch)")
+        stage = self.peak_stage
+        what = {"block": f"one block, {self.block / 1e6:.0f}M parameters"
+                         + (f", with {human(self.activations)} of calibration activations and Hessians" if self.activations else ""),
+                "outside": f"the {self.outside / 1e6:.0f}M parameters outside the blocks (embeddings, head)",
+                "save": "converting the written shards"}[stage]
+        return (f"{self.command} of {self.source} ({self.parameters / 1e6:.1f}M parameters) block by block needs about {human(self.bytes)} at its peak ({what}, "
+                f"+ {human(RUNTIME_BYTES)} for Python and torch)")
 
 
-BLOCK_FACTOR = 3.0  # fp32 bytes x: the block as read, each layer in fp32 as it is rounded, and its quantized form
-OUTSIDE_FACTOR = 3.0  # the embedding in fp32 as it becomes int8 rows, and an untied head beside it
+SAVE_FACTOR = 4.5  # x a staged shard: it, its compressed-tensors form (int8 codes: twice packed int4) and the read-back check
 _BLOCK = re.compile(r"^(.*?\.(?:layers|h|layer|blocks)\.\d+)\.")
+_EMBEDDING = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def blockwise_estimate(source: str, calibration: dict) -> BlockwiseEstimate | None:
-    """Peak bytes of quantizing `source` block by block, from its safetensors headers; None when they cannot be read."""
+def blockwise_estimate(source: str, calibration: dict, command: str = "quantize") -> BlockwiseEstimate | None:
+    """Peak bytes of `command` going block by block over `source`, from its safetensors headers; None when
+    they cannot be read. The peak is the runtime plus the largest of three stages, each with the shard
+    queued for writing (`STREAM_SHARD_BYTES`, or the whole checkpoint if smaller):
+
+      block    the block as read (fp32 when calibrating, else the checkpoint's dtype), its largest layer
+               twice more in fp32 as it is rounded, and when calibrating the hidden states of every
+               window (fp32), one window's MLP activations and the Hessians of the block's inputs;
+      outside  the embedding as read and as int8 rows, and an untied head as read and cast to fp32;
+      save     converting one written shard to compressed-tensors (`SAVE_FACTOR`).
+
+    Measured against it: `benchmarks/big_models.py` prints each run's estimate beside its peak."""
+    from slimkit.io.shards import STREAM_SHARD_BYTES
+
     path = Path(source).expanduser() if source not in EMBEDDED else embedded_path(source)
     files = sorted(path.glob("*.safetensors")) if path.is_dir() and not (path / MANIFEST).exists() else []
     if not files:
         return None
     try:
-        shapes = {k: v for f in files for k, v in _safetensors_shapes(f).items()}
+        entries = {k: v for f in files for k, v in _safetensors_header(f).items()}
+        tensors = {name: (math.prod(int(d) for d in e["shape"]), [int(d) for d in e["shape"]], _DTYPE_BYTES[e["dtype"]]) for name, e in entries.items()}
     except (OSError, ValueError, KeyError, TypeError, struct.error):
         return None
     blocks: dict[str, int] = {}
-    outside = 0
-    hidden = 0
-    for name, shape in shapes.items():
-        count = 1
-        for d in shape:
-            count *= int(d)
+    dims: dict[int, int] = {}  # the smaller side of the blocks' matrices: mostly the hidden size
+    layer = hidden = width = embedding = head = outside = 0
+    width_bytes = 2
+    for name, (count, shape, size) in tensors.items():
         m = _BLOCK.match(name)
         if m:
             blocks[m.group(1)] = blocks.get(m.group(1), 0) + count
             if len(shape) == 2:
-                hidden = max(hidden, min(int(d) for d in shape))
+                layer, width_bytes, width = max(layer, count), size, max(width, *shape)
+                dims[min(shape)] = dims.get(min(shape), 0) + 1
         else:
             outside += count
+            if len(shape) == 2 and _EMBEDDING.search(name):
+                embedding, hidden = max(embedding, count), shape[-1]
+            elif len(shape) == 2 and count > head:
+                head = count  # an untied head (a tied one is not in the files)
     if not blocks:
         return None
     block = max(blocks.values())
+    hidden = hidden or max(dims, key=dims.get)
     samples, seq = calibration.get("samples", 0), calibration.get("seq_len", 0)
-    # the inputs and the outputs of one block for every window, in fp32, and the Hessians of a block's
-    # distinct inputs (about 4 of hidden x hidden and one of the MLP width squared)
-    activations = 2 * samples * seq * hidden * 4 + (4 * hidden * hidden + (block // max(hidden, 1) // 3) ** 2) * 4 if samples else 0
-    work = max(BLOCK_FACTOR * block, OUTSIDE_FACTOR * outside) * BYTES_PER_PARAMETER
-    total = RUNTIME_BYTES + int(work) + activations
+    read = 4 if samples else width_bytes
+    activations = (samples * seq * hidden * 4 + 4 * seq * width * 4 + 2 * (4 * hidden * hidden + width * width) * 4) if samples else 0
+    shard = min(STREAM_SHARD_BYTES, sum(count * size for count, _, size in tensors.values()))  # a small model's one shard is smaller
+    stages = {"block": shard + block * read + 2 * layer * 4 + activations,
+              "outside": shard + embedding * (read + 1) + head * (read + 4),
+              "save": int(SAVE_FACTOR * shard)}
+    total = RUNTIME_BYTES + max(stages.values())
     way_out = ("pass fewer calibration windows (-o calibration_samples=N) or shorter ones (-o seq_len=N), or raise the limit"
-               if samples else "raise the limit")
-    return BlockwiseEstimate("quantize", source, sum(blocks.values()) + outside, block, outside, activations, total, way_out)
+               if samples and max(stages, key=stages.get) == "block" else "raise the limit")
+    return BlockwiseEstimate(command, source, sum(blocks.values()) + outside, block, outside, activations, stages, total, way_out)
 
 
 # --------------------------------------------------------------------------- counting
@@ -245,25 +274,19 @@ def parameters(source: str, *, thorough: bool = False) -> int | None:
         return None
 
 
-def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Every tensor's shape in a safetensors file, from its JSON header (8-byte length, then the header)."""
+def _safetensors_header(path: Path) -> dict[str, dict]:
+    """Every tensor's entry (dtype, shape, offsets) in a safetensors file, from its JSON header (8-byte length, then the header)."""
     with open(path, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         if n > 100 * 2**20:
             raise ValueError("header too large")
         header = json.loads(fh.read(n))
-    return {name: entry["shape"] for name, entry in header.items() if name != "__metadata__"}
+    return {name: entry for name, entry in header.items() if name != "__metadata__"}
 
 
 def _safetensors_parameters(path: Path) -> int:
     """Elements of every tensor in a safetensors file."""
-    total = 0
-    for shape in _safetensors_shapes(path).values():
-        count = 1
-        for d in shape:
-            count *= int(d)
-        total += count
-    return total
+    return sum(math.prod(int(d) for d in entry["shape"]) for entry in _safetensors_header(path).values())
 
 
 def _gguf_parameters(path: Path) -> int | None:

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from slimkit.core.memory import release_memory
 from slimkit.io.lazy import INDEX
 
 SINGLE = "model.safetensors"
 MAX_SHARD_BYTES = 2 * 2**30
+STREAM_SHARD_BYTES = 128 * 2**20  # a streamed walk's shards: held before written, and what `save` converts at once (its peak: about 4.5x this)
 
 
 class ShardWriter:
@@ -105,6 +107,7 @@ def convert_shards(path: Path, convert: Callable[[dict[str, torch.Tensor]], dict
         weight_map.update({n: f.name for n in tensors})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
+        release_memory()  # or the heap keeps this shard's copies and the next shard's come on top
     if (path / INDEX).is_file():
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (path / INDEX).write_text(json.dumps(index, indent=2) + "\n")
