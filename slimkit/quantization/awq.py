@@ -377,8 +377,10 @@ def apply(model, config: AWQConfig = AWQConfig(), ctx: Context = Context()):
         if inside:
             _quantize_layers(lm.model, inside, explicit, config, importance, hessians.close())
         cast_unquantized(block, config.compute_dtype)
-    rest = walk.rest(torch.float32)
     outside = walk.outside(names)
+    if not (outside or head):  # nothing after the blocks is calibrated: the activations go before the rest is read
+        inputs.hidden.clear()
+    rest = walk.rest(torch.float32)
     head_scale = None
     if outside or head:  # the head (and any layer after the blocks) reads what the last block makes
         windows = after_blocks(rest, inputs, batches, causal)
