@@ -191,7 +191,8 @@ def blockwise_estimate(source: str, calibration: dict, command: str = "quantize"
 
       block    the block as read (fp32 when calibrating, else the checkpoint's dtype), its largest layer
                twice more in fp32 as it is rounded, and when calibrating the hidden states of every
-               window (fp32), one window's MLP activations and the Hessians of the block's inputs;
+               window (fp32), one window's activations, the Hessians of the block's inputs and
+               GPTQ's working copies of the largest;
       outside  the embedding as read and as int8 rows, and an untied head as read and cast to fp32
                (a tied head is calibrated on the last block's outputs instead, which are then still held);
       save     converting one written shard to compressed-tensors (`SAVE_FACTOR`).
@@ -232,7 +233,9 @@ def blockwise_estimate(source: str, calibration: dict, command: str = "quantize"
     samples, seq = calibration.get("samples", 0), calibration.get("seq_len", 0)
     read = 4 if samples else width_bytes
     hidden_states = samples * seq * hidden * 4  # every window's, fp32: kept past the blocks for a tied head's calibration
-    activations = (hidden_states + 4 * seq * width * 4 + 2 * (4 * hidden * hidden + width * width) * 4) if samples else 0
+    # one window's activations inside the block (attention and MLP), the Hessians of the block's distinct
+    # inputs (q/k/v's, o's, gate/up's and down's), and GPTQ's working copies of the largest while it solves
+    activations = (hidden_states + 8 * seq * width * 4 + (3 * hidden * hidden + width * width) * 4 + 4 * width * width * 4) if samples else 0
     shard = min(STREAM_SHARD_BYTES, sum(count * size for count, _, size in tensors.values()))  # a small model's one shard is smaller
     stages = {"block": shard + block * read + 2 * layer * 4 + activations,
               "outside": shard + embedding * (read + 1) + head * (read + 4) + (hidden_states if not head else 0),
