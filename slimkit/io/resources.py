@@ -205,20 +205,23 @@ def blockwise_estimate(source: str, calibration: dict, command: str = "quantize"
     if not files:
         return None
     try:
-        entries = {k: v for f in files for k, v in _safetensors_header(f).items()}
-        tensors = {name: (math.prod(int(d) for d in e["shape"]), [int(d) for d in e["shape"]], _DTYPE_BYTES[e["dtype"]]) for name, e in entries.items()}
+        tensors = {}  # name -> (elements, shape, bytes per element)
+        for f in files:
+            for name, e in _safetensors_header(f).items():
+                shape = [int(d) for d in e["shape"]]
+                tensors[name] = (math.prod(shape), shape, _DTYPE_BYTES[e["dtype"]])
     except (OSError, ValueError, KeyError, TypeError, struct.error):
         return None
     blocks: dict[str, int] = {}
     dims: dict[int, int] = {}  # the smaller side of the blocks' matrices: mostly the hidden size
     layer = hidden = width = embedding = head = outside = 0
-    width_bytes = 2
+    stored = 2  # bytes per element of the blocks' matrices in the files
     for name, (count, shape, size) in tensors.items():
         m = _BLOCK.match(name)
         if m:
             blocks[m.group(1)] = blocks.get(m.group(1), 0) + count
             if len(shape) == 2:
-                layer, width_bytes, width = max(layer, count), size, max(width, *shape)
+                layer, stored, width = max(layer, count), size, max(width, *shape)
                 dims[min(shape)] = dims.get(min(shape), 0) + 1
         else:
             outside += count
@@ -231,7 +234,7 @@ def blockwise_estimate(source: str, calibration: dict, command: str = "quantize"
     block = max(blocks.values())
     hidden = hidden or max(dims, key=dims.get)
     samples, seq = calibration.get("samples", 0), calibration.get("seq_len", 0)
-    read = 4 if samples else width_bytes
+    read = 4 if samples else stored
     hidden_states = samples * seq * hidden * 4  # every window's, fp32: kept past the blocks for a tied head's calibration
     # one window's activations inside the block (attention and MLP), the Hessians of the block's distinct
     # inputs (q/k/v's, o's, gate/up's and down's), and GPTQ's working copies of the largest while it solves

@@ -201,19 +201,21 @@ def encode(tensors: dict[str, torch.Tensor], specs: dict[str, dict]) -> dict[str
 def _check_exact(tensors: dict[str, torch.Tensor], out: dict[str, torch.Tensor], specs: dict[str, dict]) -> None:
     """Read `out` back module by module (a whole shard read back at once would double its memory) and
     compare with the slimkit tensors it came from."""
-    modules: dict[str, list[str]] = {}
-    for name in out:
-        modules.setdefault(name.rpartition(".")[0], []).append(name)
-    for module, names in modules.items():
-        back = read({n: out[n] for n in names}, {"modules": {module: specs[module]} if module in specs else {}})
-        for name, t in back.items():
-            if name in tensors and not torch.equal(t.to(tensors[name].dtype), tensors[name]):
+    stored = _by_module(out)
+    for module, names in _by_module(tensors).items():
+        back = read({n: out[n] for n in stored.get(module, [])}, {"modules": {module: specs[module]} if module in specs else {}})
+        for name in names:
+            if name not in back or not torch.equal(back[name].to(tensors[name].dtype), tensors[name]):
                 raise SlimkitError(f"compressed-tensors did not store {name} exactly (compressed-tensors "
                                    f"{_ct_version()}): save it with layout slimkit (--layout slimkit) and report this")
-        missing = [n for n in tensors if n.rpartition(".")[0] == module and n not in back]
-        if missing:
-            raise SlimkitError(f"compressed-tensors did not store {missing[0]} (compressed-tensors {_ct_version()}): "
-                               "save it with layout slimkit (--layout slimkit) and report this")
+
+
+def _by_module(names) -> dict[str, list[str]]:
+    """Tensor names grouped by the module that owns them."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        out.setdefault(name.rpartition(".")[0], []).append(name)
+    return out
 
 
 def _ct_version() -> str:
